@@ -1,0 +1,1 @@
+"""Few-step diffusion distillation: configs, methods, model adapters and the trainer."""

@@ -1,0 +1,160 @@
+"""Typed config schema, registered in Hydra's ConfigStore.
+
+The YAML files under conf/ fill these dataclasses; OmegaConf enforces key names
+and types when the config is composed, and `validate.py` adds the checks that
+span several fields. Nothing here imports torch.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ModelFamily(str, Enum):
+    wan = "wan"  # diffusers WanTransformer3DModel (Wan2.1 T2V)
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Rollout(str, Enum):
+    simulate = "simulate"  # data-free backward simulation from pure noise
+    data = "data"  # noise a real latent to a listed step
+
+
+class SchedulerName(str, Enum):
+    # the names of diffusers.optimization.get_scheduler
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+
+
+@dataclass
+class ModelConfig:
+    family: ModelFamily = ModelFamily.wan  # which adapter in distill/models serves it
+    # A diffusers pipeline folder (or a Hugging Face repo id already in the local
+    # cache); the transformer is read from `<path>/<subfolder>`. null builds
+    # `arch` with random weights (tiny models for CPU runs and tests).
+    path: Optional[str] = None
+    subfolder: str = "transformer"
+    arch: Dict[str, Any] = field(default_factory=dict)
+    shift: float = 3.0  # flow shift: sigma' = s*sigma / (1 + (s-1)*sigma)
+    latent_shape: List[int] = field(default_factory=lambda: [16, 21, 60, 104])  # C, T, H, W
+    text_len: int = 512
+    text_dim: int = 4096
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-5
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerConfig:
+    name: SchedulerName = SchedulerName.constant
+    warmup_steps: int = 0
+    # the number of optimizer steps the schedule spans; null: the run's length
+    total_steps: Optional[int] = None
+
+
+@dataclass
+class RoleConfig:
+    path: Optional[str] = None  # weights of this role; null: model.path
+    trainable: bool = False
+    precision: Precision = Precision.fp32
+    activation_checkpointing: bool = False
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    # role name -> "trainable" or "frozen": the roles this method needs
+    roles: ClassVar[Dict[str, str]] = {}
+
+
+@dataclass
+class DMD2Config(MethodConfig):
+    name: str = "dmd2"
+    # The student's steps as sigma*1000 before the shift, from noisiest down.
+    student_steps: List[int] = field(default_factory=lambda: [1000, 757, 522])
+    # true: pass the listed steps through the model's shift (the warped list)
+    warp_steps: bool = True
+    rollout: Rollout = Rollout.simulate
+    # Teacher CFG as uncond + w * (cond - uncond). Recipes written as
+    # cond + w' * (cond - uncond) use w = w' + 1.
+    guidance_scale: float = 4.5
+    generator_update_interval: int = 5
+    min_timestep_ratio: float = 0.02
+    max_timestep_ratio: float = 0.98
+    generator_lr: float = 2e-6  # roles.student.optimizer.lr follows it
+    critic_lr: float = 2e-6  # roles.critic.optimizer.lr follows it
+    roles: ClassVar[Dict[str, str]] = {"student": "trainable", "teacher": "frozen", "critic": "trainable"}
+
+
+@dataclass
+class FinetuneConfig(MethodConfig):
+    name: str = "finetune"
+    lr: float = 1e-5  # roles.student.optimizer.lr follows it
+    # probability of training on the empty prompt, so that CFG works later
+    condition_dropout: float = 0.1
+    roles: ClassVar[Dict[str, str]] = {"student": "trainable"}
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 10
+    grad_accum_steps: int = 1
+    log_every: int = 1
+    device: str = "auto"  # auto: cuda when available, else cpu
+    torch_threads: Optional[int] = None  # null: torch's default
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    batch_size: int = 1
+    # synthetic: a fixed pool of this many random samples, cycled in order
+    num_samples: int = 8
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = MISSING  # one of the MethodConfig subclasses
+    roles: Dict[str, RoleConfig] = field(default_factory=dict)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    seed: int = 0
+
+
+METHOD_SCHEMAS = {"dmd2": DMD2Config, "finetune": FinetuneConfig}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="schema/model", name="model", node=ModelConfig)
+    cs.store(group="schema/role", name="role", node=RoleConfig)
+    cs.store(group="schema/training", name="training", node=TrainingConfig)
+    cs.store(group="schema/data", name="data", node=DataConfig)
+    cs.store(group="schema/launcher", name="launcher", node=LauncherConfig)
+    for name, schema in METHOD_SCHEMAS.items():
+        cs.store(group="schema/method", name=name, node=schema)

@@ -1,0 +1,40 @@
+"""Random latents and text embeddings of a model's shapes.
+
+A stand-in for real data in plumbing runs and benchmarks: a fixed pool of
+`num_samples` items drawn once from the seed, cycled in order, so a small pool
+is a fixed batch a model can overfit. Each rank starts at its own offset.
+"""
+
+from typing import Dict, Iterator
+
+import torch
+
+
+class SyntheticLatents:
+    def __init__(self, model_cfg, data_cfg, seed: int, rank: int = 0, world_size: int = 1):
+        g = torch.Generator().manual_seed(seed + 7)
+        n = data_cfg.num_samples
+        self.latents = torch.randn((n, *model_cfg.latent_shape), generator=g)
+        self.text = torch.randn((n, model_cfg.text_len, model_cfg.text_dim), generator=g)
+        self.negative_text = torch.zeros((model_cfg.text_len, model_cfg.text_dim))
+        self.batch_size = data_cfg.batch_size
+        self.position = rank * self.batch_size
+        self.stride = world_size * self.batch_size
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        index = torch.arange(self.position, self.position + self.batch_size) % len(self.latents)
+        self.position += self.stride
+        return {
+            "latents": self.latents[index],
+            "text_embeds": self.text[index],
+            "negative_text_embeds": self.negative_text.expand(self.batch_size, -1, -1),
+        }
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])

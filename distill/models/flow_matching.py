@@ -1,0 +1,80 @@
+"""Flow-matching conventions shared by the adapters (Wan's, as in diffusers).
+
+    x_t = (1 - sigma) * x0 + sigma * noise        sigma in [0, 1]
+    v   = noise - x0                              what the network predicts
+    x0  = x_t - sigma * v
+    network timestep = 1000 * sigma
+    shift: sigma' = s * sigma / (1 + (s - 1) * sigma)
+    CFG:   uncond + w * (cond - uncond)
+
+A method reaches a network only through these functions, so it never sees a
+model family's input layout.
+"""
+
+from abc import ABC, abstractmethod
+from typing import Optional
+
+import torch
+from torch import nn
+
+from distill.config.schema import ModelConfig
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a [B] sigma over the other dimensions of `like`."""
+    return sigma.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class FlowMatchingAdapter(ABC):
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.shift = cfg.shift
+
+    # --- conventions -----------------------------------------------------
+    def shift_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        s = self.shift
+        return s * sigma / (1 + (s - 1) * sigma)
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return NUM_TRAIN_TIMESTEPS * sigma
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = _per_sample(sigma, x0)
+        return (1 - s) * x0 + s * noise
+
+    def velocity_target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noise - x0
+
+    @property
+    def latent_shape(self) -> tuple:
+        return tuple(self.cfg.latent_shape)
+
+    # --- predictions -----------------------------------------------------
+    def predict_velocity(self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The role's velocity prediction, in float32."""
+        with role.autocast():
+            v = self.forward(role.module, x_t, self.timestep(sigma), text)
+        return v.float()
+
+    def predict_x0(self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        v = self.predict_velocity(role, x_t, sigma, text)
+        return x_t.float() - _per_sample(sigma, v) * v
+
+    def predict_x0_cfg(
+        self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Guided x0 = uncond + scale * (cond - uncond), both halves in one batch."""
+        x0 = self.predict_x0(role, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([text, uncond]))
+        cond, unc = x0.chunk(2)
+        return unc + scale * (cond - unc)
+
+    # --- what each family supplies ---------------------------------------
+    @abstractmethod
+    def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Run the network: latents [B, C, T, H, W], timestep [B], text [B, L, D] -> velocity."""
+
+    @abstractmethod
+    def load_transformer(self, path: Optional[str], seed: int) -> nn.Module:
+        """The network from a diffusers folder, or built from cfg.arch when path is None."""
