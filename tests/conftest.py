@@ -1,0 +1,52 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from distill.config import register_configs
+from distill.config.sweeps import register_sweeps
+
+ROOT = Path(__file__).resolve().parents[1]
+register_configs()
+register_sweeps(ROOT / "sweeps")
+
+
+def compose_config(overrides=()):
+    """The config `python launch.py <overrides>` would compose."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_launch(args, cwd=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_metrics(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny Wan transformer written with save_pretrained, as a diffusers folder."""
+    from distill.config import validate
+    from distill.models import build_adapter
+
+    config = validate(compose_config())
+    module = build_adapter(config.model).load_transformer(None, seed=123)
+    folder = tmp_path / "tiny-wan"
+    module.save_pretrained(folder / "transformer")
+    return folder
