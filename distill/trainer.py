@@ -40,13 +40,17 @@ class Trainer:
     def fit(self) -> None:
         log.info("training %d steps from step %d", self.max_steps, self.step)
         while self.step < self.max_steps:
-            start = time.perf_counter()
-            record = self.train_step(self.step)
-            self.step += 1
-            if self.step % self.log_every == 0 or self.step == self.max_steps:
-                record["step_time"] = time.perf_counter() - start
-                self.metrics.write(self.step, record)
+            self.advance()
         self.metrics.close()
+
+    def advance(self) -> None:
+        """One iteration and its log line."""
+        start = time.perf_counter()
+        record = self.train_step(self.step)
+        self.step += 1
+        if self.step % self.log_every == 0 or self.step == self.max_steps:
+            record["step_time"] = time.perf_counter() - start
+            self.metrics.write(self.step, record)
 
     def train_step(self, iteration: int) -> Dict[str, float]:
         totals = defaultdict(float)

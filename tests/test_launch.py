@@ -66,3 +66,11 @@ def test_finetune_lowers_flow_matching_loss_on_a_fixed_batch(tmp_path):
     trainer.fit()
     after = held_out_loss()
     assert after < 0.8 * before, (before, after)
+
+
+def test_local_sweep_writes_one_folder_per_point(tmp_path):
+    result = run_launch(["-m", "method.generator_lr=1e-6,2e-6", "training.max_steps=1", f"hydra.sweep.dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr
+    for point, lr in (("0", 1e-6), ("1", 2e-6)):
+        assert read_metrics(tmp_path / point)[0]["lr/student"] == lr
+        assert (tmp_path / point / "final" / "student.safetensors").is_file()
