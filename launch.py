@@ -26,9 +26,13 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"config error:\n{err}", file=sys.stderr)
         sys.exit(2)
-    from distill.launcher import launch
+    from distill.launcher import LaunchError, launch
 
-    launch(config)
+    try:
+        launch(config)
+    except LaunchError as err:
+        print(f"run failed:\n{err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

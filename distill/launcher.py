@@ -1,17 +1,67 @@
-"""Where a validated config runs. `local`: in this process."""
+"""Where a validated config runs.
 
+local, nproc_per_node=1: in this process. local, nproc_per_node=N: N processes
+on this machine through torch's elastic launcher (torchrun's engine); when one
+rank fails the launcher stops the others and reports the rank, its exit code
+and its log.
+"""
+
+import os
+import socket
+import sys
+import uuid
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
+from distill.config.io import save_config
 from distill.config.schema import Config
+from distill.worker import CONFIG_FILE
+
+
+class LaunchError(RuntimeError):
+    pass
 
 
 def launch(config: Config) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if config.launcher.name == "local":
+    save_config(config, run_dir / CONFIG_FILE)
+    if config.launcher.name != "local":
+        raise LaunchError(f"launcher.name={config.launcher.name}: allowed values are local")
+    if config.launcher.nproc_per_node == 1:
         from distill.run import train
 
         train(config, run_dir)
     else:
-        raise ValueError(f"launcher.name={config.launcher.name}: allowed values are local")
+        run_local_processes(run_dir, config.launcher.nproc_per_node)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_local_processes(run_dir: Path, nproc: int) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores
+    launch_config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex[:8],
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        max_restarts=0,
+        monitor_interval=0.5,
+    )
+    try:
+        elastic_launch(launch_config, sys.executable)("-m", "distill.worker", str(run_dir))
+    except ChildFailedError as err:
+        lines = []
+        for failure in err.failures.values():
+            log = run_dir / ("launch.log" if failure.rank == 0 else f"logs/rank-{failure.rank}.log")
+            lines.append(f"rank {failure.rank} failed with exit code {failure.exitcode} (log: {log})")
+        raise LaunchError("\n".join(lines)) from None

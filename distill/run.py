@@ -1,11 +1,14 @@
-"""Build everything a config names and train it in this process."""
+"""Build everything a config names and train it: the body of every rank."""
 
+import logging
 from pathlib import Path
 
 import torch
 
+from distill.checkpoint import CheckpointError, Checkpointer, latest_checkpoint
 from distill.config.schema import Config
 from distill.data import build_data
+from distill.distributed import Runtime, init_runtime
 from distill.methods import build_method
 from distill.models import build_adapter
 from distill.roles import attach_optimizers, build_roles
@@ -13,38 +16,57 @@ from distill.tracking import log
 from distill.trainer import Trainer
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def build_trainer(config: Config, run_dir: Path) -> Trainer:
+def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None) -> Trainer:
+    runtime = runtime or init_runtime(config.training.device)
     if config.training.torch_threads:
         torch.set_num_threads(config.training.torch_threads)
-    device = pick_device(config.training.device)
     adapter = build_adapter(config.model)
-    roles = build_roles(config, adapter, device)
-    method = build_method(config, adapter, roles, device)
+    roles = build_roles(config, adapter, runtime)
+    method = build_method(config, adapter, roles, runtime.device)
     attach_optimizers(roles, method.updates_per_role(config.training.max_steps))
     for name, role in roles.items():
         count = sum(p.numel() for p in role.module.parameters())
-        log.info("role %s: %.3fM parameters, %s", name, count / 1e6, "trainable" if role.trainable else "frozen")
+        log.info("role %s: %.3fM parameters (this rank), %s", name, count / 1e6, "trainable" if role.trainable else "frozen")
     return Trainer(
         method,
         roles,
-        build_data(config),
+        build_data(config, runtime.rank, runtime.world_size),
         run_dir,
         max_steps=config.training.max_steps,
         grad_accum_steps=config.training.grad_accum_steps,
         log_every=config.training.log_every,
-        device=device,
+        runtime=runtime,
+        checkpointer=Checkpointer(run_dir, config, runtime, config.training.keep_last),
+        checkpoint_every=config.training.checkpoint_every,
     )
 
 
-def train(config: Config, run_dir: Path) -> Trainer:
-    trainer = build_trainer(config, run_dir)
+def resume_point(config: Config, run_dir: Path):
+    """The checkpoint this run continues from, or None."""
+    if config.training.resume_from:
+        path = Path(config.training.resume_from)
+        if not path.is_dir():
+            raise CheckpointError(f"training.resume_from={path}: no such checkpoint folder")
+        return path
+    if config.training.resume:
+        return latest_checkpoint(run_dir)
+    return None
+
+
+def train(config: Config, run_dir: Path, runtime: Runtime = None) -> Trainer:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(config, run_dir, runtime)
+    start = resume_point(config, run_dir)
+    if start is not None:
+        trainer.checkpointer.load(start, trainer)
+        log.info("resumed from %s at step %d", start, trainer.step)
     trainer.fit()
-    trainer.save_trainable(Path(run_dir) / "final")
+    if config.training.export_at_end and trainer.runtime.is_main:
+        from distill.export import export_run
+
+        for folder in export_run(latest_checkpoint(run_dir), run_dir / "export"):
+            log.info("exported %s", folder)
+    trainer.runtime.barrier()
     log.info("run folder: %s", run_dir)
     return trainer

@@ -1,14 +1,15 @@
 """The training loop: data, gradient accumulation, stepping the roles the
-method names, logging. It knows neither the model family nor the losses."""
+method names, logging, checkpoint cadence. It knows neither the model family
+nor the losses."""
 
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import torch
-from safetensors.torch import save_file
+import torch.distributed as dist
 
+from distill.distributed import Runtime
 from distill.methods import Method
 from distill.roles import Role
 from distill.tracking import MetricsWriter, log
@@ -24,7 +25,9 @@ class Trainer:
         max_steps: int,
         grad_accum_steps: int = 1,
         log_every: int = 1,
-        device: torch.device = torch.device("cpu"),
+        runtime: Optional[Runtime] = None,
+        checkpointer=None,
+        checkpoint_every: int = 0,
     ):
         self.method = method
         self.roles = roles
@@ -33,15 +36,22 @@ class Trainer:
         self.max_steps = max_steps
         self.grad_accum_steps = grad_accum_steps
         self.log_every = log_every
-        self.device = device
+        self.runtime = runtime or Runtime()
+        self.checkpointer = checkpointer
+        self.checkpoint_every = checkpoint_every
         self.step = 0
-        self.metrics = MetricsWriter(self.run_dir)
+        self.metrics = MetricsWriter(self.run_dir) if self.runtime.is_main else None
 
     def fit(self) -> None:
-        log.info("training %d steps from step %d", self.max_steps, self.step)
+        log.info("training steps %d..%d", self.step + 1, self.max_steps)
         while self.step < self.max_steps:
             self.advance()
-        self.metrics.close()
+            if self.checkpointer and self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                self.checkpointer.save(self)
+        if self.checkpointer and not (self.run_dir / f"checkpoint-{self.step}").exists():
+            self.checkpointer.save(self)
+        if self.metrics:
+            self.metrics.close()
 
     def advance(self) -> None:
         """One iteration and its log line."""
@@ -50,28 +60,32 @@ class Trainer:
         self.step += 1
         if self.step % self.log_every == 0 or self.step == self.max_steps:
             record["step_time"] = time.perf_counter() - start
-            self.metrics.write(self.step, record)
+            if self.metrics:
+                self.metrics.write(self.step, record)
 
     def train_step(self, iteration: int) -> Dict[str, float]:
-        totals = defaultdict(float)
-        for _ in range(self.grad_accum_steps):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.data).items()}
-            losses, metrics = self.method.losses(batch, iteration)
+        sums: Dict[str, torch.Tensor] = {}
+        for micro in range(self.grad_accum_steps):
+            last = micro == self.grad_accum_steps - 1
+            for role in self.roles.values():
+                role.sync_gradients(last)
+            batch = {k: v.to(self.runtime.device, non_blocking=True) for k, v in next(self.data).items()}
+            losses, metrics = self.method.step_losses(batch, iteration)
             sum(losses.values()).div(self.grad_accum_steps).backward()
-            for name, loss in losses.items():
-                totals[f"loss/{name}"] += loss.item() / self.grad_accum_steps
-            for key, value in metrics.items():
-                totals[key] += value / self.grad_accum_steps
+            for key, value in [*((f"loss/{n}", l.detach()) for n, l in losses.items()), *metrics.items()]:
+                sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64) / self.grad_accum_steps
+        record = self._mean_over_ranks(sums)
         for name in self.method.roles_to_step(iteration):
             role = self.roles[name]
-            totals[f"lr/{name}"] = role.lr()
-            totals[f"grad_norm/{name}"] = role.clip_and_step()
-        return dict(totals)
+            record[f"lr/{name}"] = role.lr()
+            record[f"grad_norm/{name}"] = role.clip_and_step(iteration + 1)
+        return record
 
-    def save_trainable(self, folder: Path) -> None:
-        """Each trainable role's weights as <folder>/<role>.safetensors."""
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, role in self.roles.items():
-            if role.trainable:
-                state = {k: v.detach().cpu().contiguous() for k, v in role.module.state_dict().items()}
-                save_file(state, str(folder / f"{name}.safetensors"))
+    def _mean_over_ranks(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        keys = sorted(sums)
+        values = torch.stack([sums[k].detach().double().cpu() for k in keys])
+        if self.runtime.distributed:
+            values = values.to(self.runtime.device if self.runtime.device.type == "cuda" else "cpu")
+            dist.all_reduce(values)
+            values = values.cpu() / self.runtime.world_size
+        return dict(zip(keys, values.tolist()))

@@ -75,6 +75,10 @@ class RoleConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_grad_norm: float = 1.0
+    # exponential moving average of a trainable role's weights (null: none);
+    # before ema_start_step the average simply copies the weights
+    ema_decay: Optional[float] = None
+    ema_start_step: int = 0
 
 
 @dataclass
@@ -119,6 +123,17 @@ class TrainingConfig:
     log_every: int = 1
     device: str = "auto"  # auto: cuda when available, else cpu
     torch_threads: Optional[int] = None  # null: torch's default
+    # checkpoint-<step>/ folders in the run folder; a run started in a folder
+    # that holds one resumes from the newest complete one
+    checkpoint_every: int = 500
+    keep_last: int = 3  # complete checkpoints kept; 0 keeps all
+    resume: bool = True  # resume from the run folder's newest checkpoint
+    resume_from: Optional[str] = None  # a checkpoint folder to resume from instead
+    export_at_end: bool = True  # write the student in diffusers format at the end
+    # data-parallel layout: shard over all ranks (1), or HSDP with this many
+    # replicas of a shard group of world_size / hsdp_replicas ranks
+    hsdp_replicas: int = 1
+    collective_timeout_s: int = 600  # a collective waiting longer than this fails
 
 
 @dataclass
@@ -132,6 +147,8 @@ class DataConfig:
 @dataclass
 class LauncherConfig:
     name: str = "local"
+    # local: processes on this machine (1 runs in the launching process)
+    nproc_per_node: int = 1
 
 
 @dataclass

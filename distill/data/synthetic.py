@@ -2,7 +2,8 @@
 
 A stand-in for real data in plumbing runs and benchmarks: a fixed pool of
 `num_samples` items drawn once from the seed, cycled in order, so a small pool
-is a fixed batch a model can overfit. Each rank starts at its own offset.
+is a fixed batch a model can overfit. Ranks take turns along one stream of
+sample positions, so any number of ranks sees the same global batches.
 """
 
 from typing import Dict, Iterator
@@ -25,9 +26,11 @@ class SyntheticLatents:
         return self
 
     def __next__(self) -> Dict[str, torch.Tensor]:
-        index = torch.arange(self.position, self.position + self.batch_size) % len(self.latents)
+        sample_id = torch.arange(self.position, self.position + self.batch_size)
+        index = sample_id % len(self.latents)
         self.position += self.stride
         return {
+            "sample_id": sample_id,
             "latents": self.latents[index],
             "text_embeds": self.text[index],
             "negative_text_embeds": self.negative_text.expand(self.batch_size, -1, -1),

@@ -3,12 +3,12 @@
 from distill.methods.base import Method
 
 
-def build_method(config, adapter, roles, device, rank: int = 0) -> Method:
+def build_method(config, adapter, roles, device) -> Method:
     from distill.methods.dmd2 import DMD2
     from distill.methods.finetune import Finetune
 
     methods = {"dmd2": DMD2, "finetune": Finetune}
-    return methods[config.method.name](config.method, adapter, roles, seed=config.seed, rank=rank, device=device)
+    return methods[config.method.name](config.method, adapter, roles, seed=config.seed, device=device)
 
 
 __all__ = ["Method", "build_method"]

@@ -13,15 +13,21 @@ Metrics = Dict[str, float]
 
 
 class Method(ABC):
-    def __init__(self, cfg, adapter: FlowMatchingAdapter, roles: Dict[str, Role], seed: int, rank: int, device):
+    def __init__(self, cfg, adapter: FlowMatchingAdapter, roles: Dict[str, Role], seed: int, device):
         self.cfg = cfg
         self.adapter = adapter
         self.roles = roles
         self.device = torch.device(device)
         # Choices every rank must make alike (how many forward passes a rollout
-        # runs) come from `shared_rng`; noise differs per rank via `rng`.
+        # runs) come from `shared_rng`, seeded alike on all ranks.
         self.shared_rng = torch.Generator().manual_seed(seed)
-        self.rng = torch.Generator(self.device).manual_seed(seed + 1_000_003 * (rank + 1))
+        # Noise and sigmas come from `noise`: per sample, so the same on any
+        # number of ranks, and a pure function of the data position.
+        self.noise = SampleNoise(seed, self.device)
+
+    def step_losses(self, batch: Dict[str, torch.Tensor], iteration: int) -> Tuple[Losses, Metrics]:
+        self.noise.start(batch["sample_id"].tolist())
+        return self.losses(batch, iteration)
 
     @abstractmethod
     def losses(self, batch: Dict[str, torch.Tensor], iteration: int) -> Tuple[Losses, Metrics]:
@@ -40,14 +46,53 @@ class Method(ABC):
 
     # --- shared helpers ----------------------------------------------------
     def randn(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.rng, device=self.device)
+        return self.noise.draw(torch.randn, shape)
 
     def rand(self, n: int) -> torch.Tensor:
-        return torch.rand(n, generator=self.rng, device=self.device)
+        return self.noise.draw(torch.rand, (n,))
 
-    def state_dict(self) -> dict:
-        return {"shared_rng": self.shared_rng.get_state(), "rng": self.rng.get_state()}
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {"shared_rng": self.shared_rng.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         self.shared_rng.set_state(state["shared_rng"])
-        self.rng.set_state(state["rng"])
+
+
+_MASK = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 rounds)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (v & _MASK)) * 0xBF58476D1CE4E5B9) & _MASK
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+class SampleNoise:
+    """Random draws seeded by (run seed, sample position, draw number).
+
+    A sample's noise does not depend on which rank holds it or how many ranks
+    there are, and a resumed run redraws it exactly from the data position.
+    """
+
+    def __init__(self, seed: int, device: torch.device):
+        self.seed = seed
+        self.device = device
+        self.generator = torch.Generator(device)
+        self.start([0])
+
+    def start(self, sample_ids: List[int]) -> None:
+        self.sample_ids = sample_ids
+        self.count = 0
+
+    def draw(self, fn, shape) -> torch.Tensor:
+        if shape[0] != len(self.sample_ids):
+            raise ValueError(f"draw of {shape[0]} rows for a batch of {len(self.sample_ids)} samples")
+        rows = []
+        for sample_id in self.sample_ids:
+            self.generator.manual_seed(_mix(self.seed, sample_id, self.count))
+            rows.append(fn(tuple(shape[1:]), generator=self.generator, device=self.device))
+        self.count += 1
+        return torch.stack(rows)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.methods.base import Losses, Method, Metrics
+from distill.sampling import rollout
 
 
 def dmd_gradient(x0: torch.Tensor, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -29,8 +30,8 @@ def generator_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 class DMD2(Method):
-    def __init__(self, cfg, adapter, roles, seed, rank, device):
-        super().__init__(cfg, adapter, roles, seed, rank, device)
+    def __init__(self, cfg, adapter, roles, seed, device):
+        super().__init__(cfg, adapter, roles, seed, device)
         sigmas = torch.tensor(list(cfg.student_steps), dtype=torch.float32) / 1000
         self.student_sigmas = adapter.shift_sigma(sigmas) if cfg.warp_steps else sigmas
 
@@ -71,9 +72,7 @@ class DMD2(Method):
             # backward simulation: run only the steps before the target
             x = self.randn((n, *self.adapter.latent_shape))
             with torch.no_grad():
-                for k in range(step):
-                    x0 = self.adapter.predict_x0(student, x, sigmas[k].expand(n), text)
-                    x = self.adapter.add_noise(x0, self.randn(x0.shape), sigmas[k + 1].expand(n))
+                x = rollout(self.adapter, student, x, sigmas, text, self.randn, step)
         return self.adapter.predict_x0(student, x, sigmas[step].expand(n), text), step
 
     def generator_loss(self, x0: torch.Tensor, text, uncond) -> Tuple[torch.Tensor, float]:

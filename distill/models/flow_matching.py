@@ -78,3 +78,11 @@ class FlowMatchingAdapter(ABC):
     @abstractmethod
     def load_transformer(self, path: Optional[str], seed: int) -> nn.Module:
         """The network from a diffusers folder, or built from cfg.arch when path is None."""
+
+    @abstractmethod
+    def empty_transformer(self, path: Optional[str]) -> nn.Module:
+        """The network's architecture only (call under a meta-device context)."""
+
+    @abstractmethod
+    def blocks(self, module: nn.Module) -> list:
+        """The repeated blocks: the units of sharding and activation checkpointing."""

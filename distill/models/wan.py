@@ -32,6 +32,15 @@ class WanAdapter(FlowMatchingAdapter):
             raise FileNotFoundError(f"no diffusers model at {path} (subfolder {self.cfg.subfolder})")
         return WanTransformer3DModel.from_pretrained(folder, subfolder=self.cfg.subfolder, torch_dtype=torch.float32)
 
+    def empty_transformer(self, path: Optional[str]) -> nn.Module:
+        if path is None:
+            return WanTransformer3DModel(**self._arch())
+        folder = resolve_model_folder(path, self.cfg.subfolder)
+        return WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder, subfolder=self.cfg.subfolder))
+
+    def blocks(self, module: nn.Module) -> list:
+        return list(module.blocks)
+
     def _arch(self) -> dict:
         arch = dict(self.cfg.arch)
         if "patch_size" in arch:
