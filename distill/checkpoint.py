@@ -12,6 +12,7 @@ read back with pickle: tensors are safetensors, the rest JSON.
 """
 
 import json
+from contextlib import contextmanager
 import random
 import re
 import shutil
@@ -94,11 +95,12 @@ class Checkpointer:
                 shutil.rmtree(stale)  # left by a save that was killed
             (tmp / "ranks").mkdir(parents=True)
         self.runtime.barrier()
-        dcp.save(
-            _tensor_state(trainer.roles),
-            storage_writer=HuggingFaceStorageWriter(str(tmp / "state"), save_distributed=True),
-            no_dist=not self.runtime.distributed,
-        )
+        with _single_process_quiet():
+            dcp.save(
+                _tensor_state(trainer.roles),
+                storage_writer=HuggingFaceStorageWriter(str(tmp / "state"), save_distributed=True),
+                no_dist=not self.runtime.distributed,
+            )
         _save_rank_state(tmp / "ranks" / f"rank-{self.runtime.rank}.safetensors", trainer)
         self.runtime.barrier()
         if self.runtime.is_main:
@@ -135,11 +137,12 @@ class Checkpointer:
         meta = json.loads(meta_file.read_text())
         self._check_compatible(path, meta["fingerprint"])
         state = _tensor_state(trainer.roles)
-        dcp.load(
-            state,
-            storage_reader=HuggingFaceStorageReader(str(path / "state")),
-            no_dist=not self.runtime.distributed,
-        )
+        with _single_process_quiet():
+            dcp.load(
+                state,
+                storage_reader=HuggingFaceStorageReader(str(path / "state")),
+                no_dist=not self.runtime.distributed,
+            )
         for name, role in trainer.roles.items():
             if not role.trainable:
                 continue
@@ -161,6 +164,14 @@ class Checkpointer:
         ]
         if diffs:
             raise CheckpointError(f"checkpoint {path} does not fit this config:\n  " + "\n  ".join(diffs))
+
+
+@contextmanager
+def _single_process_quiet():
+    """DCP warns when it runs without a process group; here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _tensor_state(roles) -> Dict[str, torch.Tensor]:
@@ -233,7 +244,6 @@ def load_role_weights(checkpoint: Path, role: str, template: Dict[str, torch.Ten
     """Full (unsharded) weights of one role, read in a single process."""
     kind = "ema" if ema else "model"
     state = {f"{role}.{kind}.{k}": v.clone() for k, v in template.items()}
-    with warnings.catch_warnings():  # DCP warns that it reads in a single process: that is the intent
-        warnings.simplefilter("ignore", UserWarning)
+    with _single_process_quiet():
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(Path(checkpoint) / "state")), no_dist=True)
     return {k[len(f"{role}.{kind}."):]: v for k, v in state.items()}

@@ -6,8 +6,8 @@ from torch import nn
 
 from distill.config.schema import DMD2Config, ModelConfig, Rollout, RoleConfig
 from distill.methods.dmd2 import DMD2, dmd_gradient, generator_loss
-from distill.models.flow_matching import FlowMatchingAdapter
 from distill.roles import Role, attach_optimizers
+from standins import StandInAdapter
 
 SHAPE = (1, 1, 1, 1, 4)
 
@@ -30,14 +30,6 @@ class FixedX0(nn.Module):
         return (x_t - target) / (timestep / 1000).reshape(-1, 1, 1, 1, 1)
 
 
-class StandInAdapter(FlowMatchingAdapter):
-    def forward(self, module, x_t, timestep, text):
-        return module(x_t, timestep, text)
-
-    def load_transformer(self, path, seed):
-        raise NotImplementedError
-
-
 def make_method(student_x0, critic_x0, teacher_cond, teacher_uncond, **cfg):
     cfg = DMD2Config(student_steps=[1000], warp_steps=True, guidance_scale=3.0, **cfg)
     roles = {
@@ -46,12 +38,12 @@ def make_method(student_x0, critic_x0, teacher_cond, teacher_uncond, **cfg):
         "teacher": Role("teacher", RoleConfig(trainable=False), FixedX0(teacher_cond, teacher_uncond)),
     }
     adapter = StandInAdapter(ModelConfig(shift=3.0, latent_shape=list(SHAPE[1:])))
-    return DMD2(cfg, adapter, roles, seed=0, rank=0, device="cpu"), roles
+    return DMD2(cfg, adapter, roles, seed=0, device="cpu"), roles
 
 
 def batch():
     text = torch.ones(1, 2, 3)
-    return {"text_embeds": text, "negative_text_embeds": torch.zeros_like(text)}
+    return {"text_embeds": text, "negative_text_embeds": torch.zeros_like(text), "sample_id": torch.tensor([0])}
 
 
 def test_dmd_gradient_hand_values():
@@ -121,8 +113,8 @@ def test_sampled_sigmas_are_shifted_then_clamped():
 def test_warped_steps_pass_through_the_shift():
     cfg = dict(student_steps=[1000, 500, 250])
     adapter = StandInAdapter(ModelConfig(shift=3.0, latent_shape=list(SHAPE[1:])))
-    warped = DMD2(DMD2Config(warp_steps=True, **cfg), adapter, {}, 0, 0, "cpu").student_sigmas
-    plain = DMD2(DMD2Config(warp_steps=False, **cfg), adapter, {}, 0, 0, "cpu").student_sigmas
+    warped = DMD2(DMD2Config(warp_steps=True, **cfg), adapter, {}, 0, "cpu").student_sigmas
+    plain = DMD2(DMD2Config(warp_steps=False, **cfg), adapter, {}, 0, "cpu").student_sigmas
     assert torch.allclose(warped, torch.tensor([1.0, 0.75, 0.5]))
     assert torch.allclose(plain, torch.tensor([1.0, 0.5, 0.25]))
 
@@ -167,7 +159,7 @@ def test_update_schedule_over_ten_iterations(tmp_path):
     updates = method.updates_per_role(10)
     assert updates == {"student": 2, "critic": 10, "teacher": 0}
     attach_optimizers(roles, updates)
-    Trainer(method, roles, iter(batch, None), run_dir=tmp_path, max_steps=10).fit()
+    Trainer(method, roles, iter(batch, None), run_dir=tmp_path, max_steps=10).fit()  # no checkpointer
     for name, count in (("student", 2), ("critic", 10)):
         role = roles[name]
         assert role.optimizer.state[role.module.cond]["step"] == count
