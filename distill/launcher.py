@@ -61,7 +61,7 @@ def run_local_processes(run_dir: Path, nproc: int) -> None:
         elastic_launch(launch_config, sys.executable)("-m", "distill.worker", str(run_dir))
     except ChildFailedError as err:
         lines = []
-        for failure in err.failures.values():
-            log = run_dir / ("launch.log" if failure.rank == 0 else f"logs/rank-{failure.rank}.log")
-            lines.append(f"rank {failure.rank} failed with exit code {failure.exitcode} (log: {log})")
+        for rank, failure in sorted(err.failures.items()):
+            log = run_dir / ("launch.log" if rank == 0 else f"logs/rank-{rank}.log")
+            lines.append(f"rank {rank} failed with exit code {failure.exitcode} (log: {log})")
         raise LaunchError("\n".join(lines)) from None

@@ -39,7 +39,7 @@ def build_sharded(adapter, path, seed: int, cfg: RoleConfig, runtime: Runtime) -
     full = adapter.load_transformer(path, seed) if runtime.is_main else None
     with init_empty_weights(include_buffers=False):
         module = adapter.empty_transformer(path)
-    if not cfg.trainable:
+    if not cfg.trainable and DTYPES[cfg.precision] != torch.float32:
         module.to(DTYPES[cfg.precision])
     buffers = {name: b.clone() for name, b in module.named_buffers()}
     shard(module, adapter.blocks(module), cfg, runtime)

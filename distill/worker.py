@@ -6,6 +6,7 @@ folder's newest checkpoint when there is one).
 """
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def main(argv=None) -> int:
     config = load_config(run_dir / CONFIG_FILE)
     runtime = init_runtime(config.training.device, config.training.hsdp_replicas, config.training.collective_timeout_s)
     setup_logging(run_dir, runtime.rank)
+    logging.getLogger("distill").info("rank %d of %d, pid %d, device %s", runtime.rank, runtime.world_size, os.getpid(), runtime.device)
     if runtime.device.type == "cpu" and config.training.torch_threads is None:
         import torch
 
