@@ -147,7 +147,7 @@ def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path):
     launch resumes from the newest complete one and ends where an
     uninterrupted run ends."""
     run, reference = tmp_path / "run", tmp_path / "reference"
-    common = ["training.max_steps=400", "training.checkpoint_every=2", "training.keep_last=0"]
+    common = ["training.max_steps=40", "training.checkpoint_every=2", "training.keep_last=0"]
     proc = _launch_background([*common, f"hydra.run.dir={run}"])
     caught = None
     try:
