@@ -67,7 +67,7 @@ def fingerprint(config: Config, world_size: int) -> Dict[str, object]:
         "model.arch": OmegaConf.to_container(OmegaConf.create(dict(config.model.arch))),
         "model.latent_shape": list(config.model.latent_shape),
         "model.text_dim": config.model.text_dim,
-        "data.name": config.data.name,
+        "data.name": config.data.name.value,
         "data.batch_size": config.data.batch_size,
         "world_size": world_size,
     }

@@ -20,6 +20,7 @@ def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None) -> Tra
     runtime = runtime or init_runtime(config.training.device)
     if config.training.torch_threads:
         torch.set_num_threads(config.training.torch_threads)
+    data = build_data(config, runtime.rank, runtime.world_size, runtime.device.type)  # checks the data first
     adapter = build_adapter(config.model)
     roles = build_roles(config, adapter, runtime)
     method = build_method(config, adapter, roles, runtime.device)
@@ -30,7 +31,7 @@ def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None) -> Tra
     return Trainer(
         method,
         roles,
-        build_data(config, runtime.rank, runtime.world_size),
+        data,
         run_dir,
         max_steps=config.training.max_steps,
         grad_accum_steps=config.training.grad_accum_steps,

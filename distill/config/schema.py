@@ -48,6 +48,10 @@ class ModelConfig:
     latent_shape: List[int] = field(default_factory=lambda: [16, 21, 60, 104])  # C, T, H, W
     text_len: int = 512
     text_dim: int = 4096
+    # per-channel statistics of the VAE's latents: data latents are
+    # normalised as (x - mean) / std before training; null: used as stored
+    latents_mean: Optional[List[float]] = None
+    latents_std: Optional[List[float]] = None
 
 
 @dataclass
@@ -136,12 +140,27 @@ class TrainingConfig:
     collective_timeout_s: int = 600  # a collective waiting longer than this fails
 
 
+class DataName(str, Enum):
+    synthetic = "synthetic"  # random latents and text of the model's shapes
+    parquet = "parquet"  # a folder of FastVideo-schema parquet shards
+    digits = "digits"  # the moving-digits demo set, built and cached on first use
+
+
 @dataclass
 class DataConfig:
-    name: str = "synthetic"
+    name: DataName = DataName.synthetic
     batch_size: int = 1
     # synthetic: a fixed pool of this many random samples, cycled in order
     num_samples: int = 8
+    # parquet: the dataset folder; digits: the cache folder (null: ~/.cache/distill)
+    path: Optional[str] = None
+    split: str = "train"  # digits: train or val
+    text_only: bool = False  # parquet: rows without latents (data-free DMD)
+    # safetensors file whose `text_embeds` [L, D] is the empty/negative prompt;
+    # null: zeros
+    negative_embedding: Optional[str] = None
+    num_workers: int = 0  # loader worker processes per rank
+    cache_row_groups: int = 4  # row groups each reader keeps in memory
 
 
 @dataclass

@@ -102,8 +102,22 @@ def _check_training(config: Config) -> List[str]:
         errors.append(f"training.device={t.device}: allowed values are auto, cpu, cuda")
     if config.data.batch_size < 1:
         errors.append(f"data.batch_size={config.data.batch_size}: must be >= 1")
-    if config.data.name == "synthetic" and config.data.num_samples < 1:
-        errors.append(f"data.num_samples={config.data.num_samples}: must be >= 1")
+    data = config.data
+    if data.name == "synthetic" and data.num_samples < 1:
+        errors.append(f"data.num_samples={data.num_samples}: must be >= 1")
+    if data.name == "parquet" and not data.path:
+        errors.append("data.path is null: data=parquet needs the dataset folder")
+    elif data.name == "parquet" and not os.path.isdir(data.path):
+        errors.append(f"data.path={data.path}: no such folder")
+    if data.name == "digits" and data.split not in ("train", "val"):
+        errors.append(f"data.split={data.split}: allowed values are train, val")
+    if data.num_workers < 0:
+        errors.append(f"data.num_workers={data.num_workers}: must be >= 0")
+    needs_latents = isinstance(config.method, FinetuneConfig) or (
+        isinstance(config.method, DMD2Config) and config.method.rollout.value == "data"
+    )
+    if needs_latents and data.text_only:
+        errors.append(f"data.text_only=true: method {config.method.name} (rollout {getattr(config.method, 'rollout', 'n/a')}) needs latents")
     return errors
 
 

@@ -1,12 +1,66 @@
 """Batch sources for the trainer."""
 
+from pathlib import Path
+
+import torch
+
+from distill.data.parquet import DataError, ParquetIndex, ParquetLatents, Shapes, StatefulLoader
 from distill.data.synthetic import SyntheticLatents
 
 
-def build_data(config, rank: int = 0, world_size: int = 1):
-    if config.data.name == "synthetic":
-        return SyntheticLatents(config.model, config.data, seed=config.seed, rank=rank, world_size=world_size)
-    raise ValueError(f"data.name={config.data.name}: allowed values are synthetic")
+def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "cpu"):
+    """The loader a config names; datasets are checked here, before any model is built."""
+    data, model = config.data, config.model
+    if data.name == "synthetic":
+        return SyntheticLatents(model, data, seed=config.seed, rank=rank, world_size=world_size)
+    if data.name == "digits":
+        from distill.data.digits import ensure_digits
+
+        path = ensure_digits(data.split, data.path, config.seed) if rank == 0 else None
+        if world_size > 1:
+            import torch.distributed as dist
+
+            box = [str(path) if path else None]
+            dist.broadcast_object_list(box, src=0)  # the other ranks wait for rank 0 to build it
+            path = box[0]
+    else:
+        path = data.path
+    shapes = Shapes(None if data.text_only else tuple(model.latent_shape), model.text_len, model.text_dim)
+    dataset = ParquetLatents(
+        ParquetIndex(str(path), shapes),
+        shapes,
+        batch_size=data.batch_size,
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        latents_mean=_tensor_or_none(model.latents_mean),
+        latents_std=_tensor_or_none(model.latents_std),
+        negative_text=_negative(data.negative_embedding, shapes),
+        cache_row_groups=data.cache_row_groups,
+    )
+    return StatefulLoader(dataset, num_workers=data.num_workers, pin_memory=device_type == "cuda")
 
 
-__all__ = ["SyntheticLatents", "build_data"]
+def _tensor_or_none(values):
+    return None if values is None else torch.tensor(list(values), dtype=torch.float32)
+
+
+def _negative(path, shapes: Shapes):
+    if path is None:
+        return None
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"data.negative_embedding={path}: no such file")
+    text = load_file(str(file)).get("text_embeds")
+    if text is None or text.dim() != 2 or text.shape[1] != shapes.text_dim or text.shape[0] > shapes.text_len:
+        raise DataError(
+            f"data.negative_embedding={path}: needs a `text_embeds` tensor [L <= {shapes.text_len}, {shapes.text_dim}]"
+        )
+    padded = torch.zeros(shapes.text_len, shapes.text_dim)
+    padded[: text.shape[0]] = text.float()
+    return padded
+
+
+__all__ = ["DataError", "SyntheticLatents", "build_data"]

@@ -1,0 +1,258 @@
+"""Reading parquet latent datasets (FastVideo's schema) for training.
+
+A dataset is a folder of parquet shards. Everything that can be checked
+without reading tensors is checked when the dataset opens, before training:
+the folder, the shards, their columns, every row's latent and text shapes.
+
+Order: each epoch is a fresh permutation of all rows drawn from seed + epoch;
+rank r of W takes every W-th row of it (a disjoint share, the same length on
+every rank). A rank's place in that stream is the only loader state, so a
+resumed run reads exactly the batches an uninterrupted run would have.
+Rows are read a row group at a time, only the columns needed, with a small
+cache of recent row groups.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from distill.data.schema import LATENT, TEXT, decode, required_columns
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained on; the message names the file and row."""
+
+
+@dataclass
+class Shapes:
+    latent: Optional[Tuple[int, ...]]  # [C, T, H, W] the model expects; None: text-only
+    text_len: int
+    text_dim: int
+
+
+@dataclass
+class RowGroup:
+    file: Path
+    index: int
+    first_row: int  # global index of its first row
+    num_rows: int
+    file_row: int  # index of its first row within the file
+
+
+class ParquetIndex:
+    """Where every row lives, after checking the whole folder."""
+
+    def __init__(self, path: str, shapes: Shapes):
+        folder = Path(path)
+        if not folder.is_dir():
+            raise DataError(f"data.path={path}: no such folder")
+        files = sorted(folder.glob("*.parquet"))
+        if not files:
+            raise DataError(f"data.path={path}: no parquet shards (*.parquet) in the folder")
+        self.with_latents = shapes.latent is not None
+        self.groups: List[RowGroup] = []
+        self.num_rows = 0
+        for file in files:
+            self._add_file(file, shapes)
+        if self.num_rows == 0:
+            raise DataError(f"data.path={path}: the shards hold no rows")
+        self._starts = torch.tensor([g.first_row for g in self.groups])
+
+    def _add_file(self, file: Path, shapes: Shapes) -> None:
+        try:
+            pf = pq.ParquetFile(file)
+            names = set(pf.schema_arrow.names)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise DataError(f"{file}: corrupt parquet shard ({err})") from None
+        missing = [c for c in required_columns(self.with_latents) if c not in names]
+        if missing:
+            raise DataError(f"{file}: missing columns {missing}")
+        columns = ["id", f"{TEXT}_shape"] + ([f"{LATENT}_shape"] if self.with_latents else [])
+        try:
+            meta = pf.read(columns=columns).to_pydict()
+        except Exception as err:
+            raise DataError(f"{file}: corrupt parquet shard ({err})") from None
+        for row, sample_id in enumerate(meta["id"]):
+            self._check_row(file, row, sample_id, meta, shapes)
+        file_row = 0
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            self.groups.append(RowGroup(file, i, self.num_rows, n, file_row))
+            self.num_rows += n
+            file_row += n
+
+    def _check_row(self, file, row, sample_id, meta, shapes: Shapes) -> None:
+        where = f"{file} row {row} (id {sample_id})"
+        text = meta[f"{TEXT}_shape"][row]
+        if len(text) != 2 or text[1] != shapes.text_dim:
+            raise DataError(f"{where}: text embedding shape {text} does not fit model.text_dim={shapes.text_dim}")
+        if text[0] > shapes.text_len:
+            raise DataError(f"{where}: text embedding of {text[0]} tokens exceeds model.text_len={shapes.text_len}")
+        if self.with_latents:
+            latent = tuple(meta[f"{LATENT}_shape"][row])
+            if len(latent) != 4 or latent[0] != shapes.latent[0]:
+                raise DataError(
+                    f"{where}: latent shape {list(latent)} does not fit the model's {shapes.latent[0]} channels"
+                )
+            if latent != tuple(shapes.latent):
+                raise DataError(f"{where}: latent shape {list(latent)} differs from model.latent_shape={list(shapes.latent)}")
+
+    def locate(self, row: int) -> Tuple[RowGroup, int]:
+        g = int(torch.searchsorted(self._starts, torch.tensor(row), right=True)) - 1
+        group = self.groups[g]
+        return group, row - group.first_row
+
+
+class ParquetLatents(IterableDataset):
+    """Batches of one rank, from its stream position onwards."""
+
+    def __init__(
+        self,
+        index: ParquetIndex,
+        shapes: Shapes,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        latents_mean: Optional[torch.Tensor] = None,
+        latents_std: Optional[torch.Tensor] = None,
+        negative_text: Optional[torch.Tensor] = None,
+        cache_row_groups: int = 4,
+    ):
+        self.index = index
+        self.shapes = shapes
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.share = index.num_rows // world_size
+        if self.share < batch_size:
+            raise DataError(f"{index.num_rows} rows give each of {world_size} ranks fewer than data.batch_size={batch_size}")
+        self.mean, self.std = latents_mean, latents_std
+        self.negative_text = negative_text if negative_text is not None else torch.zeros(shapes.text_len, shapes.text_dim)
+        self.cache_row_groups = cache_row_groups
+        self.start_batch = 0
+        self._cache: "OrderedDict[Tuple[Path, int], Dict[str, list]]" = OrderedDict()
+        self._epoch_rows: Dict[int, torch.Tensor] = {}
+
+    # --- order ---------------------------------------------------------------
+    def rows_of_epoch(self, epoch: int) -> torch.Tensor:
+        """This rank's rows in epoch `epoch`: every W-th of a fresh permutation."""
+        if epoch not in self._epoch_rows:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            perm = torch.randperm(self.index.num_rows, generator=g)
+            self._epoch_rows = {epoch: perm[self.rank :: self.world_size][: self.share]}
+        return self._epoch_rows[epoch]
+
+    def rows_of_batch(self, batch: int) -> List[Tuple[int, int]]:
+        """(epoch, row) of each sample in this rank's batch number `batch`."""
+        out = []
+        for position in range(batch * self.batch_size, (batch + 1) * self.batch_size):
+            epoch, k = divmod(position, self.share)
+            out.append((epoch, int(self.rows_of_epoch(epoch)[k])))
+        return out
+
+    # --- reading -------------------------------------------------------------
+    def _row_group(self, group: RowGroup) -> Dict[str, list]:
+        key = (group.file, group.index)
+        if key not in self._cache:
+            columns = ["id"] + [f"{TEXT}_{s}" for s in ("bytes", "shape", "dtype")]
+            if self.shapes.latent is not None:
+                columns += [f"{LATENT}_{s}" for s in ("bytes", "shape", "dtype")]
+            self._cache[key] = pq.ParquetFile(group.file).read_row_group(group.index, columns=columns).to_pydict()
+            while len(self._cache) > self.cache_row_groups:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return self._cache[key]
+
+    def read_row(self, row: int) -> Dict[str, torch.Tensor]:
+        group, offset = self.index.locate(row)
+        data = self._row_group(group)
+        sample = {"text": decode(*(data[f"{TEXT}_{s}"][offset] for s in ("bytes", "shape", "dtype"))).float()}
+        if self.shapes.latent is not None:
+            sample["latent"] = decode(*(data[f"{LATENT}_{s}"][offset] for s in ("bytes", "shape", "dtype"))).float()
+        for name, tensor in sample.items():
+            if not torch.isfinite(tensor).all():
+                where = f"{group.file} row {group.file_row + offset} (id {data['id'][offset]})"
+                raise DataError(f"{where}: {name} holds NaN or inf")
+        return sample
+
+    def make_batch(self, batch: int) -> Dict[str, torch.Tensor]:
+        texts, masks, latents, ids = [], [], [], []
+        for epoch, row in self.rows_of_batch(batch):
+            sample = self.read_row(row)
+            text = sample["text"]
+            padded = torch.zeros(self.shapes.text_len, self.shapes.text_dim)
+            padded[: text.shape[0]] = text
+            mask = torch.zeros(self.shapes.text_len, dtype=torch.bool)
+            mask[: text.shape[0]] = True
+            texts.append(padded)
+            masks.append(mask)
+            ids.append(epoch * self.index.num_rows + row)  # unique per draw: seeds the sample's noise
+            if "latent" in sample:
+                latents.append(self._normalise(sample["latent"]))
+        out = {
+            "sample_id": torch.tensor(ids),
+            "text_embeds": torch.stack(texts),
+            "text_mask": torch.stack(masks),
+            "negative_text_embeds": self.negative_text.expand(len(texts), -1, -1).clone(),
+        }
+        if latents:
+            out["latents"] = torch.stack(latents)
+        return out
+
+    def _normalise(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            return latent
+        shape = (-1,) + (1,) * (latent.dim() - 1)
+        return (latent - self.mean.reshape(shape)) / self.std.reshape(shape)
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        batch = self.start_batch + worker
+        while True:  # workers take turns, so the loader yields batches in order
+            yield self.make_batch(batch)
+            batch += workers
+
+
+class StatefulLoader:
+    """Iterates a ParquetLatents through a DataLoader; its state is the number
+    of batches handed out, so resuming restarts the workers exactly there."""
+
+    def __init__(self, dataset: ParquetLatents, num_workers: int = 0, pin_memory: bool = False):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.batches_seen = 0
+        self._iterator = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        if self._iterator is None:
+            self.dataset.start_batch = self.batches_seen
+            loader = DataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=False,
+            )
+            self._iterator = iter(loader)
+        batch = next(self._iterator)
+        self.batches_seen += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"batches_seen": self.batches_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches_seen = int(state["batches_seen"])
+        self._iterator = None

@@ -1,0 +1,83 @@
+"""The parquet row layout: FastVideo's text-to-video schema, unchanged.
+
+A tensor is stored as three columns: raw bytes (C order), its shape and its
+dtype name. Latents are the VAE posterior mean, un-normalised, [C, T, H, W];
+text embeddings are [L, D] with the padding removed. A text-only dataset
+(data-free DMD) has no latent columns.
+"""
+
+from typing import Dict, List, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+LATENT = "vae_latent"
+TEXT = "text_embedding"
+META_FIELDS = [
+    ("id", pa.string()),
+    ("file_name", pa.string()),
+    ("caption", pa.string()),
+    ("media_type", pa.string()),
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+    ("num_frames", pa.int64()),
+    ("duration_sec", pa.float64()),
+    ("fps", pa.float64()),
+]
+
+
+def tensor_fields(prefix: str) -> List[tuple]:
+    return [
+        (f"{prefix}_bytes", pa.binary()),
+        (f"{prefix}_shape", pa.list_(pa.int64())),
+        (f"{prefix}_dtype", pa.string()),
+    ]
+
+
+def schema(with_latents: bool = True) -> pa.Schema:
+    fields = [META_FIELDS[0]] + (tensor_fields(LATENT) if with_latents else []) + tensor_fields(TEXT) + META_FIELDS[1:]
+    return pa.schema(fields)
+
+
+def required_columns(with_latents: bool) -> List[str]:
+    cols = ["id"] + [name for name, _ in tensor_fields(TEXT)]
+    if with_latents:
+        cols += [name for name, _ in tensor_fields(LATENT)]
+    return cols
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def encode(t: torch.Tensor) -> Dict[str, object]:
+    """A tensor as (bytes, shape, dtype name)."""
+    t = t.detach().cpu().contiguous()
+    name = str(t.dtype).removeprefix("torch.")
+    raw = t.view(torch.int16).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
+    return {"bytes": raw, "shape": list(t.shape), "dtype": name}
+
+
+def decode(raw: bytes, shape: List[int], dtype: str) -> torch.Tensor:
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} not one of {sorted(_DTYPES)}")
+    if dtype == "bfloat16":
+        flat = torch.from_numpy(np.frombuffer(raw, dtype=np.int16).copy()).view(torch.bfloat16)
+    else:
+        flat = torch.from_numpy(np.frombuffer(raw, dtype=np.dtype(dtype)).copy())
+    return flat.reshape(shape)
+
+
+def make_row(
+    sample_id: str, text: torch.Tensor, caption: str, latent: Optional[torch.Tensor] = None, **meta
+) -> Dict[str, object]:
+    """One row in the schema's column names."""
+    row = {"id": sample_id, "caption": caption}
+    for prefix, tensor in ((TEXT, text), (LATENT, latent)):
+        if tensor is not None:
+            for key, value in encode(tensor).items():
+                row[f"{prefix}_{key}"] = value
+    defaults = {"file_name": "", "media_type": "video" if latent is not None else "text", "width": 0, "height": 0,
+                "num_frames": 0, "duration_sec": 0.0, "fps": 0.0}
+    row.update({k: meta.get(k, v) for k, v in defaults.items()})
+    return row

@@ -1,0 +1,65 @@
+"""The moving-digits demo dataset."""
+
+import torch
+
+from conftest import read_metrics, run_launch
+from distill.data.digits import DIRECTIONS, SPEED, digit_images, ensure_digits, make_clips, prompt
+from distill.data.parquet import ParquetIndex, ParquetLatents, Shapes
+from distill.data.schema import decode
+from distill.models.hash_text import HashTextEncoder
+
+
+def centroid(frame):
+    w = (frame + 1).clamp(min=0)
+    ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    return float((w * ys).sum() / w.sum()), float((w * xs).sum() / w.sum())
+
+
+def test_clips_are_deterministic_and_move_as_the_prompt_says():
+    a, b = make_clips("train", 40, seed=5), make_clips("train", 40, seed=5)
+    assert a == b
+    assert make_clips("train", 40, seed=6) != a
+    for row in a:
+        clip = decode(row["vae_latent_bytes"], row["vae_latent_shape"], row["vae_latent_dtype"])
+        assert clip.shape == (1, 4, 16, 16) and clip.min() >= -1 and clip.max() <= 1
+        words = row["caption"].split()
+        assert words[:2] == ["the", "digit"] and words[3] == "moving" and 0 <= int(words[2]) <= 9
+        dy, dx = DIRECTIONS[words[4]]
+        c0, c3 = centroid(clip[0, 0]), centroid(clip[0, 3])
+        assert abs((c3[0] - c0[0]) - 3 * SPEED * dy) < 1e-4 and abs((c3[1] - c0[1]) - 3 * SPEED * dx) < 1e-4
+
+
+def test_splits_use_different_handwriting():
+    train, _ = digit_images("train")
+    val, _ = digit_images("val")
+    assert len(train) + len(val) == 1797
+    assert not any(torch.equal(v, train[0]) for v in val)
+
+
+def test_hash_text_encoder_is_fixed_per_word():
+    enc = HashTextEncoder(32, 8)
+    a, b = enc(prompt(3, "left")), enc(prompt(4, "left"))
+    assert a.shape == (5, 32)
+    assert torch.equal(a[[0, 1, 3, 4]], b[[0, 1, 3, 4]]) and not torch.equal(a[2], b[2])
+    assert torch.equal(enc("The"), enc("the"))
+
+
+def test_cached_dataset_is_built_once_and_reads(tmp_path):
+    folder = ensure_digits("val", str(tmp_path))
+    mtimes = [p.stat().st_mtime_ns for p in sorted(folder.glob("*.parquet"))]
+    assert ensure_digits("val", str(tmp_path)) == folder
+    assert [p.stat().st_mtime_ns for p in sorted(folder.glob("*.parquet"))] == mtimes
+    shapes = Shapes((1, 4, 16, 16), 8, 32)
+    ds = ParquetLatents(ParquetIndex(str(folder), shapes), shapes, batch_size=4, seed=0)
+    assert ds.index.num_rows == 512
+    assert ds.make_batch(0)["latents"].shape == (4, 1, 4, 16, 16)
+
+
+def test_two_process_run_on_digits(tmp_path):
+    run = tmp_path / "run"
+    result = run_launch(
+        ["model=digits", "data=digits", f"data.path={tmp_path / 'cache'}", "data.batch_size=4",
+         "launcher.nproc_per_node=2", "training.max_steps=2", f"hydra.run.dir={run}"]
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(read_metrics(run)) == 2
