@@ -1,0 +1,193 @@
+"""Videos + captions -> a parquet latent dataset (FastVideo's schema).
+
+    python -m distill.preprocess --model PATH --captions captions.jsonl --videos DIR --out DIR \\
+        [--height 480 --width 832 --frames 81] [--batch-size 4] [--rows-per-shard 256]
+    python -m distill.preprocess --model PATH --captions captions.jsonl --out DIR --text-only
+    torchrun --nproc-per-node 8 -m distill.preprocess ...      # each rank takes every 8th clip
+
+The captions file is JSON lines ({"file_name": ..., "caption": ...}) or a CSV
+with the columns file_name,caption; a row's id is its file_name. PATH is a
+diffusers Wan folder: `vae/` (AutoencoderKLWan), `text_encoder/`
+(UMT5EncoderModel) and `tokenizer/`. Frames are resized to cover
+height x width, centre-cropped, and the first `frames` are kept; the latent
+is the VAE posterior mean, un-normalised, [C, T, H/8, W/8]; the text
+embedding is the encoder output with padding removed [L, D].
+
+Ids already present in the output's shards are skipped, so a rerun finishes
+an interrupted job. Unreadable or too short videos are skipped with their
+reason and counted. Shards are written under a temporary name and renamed.
+"""
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from distill.data.schema import make_row
+from distill.data.writer import write_shard
+from distill.distributed import rank_env
+
+log = logging.getLogger("distill.preprocess")
+
+
+class SkipVideo(Exception):
+    """A clip that cannot be used; the message is the reason."""
+
+
+def read_captions(path: Path) -> List[Dict[str, str]]:
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for i, row in enumerate(rows):
+        if "file_name" not in row or "caption" not in row:
+            raise ValueError(f"{path} row {i}: needs the fields file_name and caption")
+    return rows
+
+
+def done_ids(out: Path) -> set:
+    ids = set()
+    for shard in out.glob("*.parquet"):
+        ids.update(pq.read_table(shard, columns=["id"]).column("id").to_pylist())
+    return ids
+
+
+def load_clip(path: Path, frames: int, height: int, width: int) -> torch.Tensor:
+    """[3, frames, height, width] in [-1, 1], or SkipVideo."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            decoded = []
+            for frame in container.decode(video=0):
+                decoded.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+                if len(decoded) == frames:
+                    break
+    except (av.error.FFmpegError, OSError) as err:
+        raise SkipVideo(f"unreadable ({type(err).__name__}: {err})") from None
+    if len(decoded) < frames:
+        raise SkipVideo(f"too short ({len(decoded)} frames < {frames})")
+    video = torch.stack(decoded).permute(0, 3, 1, 2).float() / 127.5 - 1  # [F, 3, h, w]
+    scale = max(height / video.shape[2], width / video.shape[3])
+    size = (max(height, round(video.shape[2] * scale)), max(width, round(video.shape[3] * scale)))
+    video = F.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return video[:, :, top : top + height, left : left + width].permute(1, 0, 2, 3).clamp(-1, 1)
+
+
+class Encoders:
+    def __init__(self, model: Path, text_only: bool, max_text_len: int, device: torch.device):
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        self.device = device
+        self.max_text_len = max_text_len
+        self.tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
+        self.text_encoder = UMT5EncoderModel.from_pretrained(model / "text_encoder").to(device).eval()
+        self.vae = None
+        if not text_only:
+            from diffusers import AutoencoderKLWan
+
+            self.vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae").to(device).eval()
+
+    @torch.no_grad()
+    def text(self, captions: List[str]) -> List[torch.Tensor]:
+        tokens = self.tokenizer(
+            captions, padding="max_length", max_length=self.max_text_len, truncation=True, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        lengths = tokens.attention_mask.sum(dim=1).tolist()
+        return [h[:n].float().cpu() for h, n in zip(hidden, lengths)]
+
+    @torch.no_grad()
+    def video(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(clips.to(self.device)).latent_dist.mean.float().cpu()
+
+
+def batched(items: List, size: int) -> Iterable[List]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def preprocess(args) -> Counter:
+    rank, world_size, _ = rank_env()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    items = read_captions(Path(args.captions))
+    done = done_ids(out)
+    mine = [row for i, row in enumerate(items) if i % world_size == rank and row["file_name"] not in done]
+    counts = Counter(already_done=sum(row["file_name"] in done for row in items[rank::world_size]))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoders = Encoders(Path(args.model), args.text_only, args.max_text_len, device)
+    shard_index = len(list(out.glob(f"shard-r{rank:03d}-*.parquet")))
+    pending: List[Dict[str, object]] = []
+    for chunk in batched(mine, args.batch_size):
+        clips, kept = [], []
+        for row in chunk:
+            if args.text_only:
+                kept.append(row)
+                continue
+            try:
+                clips.append(load_clip(Path(args.videos) / row["file_name"], args.frames, args.height, args.width))
+                kept.append(row)
+            except SkipVideo as reason:
+                log.warning("skipped %s: %s", row["file_name"], reason)
+                counts["skipped: " + str(reason).split(" (")[0]] += 1
+        if not kept:
+            continue
+        texts = encoders.text([row["caption"] for row in kept])
+        latents = encoders.video(torch.stack(clips)) if clips else [None] * len(kept)
+        for row, text, latent in zip(kept, texts, latents):
+            meta = {} if args.text_only else dict(
+                width=args.width, height=args.height, num_frames=args.frames, fps=args.fps,
+                duration_sec=args.frames / args.fps, media_type="video",
+            )
+            pending.append(make_row(row["file_name"], text, row["caption"], latent, file_name=row["file_name"], **meta))
+        counts["written"] += len(kept)
+        while len(pending) >= args.rows_per_shard:
+            write_shard(pending[: args.rows_per_shard], out / f"shard-r{rank:03d}-{shard_index:05d}.parquet", args.row_group_size)
+            pending, shard_index = pending[args.rows_per_shard :], shard_index + 1
+    if pending:
+        write_shard(pending, out / f"shard-r{rank:03d}-{shard_index:05d}.parquet", args.row_group_size)
+    return counts
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="diffusers Wan folder with vae/, text_encoder/, tokenizer/")
+    p.add_argument("--captions", required=True, help="JSON lines or CSV of file_name, caption")
+    p.add_argument("--videos", help="folder the file names are relative to")
+    p.add_argument("--out", required=True)
+    p.add_argument("--text-only", action="store_true", help="captions only: a dataset for data-free DMD")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--fps", type=float, default=16.0)
+    p.add_argument("--max-text-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--rows-per-shard", type=int, default=256)
+    p.add_argument("--row-group-size", type=int, default=8)
+    args = p.parse_args(argv)
+    if not args.text_only and not args.videos:
+        p.error("--videos is required unless --text-only")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+    counts = preprocess(parse_args(argv))
+    summary = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    print(f"rank {rank_env()[0]}: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

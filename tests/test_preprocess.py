@@ -1,0 +1,113 @@
+"""Videos + captions -> parquet with tiny Wan VAE / umT5 models, then training on it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import ROOT, compose_config, read_metrics
+from distill.config import validate
+from distill.data.parquet import ParquetIndex, Shapes
+
+WORDS = ["<pad>", "<unk>", "a", "red", "blue", "square", "moves", "left", "right"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from diffusers import AutoencoderKLWan
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    folder = tmp_path_factory.mktemp("tiny-wan-pipeline")
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1).save_pretrained(folder / "vae")
+    UMT5EncoderModel(
+        UMT5Config(vocab_size=len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+    ).save_pretrained(folder / "text_encoder")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(folder / "tokenizer")
+    return folder
+
+
+def write_video(path, frames, size=(40, 48), seed=0):
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height = size[1], size[0]
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            image = rng.integers(0, 255, (size[0], size[1], 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.fixture
+def videos(tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    captions = []
+    for i in range(5):
+        write_video(folder / f"clip{i}.mp4", frames=6, seed=i)
+        captions.append({"file_name": f"clip{i}.mp4", "caption": "a red square moves left" if i % 2 else "a blue square"})
+    write_video(folder / "short.mp4", frames=2)
+    (folder / "broken.mp4").write_bytes(b"\x00not a video at all" * 10)
+    captions += [{"file_name": "short.mp4", "caption": "a square"}, {"file_name": "broken.mp4", "caption": "a square"}]
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(c) for c in captions))
+    return folder
+
+
+def run_preprocess(model_dir, tmp_path, *extra, env=None):
+    args = [sys.executable, "-m", "distill.preprocess", "--model", str(model_dir), "--captions",
+            str(tmp_path / "captions.jsonl"), "--out", str(tmp_path / "data"), "--height", "32", "--width", "32",
+            "--frames", "5", "--batch-size", "2", "--rows-per-shard", "2", "--max-text-len", "8", *extra]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, **(env or {})))
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_preprocess_writes_a_dataset_skips_bad_videos_and_resumes(model_dir, videos, tmp_path):
+    result = run_preprocess(model_dir, tmp_path, "--videos", str(videos))
+    assert "written: 5" in result.stdout
+    assert "skipped: too short: 1" in result.stdout and "skipped: unreadable: 1" in result.stdout
+    assert "skipped short.mp4: too short (2 frames < 5)" in result.stderr
+    shards = sorted((tmp_path / "data").glob("*.parquet"))
+    assert len(shards) == 3 and not list((tmp_path / "data").glob(".*.tmp"))
+    table = pq.read_table(shards[0]).to_pydict()
+    assert table["vae_latent_shape"][0] == [16, 2, 4, 4] and table["text_embedding_shape"][0][1] == 32
+    index = ParquetIndex(str(tmp_path / "data"), Shapes((16, 2, 4, 4), 8, 32))
+    assert index.num_rows == 5
+    again = run_preprocess(model_dir, tmp_path, "--videos", str(videos))
+    assert "already_done: 5" in again.stdout and "written" not in again.stdout
+    assert sorted((tmp_path / "data").glob("*.parquet")) == shards
+
+    config = validate(compose_config([
+        "data=parquet", f"data.path={tmp_path / 'data'}", "data.batch_size=2", "data.num_workers=0",
+        "model.latent_shape=[16,2,4,4]", "method.rollout=data", "training.max_steps=3",
+    ]))
+    from distill.run import train
+
+    train(config, tmp_path / "run")
+    assert len(read_metrics(tmp_path / "run")) == 3
+
+
+def test_ranks_split_the_work(model_dir, videos, tmp_path):
+    for rank in (0, 1):
+        run_preprocess(model_dir, tmp_path, "--videos", str(videos), env={"RANK": str(rank), "WORLD_SIZE": "2"})
+    ids = [pq.read_table(p, columns=["id"]).column("id").to_pylist() for p in sorted((tmp_path / "data").glob("*.parquet"))]
+    flat = sorted(i for shard in ids for i in shard)
+    assert flat == [f"clip{i}.mp4" for i in range(5)]
+    assert {p.name[:10] for p in (tmp_path / "data").glob("*.parquet")} == {"shard-r000", "shard-r001"}
+
+
+def test_text_only_mode(model_dir, tmp_path):
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps({"file_name": f"p{i}", "caption": "a red square"}) for i in range(3)))
+    run_preprocess(model_dir, tmp_path, "--text-only")
+    table = pq.read_table(next((tmp_path / "data").glob("*.parquet"))).to_pydict()
+    assert "vae_latent_bytes" not in table and table["text_embedding_shape"][0] == [3, 32]
