@@ -92,13 +92,22 @@ def test_text_only_dataset(tmp_path):
 
 
 def test_two_ranks_disjoint_cover_and_epochs_reshuffle(tmp_path):
-    write_dataset(rows(12), tmp_path, rows_per_shard=5, row_group_size=2)
-    per_rank = [dataset(tmp_path, batch_size=2, rank=r, world_size=2) for r in range(2)]
+    write_dataset(rows(12), tmp_path, rows_per_shard=4, row_group_size=2)  # 6 row groups of 2
+    per_rank = [dataset(tmp_path, batch_size=2, rank=r, world_size=2, shuffle_window=2) for r in range(2)]
     epoch0 = [set(ds.rows_of_epoch(0).tolist()) for ds in per_rank]
     assert not epoch0[0] & epoch0[1] and epoch0[0] | epoch0[1] == set(range(12))
     assert per_rank[0].rows_of_epoch(0).tolist() != per_rank[0].rows_of_epoch(1).tolist()
+    assert {len(ds.rows_of_epoch(0)) for ds in per_rank} == {6}
     # 6 rows per rank: batch 3 of rank 0 is the first batch of epoch 1
     assert [e for e, _ in per_rank[0].rows_of_batch(3)] == [1, 1]
+
+
+def test_uneven_row_groups_give_equal_shares(tmp_path):
+    write_dataset(rows(11), tmp_path, rows_per_shard=5, row_group_size=2)  # groups 2,2,1,2,2,1,1
+    per_rank = [dataset(tmp_path, batch_size=1, rank=r, world_size=2) for r in range(2)]
+    for epoch in range(3):
+        shares = [ds.rows_of_epoch(epoch).tolist() for ds in per_rank]
+        assert len(shares[0]) == len(shares[1]) and not set(shares[0]) & set(shares[1])
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

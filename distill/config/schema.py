@@ -160,7 +160,9 @@ class DataConfig:
     # null: zeros
     negative_embedding: Optional[str] = None
     num_workers: int = 0  # loader worker processes per rank
-    cache_row_groups: int = 4  # row groups each reader keeps in memory
+    # rows are shuffled within windows of this many row groups, which a
+    # reader holds in memory; row groups themselves are shuffled every epoch
+    shuffle_window: int = 8
 
 
 @dataclass

@@ -36,7 +36,7 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
         latents_mean=_tensor_or_none(model.latents_mean),
         latents_std=_tensor_or_none(model.latents_std),
         negative_text=_negative(data.negative_embedding, shapes),
-        cache_row_groups=data.cache_row_groups,
+        shuffle_window=data.shuffle_window,
     )
     return StatefulLoader(dataset, num_workers=data.num_workers, pin_memory=device_type == "cuda")
 

@@ -4,12 +4,13 @@ A dataset is a folder of parquet shards. Everything that can be checked
 without reading tensors is checked when the dataset opens, before training:
 the folder, the shards, their columns, every row's latent and text shapes.
 
-Order: each epoch is a fresh permutation of all rows drawn from seed + epoch;
-rank r of W takes every W-th row of it (a disjoint share, the same length on
-every rank). A rank's place in that stream is the only loader state, so a
-resumed run reads exactly the batches an uninterrupted run would have.
-Rows are read a row group at a time, only the columns needed, with a small
-cache of recent row groups.
+Order: each epoch deals a fresh permutation of the row groups (drawn from
+seed + epoch) to the ranks in turn, so each rank reads a disjoint share and
+reads each of its row groups once; a rank shuffles its rows within windows of
+`shuffle_window` row groups, which it holds in memory. All ranks take the
+same number of rows per epoch. A rank's place in that stream is the only
+loader state, so a resumed run reads exactly the batches an uninterrupted run
+would have. Only the needed columns are read.
 """
 
 from collections import OrderedDict
@@ -122,7 +123,7 @@ class ParquetLatents(IterableDataset):
         latents_mean: Optional[torch.Tensor] = None,
         latents_std: Optional[torch.Tensor] = None,
         negative_text: Optional[torch.Tensor] = None,
-        cache_row_groups: int = 4,
+        shuffle_window: int = 8,
     ):
         self.index = index
         self.shapes = shapes
@@ -130,31 +131,55 @@ class ParquetLatents(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.share = index.num_rows // world_size
-        if self.share < batch_size:
-            raise DataError(f"{index.num_rows} rows give each of {world_size} ranks fewer than data.batch_size={batch_size}")
+        self.shuffle_window = shuffle_window
+        self._lengths: List[int] = []
+        if self._epoch_length(0) < batch_size:
+            raise DataError(
+                f"{index.num_rows} rows in {len(index.groups)} row groups give a rank fewer rows than data.batch_size={batch_size}"
+            )
         self.mean, self.std = latents_mean, latents_std
         self.negative_text = negative_text if negative_text is not None else torch.zeros(shapes.text_len, shapes.text_dim)
-        self.cache_row_groups = cache_row_groups
         self.start_batch = 0
         self._cache: "OrderedDict[Tuple[Path, int], Dict[str, list]]" = OrderedDict()
         self._epoch_rows: Dict[int, torch.Tensor] = {}
 
     # --- order ---------------------------------------------------------------
     def rows_of_epoch(self, epoch: int) -> torch.Tensor:
-        """This rank's rows in epoch `epoch`: every W-th of a fresh permutation."""
+        """This rank's rows in epoch `epoch`, in reading order."""
         if epoch not in self._epoch_rows:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            perm = torch.randperm(self.index.num_rows, generator=g)
-            self._epoch_rows = {epoch: perm[self.rank :: self.world_size][: self.share]}
+            self._epoch_rows = {epoch: self._draw_epoch(epoch)}
         return self._epoch_rows[epoch]
+
+    def _draw_epoch(self, epoch: int) -> torch.Tensor:
+        """Row groups permuted from seed + epoch, dealt to the ranks in turn;
+        a rank's rows are shuffled within windows of `shuffle_window` groups
+        and cut to the shortest rank's count, so all ranks step alike."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        groups = self.index.groups
+        order = torch.randperm(len(groups), generator=g).tolist()
+        dealt = [order[r :: self.world_size] for r in range(self.world_size)]
+        length = min(sum(groups[i].num_rows for i in mine) for mine in dealt)
+        rows = []
+        mine = dealt[self.rank]
+        for start in range(0, len(mine), self.shuffle_window):
+            window = torch.cat([torch.arange(groups[i].num_rows) + groups[i].first_row for i in mine[start : start + self.shuffle_window]])
+            rows.append(window[torch.randperm(len(window), generator=g)])
+        return torch.cat(rows)[:length]
+
+    def _epoch_length(self, epoch: int) -> int:
+        while len(self._lengths) <= epoch:
+            self._lengths.append(len(self._draw_epoch(len(self._lengths))))
+        return self._lengths[epoch]
 
     def rows_of_batch(self, batch: int) -> List[Tuple[int, int]]:
         """(epoch, row) of each sample in this rank's batch number `batch`."""
         out = []
         for position in range(batch * self.batch_size, (batch + 1) * self.batch_size):
-            epoch, k = divmod(position, self.share)
-            out.append((epoch, int(self.rows_of_epoch(epoch)[k])))
+            epoch = 0
+            while position >= self._epoch_length(epoch):
+                position -= self._epoch_length(epoch)
+                epoch += 1
+            out.append((epoch, int(self.rows_of_epoch(epoch)[position])))
         return out
 
     # --- reading -------------------------------------------------------------
@@ -165,7 +190,7 @@ class ParquetLatents(IterableDataset):
             if self.shapes.latent is not None:
                 columns += [f"{LATENT}_{s}" for s in ("bytes", "shape", "dtype")]
             self._cache[key] = pq.ParquetFile(group.file).read_row_group(group.index, columns=columns).to_pydict()
-            while len(self._cache) > self.cache_row_groups:
+            while len(self._cache) > self.shuffle_window:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         return self._cache[key]
