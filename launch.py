@@ -37,3 +37,10 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    from distill.launcher import LaunchError, submit_pending_array
+
+    try:
+        submit_pending_array()  # a multirun with launcher=slurm: one job array
+    except LaunchError as err:
+        print(f"run failed:\n{err}", file=sys.stderr)
+        sys.exit(1)

@@ -3,7 +3,9 @@
 local, nproc_per_node=1: in this process. local, nproc_per_node=N: N processes
 on this machine through torch's elastic launcher (torchrun's engine); when one
 rank fails the launcher stops the others and reports the rank, its exit code
-and its log.
+and its log. slurm: a job through submitit (distill/slurm.py); in a Hydra
+multirun the points are collected and submitted as one job array once all of
+them have composed and validated.
 """
 
 import os
@@ -13,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from distill.config.io import save_config
 from distill.config.schema import Config
@@ -23,17 +26,47 @@ class LaunchError(RuntimeError):
     pass
 
 
+# slurm sweep points waiting for the end of the multirun: (launcher config, run folder)
+PENDING_ARRAY: list = []
+
+
 def launch(config: Config) -> None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
     save_config(config, run_dir / CONFIG_FILE)
-    if config.launcher.name != "local":
-        raise LaunchError(f"launcher.name={config.launcher.name}: allowed values are local")
-    if config.launcher.nproc_per_node == 1:
+    if config.launcher.name == "slurm":
+        if hydra.mode == RunMode.MULTIRUN:
+            PENDING_ARRAY.append((config.launcher, run_dir))
+        else:
+            submit_slurm(config.launcher, [run_dir], run_dir)
+    elif config.launcher.nproc_per_node == 1:
+        from distill.preemption import Preempted, StopRequest
         from distill.run import train
 
-        train(config, run_dir)
+        try:
+            train(config, run_dir, stop=StopRequest().install())
+        except Preempted as stopped:
+            raise LaunchError(f"{stopped}; launch again into {run_dir} to resume") from None
     else:
         run_local_processes(run_dir, config.launcher.nproc_per_node)
+
+
+def submit_pending_array() -> None:
+    """After a multirun with launcher=slurm: submit all its points as one array."""
+    if not PENDING_ARRAY:
+        return
+    cfg = PENDING_ARRAY[0][0]
+    run_dirs = [run_dir for _, run_dir in PENDING_ARRAY]
+    PENDING_ARRAY.clear()
+    submit_slurm(cfg, run_dirs, Path(os.path.commonpath([str(d) for d in run_dirs])))
+
+
+def submit_slurm(cfg, run_dirs, folder: Path) -> None:
+    from distill.slurm import report, submit
+
+    jobs = submit(cfg, run_dirs, folder)
+    if jobs and report(jobs, run_dirs, cfg.wait) != 0:
+        raise LaunchError("a SLURM job failed (see above)")
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from distill.tracking import log
 from distill.trainer import Trainer
 
 
-def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None) -> Trainer:
+def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None, stop=None) -> Trainer:
     runtime = runtime or init_runtime(config.training.device)
     if config.training.torch_threads:
         torch.set_num_threads(config.training.torch_threads)
@@ -39,6 +39,7 @@ def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None) -> Tra
         runtime=runtime,
         checkpointer=Checkpointer(run_dir, config, runtime, config.training.keep_last),
         checkpoint_every=config.training.checkpoint_every,
+        stop=stop,
     )
 
 
@@ -54,10 +55,10 @@ def resume_point(config: Config, run_dir: Path):
     return None
 
 
-def train(config: Config, run_dir: Path, runtime: Runtime = None) -> Trainer:
+def train(config: Config, run_dir: Path, runtime: Runtime = None, stop=None) -> Trainer:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(config, run_dir, runtime)
+    trainer = build_trainer(config, run_dir, runtime, stop)
     start = resume_point(config, run_dir)
     if start is not None:
         trainer.checkpointer.load(start, trainer)

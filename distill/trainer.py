@@ -2,6 +2,7 @@
 method names, logging, checkpoint cadence. It knows neither the model family
 nor the losses."""
 
+import signal
 import time
 from pathlib import Path
 from typing import Dict, Iterator, Optional
@@ -11,6 +12,7 @@ import torch.distributed as dist
 
 from distill.distributed import Runtime
 from distill.methods import Method
+from distill.preemption import Preempted, StopRequest
 from distill.roles import Role
 from distill.tracking import MetricsWriter, log
 
@@ -28,6 +30,7 @@ class Trainer:
         runtime: Optional[Runtime] = None,
         checkpointer=None,
         checkpoint_every: int = 0,
+        stop: Optional[StopRequest] = None,
     ):
         self.method = method
         self.roles = roles
@@ -39,19 +42,28 @@ class Trainer:
         self.runtime = runtime or Runtime()
         self.checkpointer = checkpointer
         self.checkpoint_every = checkpoint_every
+        self.stop = stop
         self.step = 0
         self.metrics = MetricsWriter(self.run_dir) if self.runtime.is_main else None
 
     def fit(self) -> None:
         log.info("training steps %d..%d", self.step + 1, self.max_steps)
-        while self.step < self.max_steps:
-            self.advance()
-            if self.checkpointer and self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                self.checkpointer.save(self)
+        try:
+            while self.step < self.max_steps:
+                self.advance()
+                if self.checkpointer and self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self.checkpointer.save(self)
+                if self.stop is not None and self.runtime.any_rank(self.stop.requested):
+                    self._save_once()
+                    raise Preempted(self.step, self.stop.signum or signal.SIGTERM)
+            self._save_once()
+        finally:
+            if self.metrics:
+                self.metrics.close()
+
+    def _save_once(self) -> None:
         if self.checkpointer and not (self.run_dir / f"checkpoint-{self.step}").exists():
             self.checkpointer.save(self)
-        if self.metrics:
-            self.metrics.close()
 
     def advance(self) -> None:
         """One iteration and its log line."""

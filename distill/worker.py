@@ -33,15 +33,27 @@ def main(argv=None) -> int:
     config = load_config(run_dir / CONFIG_FILE)
     runtime = init_runtime(config.training.device, config.training.hsdp_replicas, config.training.collective_timeout_s)
     setup_logging(run_dir, runtime.rank)
-    logging.getLogger("distill").info("rank %d of %d, pid %d, device %s", runtime.rank, runtime.world_size, os.getpid(), runtime.device)
+    logging.getLogger("distill").info(
+        "rank %d of %d, pid %d, device %s, node %s, code %s",
+        runtime.rank, runtime.world_size, os.getpid(), runtime.device,
+        os.environ.get("SLURMD_NODENAME", "local"), Path(__file__).resolve().parent,
+    )
     if runtime.device.type == "cpu" and config.training.torch_threads is None:
         import torch
 
         torch.set_num_threads(1)  # several ranks share the cores
+    from distill.preemption import Preempted, StopRequest, requeue
     from distill.run import train
 
     try:
-        train(config, run_dir, runtime)
+        train(config, run_dir, runtime, StopRequest().install())
+    except Preempted as stopped:
+        logging.getLogger("distill").warning("%s", stopped)
+        if "SLURM_JOB_ID" not in os.environ or config.launcher.name != "slurm":
+            return 3  # a local run: launch again into the same folder to resume
+        if runtime.is_main:
+            requeue(config.launcher.max_requeues)  # raises once the cap is reached
+        return -1  # like submitit: no result is written, the requeued job carries on
     finally:
         runtime.shutdown()
     return 0

@@ -50,3 +50,21 @@ def tiny_model_dir(tmp_path):
     folder = tmp_path / "tiny-wan"
     module.save_pretrained(folder / "transformer")
     return folder
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A two-node SLURM cluster on this machine for the whole session."""
+    from slurm_cluster import LocalSlurm, available
+
+    why = available()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the SLURM tests: {why}")
+        pytest.skip(f"{why}; CI runs these")
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    if len(cluster.nodes) < 2:
+        cluster.stop()
+        pytest.fail("need two host names that resolve to loopback for the two SLURM nodes")
+    yield cluster
+    cluster.stop()

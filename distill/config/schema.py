@@ -165,11 +165,37 @@ class DataConfig:
     shuffle_window: int = 8
 
 
+class LauncherName(str, Enum):
+    local = "local"  # this machine: in-process, or nproc_per_node processes
+    slurm = "slurm"  # a SLURM job (a job array for a sweep) through submitit
+
+
 @dataclass
 class LauncherConfig:
-    name: str = "local"
+    name: LauncherName = LauncherName.local
     # local: processes on this machine (1 runs in the launching process)
     nproc_per_node: int = 1
+    # slurm: one task per GPU (tasks_per_node overrides, e.g. for CPU jobs)
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: Optional[int] = None  # null: gpus_per_node (1 when 0)
+    cpus_per_task: int = 8
+    mem_gb: Optional[int] = None  # per node; null: the partition's default
+    time_min: int = 1440
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    sbatch_extra: Dict[str, Any] = field(default_factory=dict)  # more #SBATCH --key=value lines
+    setup: List[str] = field(default_factory=list)  # shell lines run before the job starts
+    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: checkpoint and requeue
+    max_requeues: int = 3  # preemptions / time limits survived by requeueing
+    job_name: str = "distill"
+    array_parallelism: int = 64  # sweep points running at once
+    snapshot_code: bool = True  # the job imports a copy of distill/ made at submission
+    wait: bool = False  # wait for the job(s) and exit with their result
+    dry_run: bool = False  # print the sbatch script, submit nothing
 
 
 @dataclass

@@ -98,6 +98,20 @@ def _check_training(config: Config) -> List[str]:
     for key in ("max_steps", "grad_accum_steps", "log_every"):
         if getattr(t, key) < 1:
             errors.append(f"training.{key}={getattr(t, key)}: must be >= 1")
+    launcher = config.launcher
+    if launcher.name == "local" and launcher.nproc_per_node < 1:
+        errors.append(f"launcher.nproc_per_node={launcher.nproc_per_node}: must be >= 1")
+    if launcher.name == "slurm":
+        for key in ("nodes", "cpus_per_task", "time_min", "array_parallelism"):
+            if getattr(launcher, key) < 1:
+                errors.append(f"launcher.{key}={getattr(launcher, key)}: must be >= 1")
+        if launcher.gpus_per_node < 0 or launcher.max_requeues < 0:
+            errors.append("launcher.gpus_per_node and launcher.max_requeues must be >= 0")
+        if launcher.tasks_per_node is not None and launcher.tasks_per_node < 1:
+            errors.append(f"launcher.tasks_per_node={launcher.tasks_per_node}: must be >= 1")
+    world = _world_size(launcher)
+    if t.hsdp_replicas < 1 or world % t.hsdp_replicas:
+        errors.append(f"training.hsdp_replicas={t.hsdp_replicas}: must divide the {world} ranks")
     if t.device not in ("auto", "cpu", "cuda"):
         errors.append(f"training.device={t.device}: allowed values are auto, cpu, cuda")
     if config.data.batch_size < 1:
@@ -119,6 +133,12 @@ def _check_training(config: Config) -> List[str]:
     if needs_latents and data.text_only:
         errors.append(f"data.text_only=true: method {config.method.name} (rollout {getattr(config.method, 'rollout', 'n/a')}) needs latents")
     return errors
+
+
+def _world_size(launcher) -> int:
+    if launcher.name == "local":
+        return launcher.nproc_per_node
+    return launcher.nodes * (launcher.tasks_per_node or max(launcher.gpus_per_node, 1))
 
 
 def _check_model(config: Config) -> List[str]:
