@@ -12,7 +12,8 @@ from distill.distributed import Runtime, init_runtime
 from distill.methods import build_method
 from distill.models import build_adapter
 from distill.roles import attach_optimizers, build_roles
-from distill.tracking import log
+from distill.tracking import Tracker, log
+from distill.validation.validator import build_validator
 from distill.trainer import Trainer
 
 
@@ -28,6 +29,8 @@ def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None, stop=N
     for name, role in roles.items():
         count = sum(p.numel() for p in role.module.parameters())
         log.info("role %s: %.3fM parameters (this rank), %s", name, count / 1e6, "trainable" if role.trainable else "frozen")
+    t = config.training
+    tracker = Tracker(run_dir, config, total_steps=t.max_steps, log_every=t.log_every, enabled=runtime.is_main)
     return Trainer(
         method,
         roles,
@@ -40,7 +43,24 @@ def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None, stop=N
         checkpointer=Checkpointer(run_dir, config, runtime, config.training.keep_last),
         checkpoint_every=config.training.checkpoint_every,
         stop=stop,
+        tracker=tracker,
+        samples_per_step=config.data.batch_size * t.grad_accum_steps * runtime.world_size,
+        validator=build_validator(config, adapter, run_dir, runtime),
+        validation_every=config.validation.every,
     )
+
+
+def print_summary(validator, run_dir: Path) -> None:
+    """The final quality table (where the data has metrics) and where the pictures are."""
+    rows = validator.history
+    if rows:
+        names = sorted({k.split("/")[1] for k in rows})
+        keys = sorted({k.split("/")[2] for k in rows})
+        lines = [f"{'':<22}" + "".join(f"{k:>18}" for k in keys)]
+        for name in names:
+            lines.append(f"{name:<22}" + "".join(f"{rows.get(f'val/{name}/{k}', float('nan')):>18.3f}" for k in keys))
+        print("\n".join(lines))
+    print(f"samples: {run_dir / 'samples'}")
 
 
 def resume_point(config: Config, run_dir: Path):
@@ -63,7 +83,15 @@ def train(config: Config, run_dir: Path, runtime: Runtime = None, stop=None) -> 
     if start is not None:
         trainer.checkpointer.load(start, trainer)
         log.info("resumed from %s at step %d", start, trainer.step)
-    trainer.fit()
+    if trainer.tracker.bar is not None:
+        trainer.tracker.bar.n = trainer.step
+    try:
+        trainer.fit()
+        trainer.validate()
+        if trainer.runtime.is_main:
+            print_summary(trainer.validator, run_dir)
+    finally:
+        trainer.tracker.close()
     if config.training.export_at_end and trainer.runtime.is_main:
         from distill.export import export_run
 

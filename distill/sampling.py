@@ -1,5 +1,6 @@
-"""Few-step sampling as DMD2 students use it: predict x0, re-noise to the
-next listed sigma with fresh noise, repeat."""
+"""Sampling: the few-step sampler DMD2 students use (predict x0, re-noise
+to the next listed sigma with fresh noise) and the Euler flow-matching ODE
+sampler with classifier-free guidance that teachers use."""
 
 from typing import Callable, Sequence
 
@@ -21,3 +22,18 @@ def sample(adapter, role, sigmas: torch.Tensor, text: torch.Tensor, randn: Calla
     x = randn((text.shape[0], *adapter.latent_shape))
     x = rollout(adapter, role, x, sigmas, text, randn, len(sigmas) - 1)
     return adapter.predict_x0(role, x, sigmas[-1].expand(x.shape[0]), text)
+
+
+@torch.no_grad()
+def euler_sample(adapter, role, sigmas: torch.Tensor, text, uncond, scale: float, noise: torch.Tensor) -> torch.Tensor:
+    """Integrate dx/dsigma = v from sigmas[0] down to 0 with guided velocities
+    v = v_uncond + scale * (v_cond - v_uncond)."""
+    x = noise
+    n = x.shape[0]
+    steps = torch.cat([sigmas.to(x.device), torch.zeros(1, device=x.device)])
+    for k in range(len(sigmas)):
+        sigma = steps[k].expand(n)
+        v = adapter.predict_velocity(role, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([text, uncond]))
+        cond, unc = v.chunk(2)
+        x = x + (steps[k + 1] - steps[k]) * (unc + scale * (cond - unc))
+    return x

@@ -1,27 +1,140 @@
-"""Metrics to a JSON-lines file in the run folder and to the log."""
+"""Where metrics go: metrics.jsonl and launch.log always, wandb unless
+logger=none, a progress bar on the console, and loss_curves.png at the end.
+Only rank 0 tracks; the others get a Tracker that does nothing."""
 
 import json
 import logging
 import math
+import os
+import resource
+import secrets
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
+
+import torch
 
 log = logging.getLogger("distill")
 
+WANDB_ID_FILE = "wandb_id.txt"
 
-class MetricsWriter:
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.file = open(self.path, "a")
 
-    def write(self, step: int, metrics: Dict[str, float]) -> None:
+class Tracker:
+    def __init__(self, run_dir: Path, config=None, total_steps: int = 0, start_step: int = 0, log_every: int = 1,
+                 enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.log_every = log_every
+        self.wandb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.file = open(self.run_dir / "metrics.jsonl", "a")
+        logger = getattr(config, "logger", None)
+        if logger is not None and logger.name.value == "wandb":
+            self.wandb = start_wandb(self.run_dir, config)
+        if logger is not None and logger.progress_bar and total_steps:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="it", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: Dict[str, float], force: bool = False) -> None:
+        """Every step for the progress bar; written every log_every steps (or when forced)."""
+        if not self.enabled:
+            return
+        if self.bar is not None and not force:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix({k.split("/")[-1] if k.startswith("loss/") else k: f"{v:.4g}"
+                                  for k, v in metrics.items() if k.startswith("loss/")}, refresh=False)
+        if not force and step % self.log_every and step != (self.bar.total if self.bar else -1):
+            return
         record = {"step": step, **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         log.info("step %d %s", step, " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def log_media(self, step: int, images: Dict[str, Path], videos: Dict[str, Path]) -> None:
+        if self.wandb is None:
+            return
+        import wandb
+
+        media = {k: wandb.Image(str(p)) for k, p in images.items()}
+        media.update({k: wandb.Video(str(p), format="gif") for k, p in videos.items()})
+        self.wandb.log(media, step=step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
         self.file.close()
+        plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png")
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(run_dir: Path, config):
+    """A wandb run in <run>/wandb; a resumed or requeued run continues the same id."""
+    import wandb
+    from omegaconf import OmegaConf
+
+    cfg = config.logger
+    mode = cfg.mode.value
+    if mode == "auto":
+        mode = "online" if _logged_in() else "offline"
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        tags=list(cfg.tags),
+        name=run_dir.name,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        mode=mode,
+        config=OmegaConf.to_container(OmegaConf.structured(config), resolve=True, enum_to_str=True),
+        settings=wandb.Settings(silent=True, console="off"),
+    )
+
+
+def _logged_in() -> bool:
+    netrc = Path.home() / ".netrc"
+    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def plot_losses(metrics_file: Path, out: Path) -> Optional[Path]:
+    """loss/* against step, one panel per loss, for people without wandb."""
+    if not metrics_file.is_file():
+        return None
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    keys = sorted({k for r in records for k in r if k.startswith("loss/")})
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points), lw=1)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.set_yscale("log" if all(v > 0 for _, v in points) else "linear")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 def _fmt(value) -> str:

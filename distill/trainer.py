@@ -14,7 +14,7 @@ from distill.distributed import Runtime
 from distill.methods import Method
 from distill.preemption import Preempted, StopRequest
 from distill.roles import Role
-from distill.tracking import MetricsWriter, log
+from distill.tracking import Tracker, log, peak_memory_gb
 
 
 class Trainer:
@@ -31,6 +31,10 @@ class Trainer:
         checkpointer=None,
         checkpoint_every: int = 0,
         stop: Optional[StopRequest] = None,
+        tracker: Optional[Tracker] = None,
+        samples_per_step: int = 0,
+        validator=None,
+        validation_every: int = 0,
     ):
         self.method = method
         self.roles = roles
@@ -44,22 +48,31 @@ class Trainer:
         self.checkpoint_every = checkpoint_every
         self.stop = stop
         self.step = 0
-        self.metrics = MetricsWriter(self.run_dir) if self.runtime.is_main else None
+        self.tracker = tracker or Tracker(self.run_dir, log_every=log_every, enabled=self.runtime.is_main)
+        self.samples_per_step = samples_per_step
+        self.validator = validator
+        self.validation_every = validation_every
 
     def fit(self) -> None:
         log.info("training steps %d..%d", self.step + 1, self.max_steps)
-        try:
-            while self.step < self.max_steps:
-                self.advance()
-                if self.checkpointer and self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                    self.checkpointer.save(self)
-                if self.stop is not None and self.runtime.any_rank(self.stop.requested):
-                    self._save_once()
-                    raise Preempted(self.step, self.stop.signum or signal.SIGTERM)
-            self._save_once()
-        finally:
-            if self.metrics:
-                self.metrics.close()
+        while self.step < self.max_steps:
+            self.advance()
+            if self.checkpointer and self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                self.checkpointer.save(self)
+            if self.validator and self.validation_every and self.step % self.validation_every == 0:
+                self.validate()
+            if self.stop is not None and self.runtime.any_rank(self.stop.requested):
+                self._save_once()
+                raise Preempted(self.step, self.stop.signum or signal.SIGTERM)
+        self._save_once()
+
+    def validate(self) -> Dict[str, float]:
+        """Samples and metrics at this step (every rank samples: the roles are sharded)."""
+        metrics, images, videos = self.validator.run(self.roles, self.step)
+        self.tracker.log_media(self.step, images, videos)
+        if metrics and self.runtime.is_main:
+            self.tracker.log(self.step, metrics, force=True)
+        return metrics
 
     def _save_once(self) -> None:
         if self.checkpointer and not (self.run_dir / f"checkpoint-{self.step}").exists():
@@ -70,10 +83,12 @@ class Trainer:
         start = time.perf_counter()
         record = self.train_step(self.step)
         self.step += 1
-        if self.step % self.log_every == 0 or self.step == self.max_steps:
-            record["step_time"] = time.perf_counter() - start
-            if self.metrics:
-                self.metrics.write(self.step, record)
+        elapsed = time.perf_counter() - start
+        record["step_time"] = elapsed
+        if self.samples_per_step:
+            record["samples_per_s"] = self.samples_per_step / elapsed
+        record["peak_memory_gb"] = peak_memory_gb(self.runtime.device)
+        self.tracker.log(self.step, record)
 
     def train_step(self, iteration: int) -> Dict[str, float]:
         sums: Dict[str, torch.Tensor] = {}

@@ -16,15 +16,24 @@ register_configs()
 register_sweeps(ROOT / "sweeps")
 
 
+def quiet(overrides):
+    """Tests log to files only, unless a test picks a logger itself."""
+    overrides = list(overrides)
+    if not any(o.startswith("logger") for o in overrides):
+        overrides.append("logger=none")
+    return overrides
+
+
 def compose_config(overrides=()):
-    """The config `python launch.py <overrides>` would compose."""
+    """The config `python launch.py <overrides>` would compose (logger=none unless given)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=quiet(overrides))
 
 
 def run_launch(args, cwd=None, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
+    args = args if "--cfg" in args else quiet(args)
     return subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), *args],
         cwd=cwd or ROOT,
@@ -35,8 +44,10 @@ def run_launch(args, cwd=None, timeout=300):
     )
 
 
-def read_metrics(run_dir: Path):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(run_dir: Path, validation: bool = False):
+    """The training records of metrics.jsonl (or, with validation=True, the validation ones)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if any(k.startswith("val/") for k in r) == validation]
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from conftest import ROOT, read_metrics, run_launch
+from conftest import ROOT, quiet, read_metrics, run_launch
 from test_distributed import LOSS_KEYS, assert_same_metrics, exported
 
 SLURM = ["launcher=slurm", "launcher.partition=debug", "launcher.gpus_per_node=0", "launcher.cpus_per_task=1",
@@ -17,7 +17,7 @@ SLURM = ["launcher=slurm", "launcher.partition=debug", "launcher.gpus_per_node=0
 
 def launch(slurm, args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", **slurm.env)
-    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *quiet(args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -9,12 +9,19 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Dict, List, Optional
 
+from pathlib import Path
+
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class ModelFamily(str, Enum):
     wan = "wan"  # diffusers WanTransformer3DModel (Wan2.1 T2V)
+
+
+class VaeKind(str, Enum):
+    wan = "wan"  # AutoencoderKLWan from <model.path>/vae
+    identity = "identity"  # the latents are the pixels (the digits demo)
 
 
 class Precision(str, Enum):
@@ -52,6 +59,7 @@ class ModelConfig:
     # normalised as (x - mean) / std before training; null: used as stored
     latents_mean: Optional[List[float]] = None
     latents_std: Optional[List[float]] = None
+    vae: VaeKind = VaeKind.wan  # how samples are decoded to pixels
 
 
 @dataclass
@@ -165,6 +173,38 @@ class DataConfig:
     shuffle_window: int = 8
 
 
+class LoggerName(str, Enum):
+    wandb = "wandb"
+    none = "none"
+
+
+class WandbMode(str, Enum):
+    auto = "auto"  # online when logged in (WANDB_API_KEY or ~/.netrc), else offline
+    offline = "offline"
+    online = "online"
+
+
+@dataclass
+class LoggerConfig:
+    name: LoggerName = LoggerName.wandb
+    mode: WandbMode = WandbMode.offline
+    project: str = "distill"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    progress_bar: bool = True  # step, losses, it/s and ETA on the console (rank 0)
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 0  # steps between validations; 0: only at the end
+    num_samples: int = 16  # fixed prompts, each at a fixed seed
+    seed: int = 1234
+    teacher_steps: int = 50  # the teacher's reference sampling (Euler, with CFG)
+    guidance_scale: Optional[float] = None  # teacher/finetune CFG; null: method.guidance_scale or 1
+    metrics: bool = True  # quality metrics where the data has them (digits)
+    fps: int = 4  # of the saved GIFs
+
+
 class LauncherName(str, Enum):
     local = "local"  # this machine: in-process, or nproc_per_node processes
     slurm = "slurm"  # a SLURM job (a job array for a sweep) through submitit
@@ -206,13 +246,20 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     seed: int = 0
 
 
 METHOD_SCHEMAS = {"dmd2": DMD2Config, "finetune": FinetuneConfig}
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
 def register_configs() -> None:
+    # ${project_root:} in a config is this checkout's folder (shipped assets live there)
+    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="schema/model", name="model", node=ModelConfig)
@@ -220,5 +267,6 @@ def register_configs() -> None:
     cs.store(group="schema/training", name="training", node=TrainingConfig)
     cs.store(group="schema/data", name="data", node=DataConfig)
     cs.store(group="schema/launcher", name="launcher", node=LauncherConfig)
+    cs.store(group="schema/logger", name="logger", node=LoggerConfig)
     for name, schema in METHOD_SCHEMAS.items():
         cs.store(group="schema/method", name=name, node=schema)

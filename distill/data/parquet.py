@@ -207,6 +207,14 @@ class ParquetLatents(IterableDataset):
                 raise DataError(f"{where}: {name} holds NaN or inf")
         return sample
 
+    def captions(self, rows: List[int]) -> List[str]:
+        out = []
+        for row in rows:
+            group, offset = self.index.locate(row)
+            table = pq.ParquetFile(group.file).read_row_group(group.index, columns=["caption"])
+            out.append(table.column("caption")[offset].as_py())
+        return out
+
     def make_batch(self, batch: int) -> Dict[str, torch.Tensor]:
         texts, masks, latents, ids = [], [], [], []
         for epoch, row in self.rows_of_batch(batch):

@@ -70,7 +70,33 @@ class FlowMatchingAdapter(ABC):
         cond, unc = x0.chunk(2)
         return unc + scale * (cond - unc)
 
+    def normalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the model's space: (x - mean) / std per channel."""
+        mean, std = self._stats(latents)
+        return latents if mean is None else (latents - mean) / std
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(latents)
+        return latents if mean is None else latents * std + mean
+
+    def _stats(self, like: torch.Tensor):
+        if self.cfg.latents_mean is None:
+            return None, None
+        shape = (1, -1) + (1,) * (like.dim() - 2)
+        mean = torch.tensor(list(self.cfg.latents_mean), device=like.device, dtype=like.dtype).reshape(shape)
+        std = torch.tensor(list(self.cfg.latents_std), device=like.device, dtype=like.dtype).reshape(shape)
+        return mean, std
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents [N, C, T, H, W] -> pixels in [-1, 1]."""
+        if self.cfg.vae.value == "identity":
+            return latents.float()
+        return self.decode_with_vae(self.denormalise(latents.float()))
+
     # --- what each family supplies ---------------------------------------
+    def decode_with_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no VAE decoder")
+
     @abstractmethod
     def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Run the network: latents [B, C, T, H, W], timestep [B], text [B, L, D] -> velocity."""

@@ -41,6 +41,18 @@ class WanAdapter(FlowMatchingAdapter):
     def blocks(self, module: nn.Module) -> list:
         return list(module.blocks)
 
+    @torch.no_grad()
+    def decode_with_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        """Un-normalised latents through AutoencoderKLWan from <model.path>/vae."""
+        if getattr(self, "_vae", None) is None:
+            from diffusers import AutoencoderKLWan
+
+            if self.cfg.path is None:
+                raise ValueError("model.vae=wan needs model.path with a vae/ folder (or model.vae=identity)")
+            folder = resolve_model_folder(self.cfg.path, "vae")
+            self._vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae").to(latents.device).eval()
+        return self._vae.decode(latents.to(self._vae.dtype)).sample.float().clamp(-1, 1)
+
     def _arch(self) -> dict:
         arch = dict(self.cfg.arch)
         if "patch_size" in arch:

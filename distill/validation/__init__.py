@@ -1,0 +1,1 @@
+"""Validation: fixed-seed samples, media and quality metrics during training."""

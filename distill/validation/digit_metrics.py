@@ -1,0 +1,132 @@
+"""Quality metrics for the moving-digits demo.
+
+A small CNN trained once on real frames of the train split (cached beside
+the dataset) gives
+  - conditional accuracy: the fraction of clips whose frames, averaged over
+    time, are classified as the digit their prompt names;
+  - Frechet distance between the classifier's penultimate features of
+    generated frames and of real train frames (the FID recipe on a digit
+    classifier instead of Inception).
+"""
+
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+from torch import nn
+
+from distill.data.digits import TEXT_DIM, TEXT_LEN, default_cache, ensure_digits
+from distill.data.parquet import ParquetIndex, ParquetLatents, Shapes
+
+CLASSIFIER_VERSION = 1
+SHAPES = Shapes((1, 4, 16, 16), TEXT_LEN, TEXT_DIM)
+
+
+class DigitClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 64), nn.ReLU(),
+        )
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(frames))
+
+
+def real_clips(split: str, cache=None, seed: int = 0):
+    """(clips [N, 1, 4, 16, 16], digit labels [N]) of a split."""
+    folder = ensure_digits(split, cache, seed)
+    ds = ParquetLatents(ParquetIndex(str(folder), SHAPES), SHAPES, batch_size=1, seed=0)
+    table = ds.index
+    clips = torch.stack([ds.read_row(i)["latent"] for i in range(table.num_rows)])
+    labels = torch.tensor([int(c.split()[2]) for c in _captions(folder)])
+    return clips, labels
+
+
+def _captions(folder: Path):
+    import pyarrow.parquet as pq
+
+    return [c for f in sorted(folder.glob("*.parquet")) for c in pq.read_table(f, columns=["caption"]).column("caption").to_pylist()]
+
+
+def frames_of(clips: torch.Tensor) -> torch.Tensor:
+    """[N, 1, T, H, W] -> [N*T, 1, H, W]."""
+    n, c, t, h, w = clips.shape
+    return clips.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
+
+
+class DigitMetrics:
+    """The cached classifier and the real-frame feature statistics."""
+
+    def __init__(self, cache=None, seed: int = 0):
+        folder = Path(cache) if cache else default_cache()
+        file = folder / f"digit-classifier-v{CLASSIFIER_VERSION}-seed{seed}.safetensors"
+        self.model = DigitClassifier()
+        if file.is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+            self.real_mu, self.real_sigma = state.pop("real_mu").double().numpy(), state.pop("real_sigma").double().numpy()
+            self.model.load_state_dict(state)
+        else:
+            self._train(cache, seed)
+            from safetensors.torch import save_file
+
+            state = dict(self.model.state_dict(), real_mu=torch.from_numpy(self.real_mu), real_sigma=torch.from_numpy(self.real_sigma))
+            file.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(file))
+        self.model.eval()
+
+    def _train(self, cache, seed: int) -> None:
+        clips, labels = real_clips("train", cache, seed)
+        frames, frame_labels = frames_of(clips), labels.repeat_interleave(clips.shape[2])
+        g = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.model = DigitClassifier()
+        opt = torch.optim.Adam(self.model.parameters(), lr=2e-3)
+        for _ in range(3):
+            order = torch.randperm(len(frames), generator=g)
+            for start in range(0, len(frames), 256):
+                idx = order[start : start + 256]
+                loss = F.cross_entropy(self.model(frames[idx]), frame_labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.model.eval()
+        self.real_mu, self.real_sigma = _gaussian(self.features(frames))
+
+    @torch.no_grad()
+    def features(self, frames: torch.Tensor) -> np.ndarray:
+        return torch.cat([self.model.features(frames[i : i + 1024]) for i in range(0, len(frames), 1024)]).double().numpy()
+
+    @torch.no_grad()
+    def __call__(self, clips: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+        """accuracy and frechet_distance of clips [N, 1, T, 16, 16] in [-1, 1]."""
+        clips = clips.float().clamp(-1, 1).cpu()
+        frames = frames_of(clips)
+        logits = self.model(frames).reshape(clips.shape[0], clips.shape[2], 10).mean(dim=1)
+        accuracy = (logits.argmax(dim=1) == labels.cpu()).float().mean().item()
+        mu, sigma = _gaussian(self.features(frames))
+        return {"accuracy": accuracy, "frechet_distance": frechet_distance(mu, sigma, self.real_mu, self.real_sigma)}
+
+
+def _gaussian(features: np.ndarray):
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))."""
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        eps = np.eye(len(mu1)) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
+    covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))

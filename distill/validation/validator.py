@@ -1,0 +1,119 @@
+"""Validation during training, for every model family.
+
+A fixed set of prompts (the first `num_samples` rows of the validation data),
+each with its own fixed noise seed, is sampled with
+  - the student's few-step schedule (DMD2), or the Euler sampler with CFG for
+    a role trained by flow matching (finetune);
+  - once, as reference, the teacher: Euler with CFG at `teacher_steps` and at
+    the student's step count.
+Samples are decoded by the adapter (identity for digits, the Wan VAE for
+Wan), saved under <run>/samples/ as PNG grids and GIFs, and scored when the
+data has metrics (digits: conditional accuracy and Frechet distance).
+"""
+
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from distill.config.schema import Config, DMD2Config
+from distill.sampling import euler_sample, sample
+from distill.validation.media import save_gif, save_grid
+
+
+class Validator:
+    def __init__(self, config: Config, adapter, batch: Dict[str, torch.Tensor], run_dir: Path, is_main: bool,
+                 metric: Optional[Callable] = None, labels: Optional[torch.Tensor] = None):
+        self.config = config
+        self.cfg = config.validation
+        self.adapter = adapter
+        self.batch = batch
+        self.out = Path(run_dir) / "samples"
+        self.is_main = is_main
+        self.metric = metric
+        self.labels = labels
+        method = config.method
+        self.guidance = self.cfg.guidance_scale or getattr(method, "guidance_scale", 1.0)
+        from distill.export import sampling_sigmas
+
+        self.student_sigmas = torch.tensor(sampling_sigmas(config, adapter))
+        self.few_step = isinstance(method, DMD2Config)
+        self.teacher_done = False
+        self.history: Dict[str, float] = {}  # the latest value of every metric, teacher's included
+
+    def _noise(self, device) -> Callable:
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        return lambda shape: torch.randn(shape, generator=g).to(device)
+
+    def _euler_sigmas(self, steps: int) -> torch.Tensor:
+        return self.adapter.shift_sigma(torch.linspace(1.0, 0.0, steps + 1)[:-1])
+
+    @torch.no_grad()
+    def sample_role(self, role, few_step: bool, steps: Optional[int] = None) -> torch.Tensor:
+        device = next(role.module.parameters()).device
+        text = self.batch["text_embeds"].to(device)
+        uncond = self.batch["negative_text_embeds"].to(device)
+        noise = self._noise(device)
+        if few_step:
+            return sample(self.adapter, role, self.student_sigmas.to(device), text, noise)
+        x = noise((text.shape[0], *self.adapter.latent_shape))
+        return euler_sample(self.adapter, role, self._euler_sigmas(steps).to(device), text, uncond, self.guidance, x)
+
+    def run(self, roles, step: int) -> Tuple[Dict[str, float], Dict[str, Path], Dict[str, Path]]:
+        was_training = {n: r.module.training for n, r in roles.items()}
+        for r in roles.values():
+            r.module.eval()
+        results = {}
+        student_steps = len(self.student_sigmas) if self.few_step else self.cfg.teacher_steps
+        results[f"student_{student_steps}step"] = self.sample_role(roles["student"], self.few_step, student_steps)
+        if "teacher" in roles and not self.teacher_done:
+            teacher_steps = (self.cfg.teacher_steps, len(self.student_sigmas))
+            for n in dict.fromkeys(teacher_steps):
+                results[f"teacher_{n}step"] = self.sample_role(roles["teacher"], False, n)
+            if "latents" in self.batch:
+                results["real"] = self.batch["latents"]
+            self.teacher_done = True
+        for n, r in roles.items():
+            r.module.train(was_training[n])
+        if not self.is_main:
+            return {}, {}, {}
+        return self._report(results, step)
+
+    def _report(self, results, step):
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics, images, videos = {}, {}, {}
+        for name, latents in results.items():
+            pixels = self.adapter.decode(latents)
+            stem = name if name.startswith(("teacher", "real")) else f"{name}-step{step:06d}"
+            images[f"samples/{name}"] = save_grid(pixels, self.out / f"{stem}.png")
+            videos[f"videos/{name}"] = save_gif(pixels, self.out / f"{stem}.gif", fps=self.cfg.fps)
+            if self.metric is not None and self.cfg.metrics:
+                for key, value in self.metric(pixels, self.labels).items():
+                    metrics[f"val/{name}/{key}"] = value
+        self.history.update(metrics)
+        return metrics, images, videos
+
+
+def build_validator(config: Config, adapter, run_dir: Path, runtime) -> Validator:
+    """The fixed validation batch: the first rows of the val split (digits), of
+    the dataset (parquet), or a synthetic batch; digits also get their metric."""
+    import dataclasses
+
+    from distill.data import build_data
+
+    n = config.validation.num_samples
+    # one sample per batch, so a dataset smaller than num_samples repeats rows
+    data = dataclasses.replace(config.data, batch_size=1, num_workers=0,
+                               split="val" if config.data.name.value == "digits" else config.data.split)
+    loader = build_data(dataclasses.replace(config, data=data, seed=config.validation.seed), 0, 1)
+    samples = [next(loader) for _ in range(n)]
+    batch = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
+    metric, labels = None, None
+    if config.data.name.value == "digits" and config.validation.metrics:
+        from distill.validation.digit_metrics import DigitMetrics
+
+        dataset = loader.dataset
+        captions = dataset.captions([row for b in range(n) for _, row in dataset.rows_of_batch(b)])
+        labels = torch.tensor([int(c.split()[2]) for c in captions])
+        metric = DigitMetrics(config.data.path, config.seed) if runtime.is_main else None
+    return Validator(config, adapter, batch, run_dir, runtime.is_main, metric, labels)
