@@ -57,7 +57,7 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
         "text_len": config.model.text_len,
         "text_dim": config.model.text_dim,
         "sigmas": sigmas,
-        "checkpoint": str(checkpoint),
+        "checkpoint": Path(checkpoint).name,  # no machine paths in what may be shipped
         "role": role,
         "ema": ema,
     }

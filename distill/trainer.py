@@ -52,6 +52,7 @@ class Trainer:
         self.samples_per_step = samples_per_step
         self.validator = validator
         self.validation_every = validation_every
+        self.validated_at = -1
 
     def fit(self) -> None:
         log.info("training steps %d..%d", self.step + 1, self.max_steps)
@@ -68,6 +69,9 @@ class Trainer:
 
     def validate(self) -> Dict[str, float]:
         """Samples and metrics at this step (every rank samples: the roles are sharded)."""
+        if self.validator is None or self.validated_at == self.step:
+            return {}
+        self.validated_at = self.step
         metrics, images, videos = self.validator.run(self.roles, self.step)
         self.tracker.log_media(self.step, images, videos)
         if metrics and self.runtime.is_main:

@@ -17,10 +17,13 @@ register_sweeps(ROOT / "sweeps")
 
 
 def quiet(overrides):
-    """Tests log to files only, unless a test picks a logger itself."""
+    """Tests run the tiny plumbing config and log to files only, unless a test
+    picks an experiment or a logger itself."""
     overrides = list(overrides)
-    if not any(o.startswith("logger") for o in overrides):
+    if not any(o.lstrip("+~").startswith("logger") for o in overrides):
         overrides.append("logger=none")
+    if not any(o.lstrip("+~").startswith("experiment") for o in overrides):
+        overrides.append("experiment=tiny")
     return overrides
 
 

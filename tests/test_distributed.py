@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, compose_config, read_metrics, run_launch
+from conftest import ROOT, compose_config, quiet, read_metrics, run_launch
 from distill.config import validate
 
 LOSS_KEYS = ("loss/student", "loss/critic", "grad_norm/student", "grad_norm/critic")
@@ -107,7 +107,7 @@ def _pid_of(log, rank, timeout=60):
 def _launch_background(args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "launch.py"), *args],
+        [sys.executable, str(ROOT / "launch.py"), *quiet(args)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -1,0 +1,81 @@
+"""The embedded default: the shipped digits teacher distilled with DMD2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import distill.methods.dmd2 as dmd2
+from conftest import ROOT, compose_config, read_metrics
+from distill.config import validate
+from distill.run import train
+
+SHORT = [
+    "experiment=digits_demo",
+    "training.max_steps=300",
+    "method.generator_lr=3e-4",
+    "method.critic_lr=3e-4",
+    "data.batch_size=16",
+    "validation.every=0",
+    "validation.num_samples=128",
+    "validation.teacher_steps=2",  # the reference here is the teacher at the student's 2 steps
+    "training.checkpoint_every=100000",
+    "training.export_at_end=false",
+]
+
+
+def distil(tmp_path):
+    history = train(validate(compose_config(SHORT)), tmp_path).validator.history
+    return {k.split("/", 1)[1]: v for k, v in history.items()}
+
+
+def test_short_distillation_beats_the_teacher_at_two_steps(tmp_path):
+    m = distil(tmp_path)
+    assert m["student_2step/frechet_distance"] < 0.85 * m["teacher_2step/frechet_distance"], m
+    assert m["student_2step/accuracy"] >= m["teacher_2step/accuracy"], m
+
+
+def test_negative_control_with_flipped_gradient_does_not(tmp_path, monkeypatch):
+    original = dmd2.dmd_gradient
+    monkeypatch.setattr(dmd2, "dmd_gradient", lambda *args: -original(*args))
+    m = distil(tmp_path)
+    assert m["student_2step/frechet_distance"] > m["teacher_2step/frechet_distance"], m
+    assert m["student_2step/accuracy"] < m["teacher_2step/accuracy"], m
+
+
+def test_default_launch_composes_to_the_demo_and_runs(tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["training.max_steps=2", "validation.num_samples=8", "validation.teacher_steps=3", "logger=none",
+            f"hydra.run.dir={run}"]
+    result = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    config = (run / ".hydra" / "config.yaml").read_text()
+    assert "assets/digits_teacher" in config and "student_steps:\n  - 1000\n  - 500" in config
+    assert [r["step"] for r in read_metrics(run)] == [2]  # the demo logs every 25 steps and the last
+    for name in ("teacher_3step", "teacher_2step", "real", "student_2step-step000002"):
+        assert (run / "samples" / f"{name}.png").is_file() and (run / "samples" / f"{name}.gif").is_file()
+    table = result.stdout
+    for row in ("real", "student_2step", "teacher_2step", "teacher_3step"):
+        assert row in table
+    assert "accuracy" in table and "frechet_distance" in table and f"samples: {run / 'samples'}" in table
+    assert (run / "loss_curves.png").stat().st_size > 1000
+
+
+def test_wandb_offline_run_holds_logged_keys_and_media(tmp_path):
+    run = tmp_path / "run"
+    config = validate(compose_config(["logger=wandb", "logger.mode=offline", "training.max_steps=3"]))
+    train(config, run)
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    data = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in (b"loss/critic", b"loss/student", b"grad_norm/critic", b"lr/student", b"samples_per_s", b"peak_memory_gb"):
+        assert key in data, key
+    media = runs[0] / "files" / "media"
+    assert list(media.rglob("*.png")) and list(media.rglob("*.gif"))
+    assert (run / "wandb_id.txt").read_text().strip() in runs[0].name
+    # a resumed run continues the same wandb run
+    train(validate(compose_config(["logger=wandb", "logger.mode=offline", "training.max_steps=4"])), run)
+    assert len({p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")}) == 1
