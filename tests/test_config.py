@@ -44,8 +44,8 @@ def test_demo_experiment_validates(option):
 
 
 @pytest.mark.parametrize("option", [o for o in options("experiment") if o.startswith("wan")])
-def test_wan_experiment_composes_and_only_lacks_weights(option):
-    cfg = compose_config([f"experiment={option}"])
+def test_wan_experiment_composes_and_only_lacks_weights(option, tmp_path):
+    cfg = compose_config([f"experiment={option}", f"data.path={tmp_path}"])
     assert cfg.model.path.startswith("Wan-AI/")
     with pytest.raises(ConfigError) as err:
         validate(cfg)

@@ -54,6 +54,7 @@ def test_default_launch_composes_to_the_demo_and_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     config = (run / ".hydra" / "config.yaml").read_text()
     assert "assets/digits_teacher" in config and "student_steps:\n  - 1000\n  - 500" in config
+    assert "name: digits" in config
     assert [r["step"] for r in read_metrics(run)] == [2]  # the demo logs every 25 steps and the last
     for name in ("teacher_3step", "teacher_2step", "real", "student_2step-step000002"):
         assert (run / "samples" / f"{name}.png").is_file() and (run / "samples" / f"{name}.gif").is_file()
