@@ -63,6 +63,10 @@ def test_sweep_is_one_job_array(slurm, tmp_path):
         assert info["job_id"] == f"{array_id}_{point}"
         assert read_metrics(tmp_path / point)[0]["lr/student"] == lr
         assert (tmp_path / point / "export" / "student" / "transformer" / "config.json").is_file()
+    status = subprocess.run([sys.executable, "-m", "distill.status", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, env=dict(os.environ, **slurm.env))
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "2 succeeded, 0 failed, 2 runs" in status.stdout
 
 
 def _wait(predicate, timeout, what):
