@@ -12,11 +12,8 @@ from distill.config import validate
 from distill.run import train
 
 SHORT = [
-    "experiment=digits_demo",
-    "training.max_steps=300",
-    "method.generator_lr=3e-4",
-    "method.critic_lr=3e-4",
-    "data.batch_size=16",
+    "experiment=digits_demo",  # the default run, shortened
+    "training.max_steps=750",
     "validation.every=0",
     "validation.num_samples=128",
     "validation.teacher_steps=2",  # the reference here is the teacher at the student's 2 steps
@@ -33,7 +30,7 @@ def distil(tmp_path):
 def test_short_distillation_beats_the_teacher_at_two_steps(tmp_path):
     m = distil(tmp_path)
     assert m["student_2step/frechet_distance"] < 0.85 * m["teacher_2step/frechet_distance"], m
-    assert m["student_2step/accuracy"] >= m["teacher_2step/accuracy"], m
+    assert m["student_2step/accuracy"] > m["teacher_2step/accuracy"] + 0.1, m
 
 
 def test_negative_control_with_flipped_gradient_does_not(tmp_path, monkeypatch):
