@@ -73,7 +73,7 @@ def dmd2_rate(folder: Path, batch: int, steps: int) -> float:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose(
             config_name="config",
-            overrides=["data=parquet", f"data.path={folder}", f"data.batch_size={batch}", "data.num_workers=0",
+            overrides=["experiment=tiny", "logger=none", "validation.num_samples=1", "data=parquet", f"data.path={folder}", f"data.batch_size={batch}", "data.num_workers=0",
                        "method.rollout=data", "training.max_steps=100000"],
         )
     with tempfile.TemporaryDirectory() as run_dir:
@@ -83,7 +83,7 @@ def dmd2_rate(folder: Path, batch: int, steps: int) -> float:
         for _ in range(steps):
             trainer.advance()
         elapsed = time.perf_counter() - t0
-        trainer.metrics.close()
+        trainer.tracker.close()
     return steps * batch / elapsed
 
 

@@ -38,7 +38,7 @@ def main() -> None:
         fd = m[f"{student}/frechet_distance"] / m[f"{ref}/frechet_distance"]
         acc = m[f"{student}/accuracy"] / m[f"{ref}/accuracy"]
         print(f"student / {ref:<15} FD ratio {fd:5.2f}   accuracy ratio {acc:5.2f}")
-    print(f"wall time {minutes:.1f} min (training, validation every 250 steps, export)")
+    print(f"wall time {minutes:.1f} min (training, validations, export)")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def worker(out_file: str, repeats: int) -> None:
     runtime = init_runtime("cpu")
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=ARCH + ["data.batch_size=1", "training.max_steps=100"])
+        cfg = compose(config_name="config", overrides=["experiment=tiny", "logger=none", *ARCH, "data.batch_size=1", "training.max_steps=100"])
     tmp = Path(out_file).parent  # shared by the ranks, like a run folder
     run_dir = tmp / "run"
     run_dir.mkdir(exist_ok=True)

@@ -27,7 +27,7 @@ from distill.run import build_trainer  # noqa: E402
 
 # one listed step and a generator update every iteration: both loops then run
 # the same passes each iteration (student, critic, teacher CFG, critic again)
-OVERRIDES = ["method.student_steps=[1000]", "method.generator_update_interval=1", "data.batch_size=2"]
+OVERRIDES = ["experiment=tiny", "logger=none", "validation.num_samples=1", "method.student_steps=[1000]", "method.generator_update_interval=1", "data.batch_size=2"]
 
 
 def trainer_for_benchmark(run_dir):
@@ -100,7 +100,7 @@ def main():
             t2 = time.perf_counter()
             framework.append(t1 - t0)
             plain.append(t2 - t1)
-        trainer.metrics.close()
+        trainer.tracker.close()
     f_med, b_med = statistics.median(framework), statistics.median(plain)
     print(f"tiny Wan DMD2 iteration, batch 2, {args.iters} interleaved iterations, {args.threads} thread(s)")
     print(f"trainer median   {f_med * 1e3:8.2f} ms")
