@@ -2,9 +2,10 @@
 
     python -m distill.status RUN_OR_SWEEP_FOLDER
 
-Reads each run folder's slurm_job.json, asks SLURM for the job's state
-(through submitit, i.e. sacct) and prints one line per run; exits 1 when any
-run failed.
+Reads each run folder's slurm_job.json; a finished job is judged by its
+result files (an exception in any task is a failure), a running one by
+SLURM's state (through submitit, i.e. sacct). One line per run; exits 1 when
+any run failed.
 """
 
 import json
@@ -15,16 +16,15 @@ import submitit
 
 
 def run_state(run_dir: Path) -> str:
+    """succeeded / failed (from the job's result files) or SLURM's state while it runs."""
     info = json.loads((run_dir / "slurm_job.json").read_text())
     job = submitit.SlurmJob(folder=info["folder"], job_id=info["job_id"])
-    state = job.state
-    if (run_dir / "export").is_dir() and state in ("COMPLETED", "UNKNOWN"):
-        return "succeeded"
-    if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") or state.startswith("CANCELLED"):
-        return f"failed ({state}; log {info['stderr']})"
-    if state == "COMPLETED":
-        return f"failed (completed without an export; log {info['stderr']})"
-    return state.lower()
+    if job.done():
+        error = job.exception()
+        if error is None:
+            return "succeeded"
+        return f"failed ({type(error).__name__}; log {info['stderr']})"
+    return job.state.lower()
 
 
 def main(argv=None) -> int:

@@ -112,6 +112,9 @@ def test_failing_job_reads_as_failed_with_its_log(slurm, tmp_path):
     log = job.stderr.split("log: ")[1].split()[0]
     assert log.endswith("_log.err") and "DataError" in open(log).read()
     assert "0 succeeded, 1 failed" in job.stdout
+    status = subprocess.run([sys.executable, "-m", "distill.status", str(tmp_path / "run")], cwd=ROOT,
+                            capture_output=True, text=True, env=dict(os.environ, **slurm.env))
+    assert status.returncode == 1 and "failed (" in status.stdout and "0 succeeded, 1 failed, 1 runs" in status.stdout
 
 
 def test_bad_config_never_reaches_the_queue(slurm, tmp_path):
