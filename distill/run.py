@@ -1,6 +1,5 @@
 """Build everything a config names and train it: the body of every rank."""
 
-import logging
 from pathlib import Path
 
 import torch

@@ -1,8 +1,6 @@
 """Every config file composes; every invalid config is refused by launch.py
 with a message naming the key, before any model is built."""
 
-from pathlib import Path
-
 import pytest
 from omegaconf import OmegaConf
 

@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 import distill.methods.dmd2 as dmd2
 from conftest import ROOT, compose_config, read_metrics
 from distill.config import validate

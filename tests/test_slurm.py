@@ -6,10 +6,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT, quiet, read_metrics, run_launch
-from test_distributed import LOSS_KEYS, assert_same_metrics, exported
+from test_distributed import assert_same_metrics, exported
 
 SLURM = ["launcher=slurm", "launcher.partition=debug", "launcher.gpus_per_node=0", "launcher.cpus_per_task=1",
          "launcher.time_min=10", "training.torch_threads=1"]
@@ -42,6 +43,8 @@ def test_two_task_job_equals_local_two_process_run(slurm, tmp_path):
 
 
 def test_two_node_job_spans_both_nodes(slurm, tmp_path):
+    if len(slurm.nodes) < 2:
+        pytest.skip("this machine has one host name resolving to loopback: the test cluster has one node")
     run = tmp_path / "run"
     job = launch(slurm, [*SLURM, "launcher.nodes=2", "launcher.tasks_per_node=1", "training.max_steps=2",
                          "launcher.wait=true", f"hydra.run.dir={run}"])
