@@ -70,12 +70,8 @@ class FlowMatchingAdapter(ABC):
         cond, unc = x0.chunk(2)
         return unc + scale * (cond - unc)
 
-    def normalise(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE latents -> the model's space: (x - mean) / std per channel."""
-        mean, std = self._stats(latents)
-        return latents if mean is None else (latents - mean) / std
-
     def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """The model's latents back to the VAE's (the data loader applied (x - mean) / std)."""
         mean, std = self._stats(latents)
         return latents if mean is None else latents * std + mean
 
