@@ -15,6 +15,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from distill.launcher import free_port
+
 PACKAGES = ["munge", "slurm-wlm", "slurmctld", "slurmd", "slurm-client"]
 
 SACCT = r'''#!/usr/bin/env python3
@@ -31,12 +33,6 @@ for jid in ids:
         name = f["JobId"] if f.get("ArrayTaskId", "N/A") == "N/A" else f"{f['ArrayJobId']}_{f['ArrayTaskId']}"
         print(f"{name}|{f.get('JobState', 'UNKNOWN')}|{f.get('NodeList', '')}")
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def loopback_names() -> list:

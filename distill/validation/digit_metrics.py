@@ -43,8 +43,7 @@ def real_clips(split: str, cache=None, seed: int = 0):
     """(clips [N, 1, 4, 16, 16], digit labels [N]) of a split."""
     folder = ensure_digits(split, cache, seed)
     ds = ParquetLatents(ParquetIndex(str(folder), SHAPES), SHAPES, batch_size=1, seed=0)
-    table = ds.index
-    clips = torch.stack([ds.read_row(i)["latent"] for i in range(table.num_rows)])
+    clips = torch.stack([ds.read_row(i)["latent"] for i in range(ds.index.num_rows)])
     labels = torch.tensor([int(c.split()[2]) for c in _captions(folder)])
     return clips, labels
 
