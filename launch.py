@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
     try:
         launch(config)
     except LaunchError as err:
-        print(f"run failed:\n{err}", file=sys.stderr)
+        print(f"run failed: {err}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -42,5 +42,5 @@ if __name__ == "__main__":
     try:
         submit_pending_array()  # a multirun with launcher=slurm: one job array
     except LaunchError as err:
-        print(f"run failed:\n{err}", file=sys.stderr)
+        print(f"run failed: {err}", file=sys.stderr)
         sys.exit(1)

@@ -1,161 +1,159 @@
-"""Checkpoints with torch.distributed.checkpoint, in safetensors files.
+"""Checkpoints of registered stateful parts, with torch.distributed.checkpoint.
 
-    <run>/checkpoint-<step>/
-        state/          model, optimizer and EMA tensors: DCP, each rank its shard
-        ranks/rank-<r>.safetensors   that rank's RNG states and data position
+Whatever has state registers itself as a part (`Checkpointer.register`): a
+name and an object with `state_dict()` / `load_state_dict()`. The
+checkpointer knows nothing else about it. A part's state is a nested dict;
+its tensors and its other (JSON) values are stored apart:
+
+    <run>/<checkpoint.folder, e.g. checkpoint-<step>>/
+        state/          tensors of the shared parts (the roles): DCP, each rank its shard
+        ranks/rank-<r>.safetensors   tensors and JSON of the per-rank parts (RNG, data position)
         config.yaml     the resolved config
-        trainer.json    step, LR schedules, optimizer hyperparameters; written last
+        trainer.json    step, config fingerprint, JSON values of the shared parts; written last
 
 A checkpoint is written under a temporary name and renamed once trainer.json
-is in it, so a folder named checkpoint-<step> is always complete. Nothing is
-read back with pickle: tensors are safetensors, the rest JSON.
+is in it, so a folder with the checkpoint name is always complete. Parts are
+loaded in the order they were registered (register the RNG last: nothing may
+draw random numbers after it is restored). Nothing is read back with pickle:
+tensors are safetensors, the rest JSON.
 """
 
 import json
-from contextlib import contextmanager
-import random
 import re
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
 from distill.config.io import save_config
-from distill.config.schema import Config
 
-NAME = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "trainer.json"
+SEP = "/"  # joins nested keys; parameter names hold dots
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def complete_checkpoints(run_dir: Path) -> List[Path]:
-    """Complete checkpoint folders of a run, oldest first."""
-    found = []
-    for path in Path(run_dir).glob("checkpoint-*"):
-        match = NAME.match(path.name)
-        if match and (path / COMPLETE_MARKER).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def fingerprint(config: Config, world_size: int) -> Dict[str, object]:
-    """What a checkpoint's tensors and data positions depend on; all must match to resume."""
-    items = {
-        "method.name": config.method.name,
-        "model.family": config.model.family.value,
-        "model.arch": OmegaConf.to_container(OmegaConf.create(dict(config.model.arch))),
-        "model.latent_shape": list(config.model.latent_shape),
-        "model.text_dim": config.model.text_dim,
-        "data.name": config.data.name.value,
-        "data.batch_size": config.data.batch_size,
-        "world_size": world_size,
-    }
-    for name, role in sorted(config.roles.items()):
-        if role.trainable:
-            items[f"roles.{name}.trainable"] = True
-            items[f"roles.{name}.ema_decay"] = role.ema_decay is not None
-    return items
-
-
 class Checkpointer:
-    def __init__(self, run_dir: Path, config: Config, runtime, keep_last: int):
+    def __init__(self, run_dir: Path, cfg, runtime, fingerprint: Dict[str, Any], config=None):
         self.run_dir = Path(run_dir)
-        self.config = config
+        self.cfg = cfg  # CheckpointConfig: cadence, retention, resume, folder name
         self.runtime = runtime
-        self.keep_last = keep_last
+        self.fingerprint = fingerprint
+        self.config = config  # written beside the state as config.yaml
+        self.parts: Dict[str, Tuple[Any, bool]] = {}
+        prefix, _, suffix = cfg.folder.partition("{step}")
+        self._name = re.compile(f"^{re.escape(prefix)}(\\d+){re.escape(suffix)}$")
+
+    def register(self, name: str, part, per_rank: bool = False) -> None:
+        """`part` is saved and loaded with the rest; per_rank: each rank keeps its own copy."""
+        self.parts[name] = (part, per_rank)
+
+    # --- where checkpoints are ------------------------------------------------
+    def path(self, step: int) -> Path:
+        return self.run_dir / self.cfg.folder.format(step=step)
+
+    def complete(self) -> List[Path]:
+        """Complete checkpoint folders of the run, oldest first."""
+        found = []
+        for path in self.run_dir.iterdir() if self.run_dir.is_dir() else []:
+            match = self._name.match(path.name)
+            if match and (path / COMPLETE_MARKER).is_file():
+                found.append((int(match.group(1)), path))
+        return [path for _, path in sorted(found)]
+
+    def latest(self) -> Optional[Path]:
+        found = self.complete()
+        return found[-1] if found else None
+
+    def due(self, step: int) -> bool:
+        return bool(self.cfg.every) and step % self.cfg.every == 0
+
+    def resume_point(self) -> Optional[Path]:
+        """The checkpoint this run continues from, or None."""
+        if self.cfg.resume_from:
+            path = Path(self.cfg.resume_from)
+            if not path.is_dir():
+                raise CheckpointError(f"checkpoint.resume_from={path}: no such checkpoint folder")
+            return path
+        return self.latest() if self.cfg.resume else None
 
     # --- saving --------------------------------------------------------------
-    def save(self, trainer) -> Path:
-        step = trainer.step
-        final = self.run_dir / f"checkpoint-{step}"
-        tmp = self.run_dir / f"checkpoint-{step}.tmp"
+    def save(self, step: int) -> Path:
+        final = self.path(step)
+        tmp = final.with_name(final.name + ".tmp")
         if self.runtime.is_main:
-            for stale in self.run_dir.glob("checkpoint-*.tmp"):
-                shutil.rmtree(stale)  # left by a save that was killed
+            for stale in self.run_dir.glob("*.tmp"):
+                if self._name.match(stale.name[: -len(".tmp")]):
+                    shutil.rmtree(stale)  # left by a save that was killed
             (tmp / "ranks").mkdir(parents=True)
         self.runtime.barrier()
+        shared_tensors, shared_json, rank_tensors, rank_json = {}, {}, {}, {}
+        for name, (part, per_rank) in self.parts.items():
+            tensors, values = _split(flatten(part.state_dict()), name)
+            (rank_tensors if per_rank else shared_tensors).update(tensors)
+            (rank_json if per_rank else shared_json)[name] = values
         with _single_process_quiet():
             dcp.save(
-                _tensor_state(trainer.roles),
+                shared_tensors,
                 storage_writer=HuggingFaceStorageWriter(str(tmp / "state"), save_distributed=True),
                 no_dist=not self.runtime.distributed,
             )
-        _save_rank_state(tmp / "ranks" / f"rank-{self.runtime.rank}.safetensors", trainer)
+        rank_file = tmp / "ranks" / f"rank-{self.runtime.rank}.safetensors"
+        save_file({k: v.contiguous() for k, v in rank_tensors.items()}, str(rank_file),
+                  metadata={"json": json.dumps(rank_json)})
         self.runtime.barrier()
         if self.runtime.is_main:
-            save_config(self.config, tmp / "config.yaml")
-            (tmp / COMPLETE_MARKER).write_text(json.dumps(self._trainer_json(trainer), indent=1))
+            if self.config is not None:
+                save_config(self.config, tmp / "config.yaml")
+            meta = {"step": step, "fingerprint": self.fingerprint, "parts": shared_json}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(meta, indent=1))
             tmp.rename(final)
             self._prune()
         self.runtime.barrier()
         return final
 
-    def _trainer_json(self, trainer) -> dict:
-        return {
-            "step": trainer.step,
-            "fingerprint": fingerprint(self.config, self.runtime.world_size),
-            "schedulers": {n: r.scheduler.state_dict() for n, r in trainer.roles.items() if r.trainable},
-            "param_groups": {
-                n: [{k: v for k, v in g.items() if k != "params"} for g in r.optimizer.param_groups]
-                for n, r in trainer.roles.items()
-                if r.trainable
-            },
-        }
-
     def _prune(self) -> None:
-        if self.keep_last > 0:
-            for old in complete_checkpoints(self.run_dir)[: -self.keep_last]:
+        if self.cfg.keep_last > 0:
+            for old in self.complete()[: -self.cfg.keep_last]:
                 shutil.rmtree(old)
 
     # --- loading -------------------------------------------------------------
-    def load(self, path: Path, trainer) -> None:
+    def load(self, path: Path) -> int:
+        """Restore every registered part from `path`; returns the checkpoint's step."""
         path = Path(path)
         meta_file = path / COMPLETE_MARKER
         if not meta_file.is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER})")
         meta = json.loads(meta_file.read_text())
         self._check_compatible(path, meta["fingerprint"])
-        state = _tensor_state(trainer.roles)
+        templates = {name: flatten(part.state_dict()) for name, (part, _) in self.parts.items()}
+        shared = {}
+        for name, (_, per_rank) in self.parts.items():
+            if not per_rank:
+                shared.update(_split(templates[name], name)[0])
         with _single_process_quiet():
-            dcp.load(
-                state,
-                storage_reader=HuggingFaceStorageReader(str(path / "state")),
-                no_dist=not self.runtime.distributed,
-            )
-        for name, role in trainer.roles.items():
-            if not role.trainable:
-                continue
-            optim = _unflatten_optimizer(state, name, get_optimizer_state_dict(role.module, role.optimizer))
-            for group, saved in zip(optim["param_groups"], meta["param_groups"][name]):
-                group.update(saved)
-            set_optimizer_state_dict(role.module, role.optimizer, optim)
-            role.scheduler.load_state_dict(meta["schedulers"][name])
-        trainer.step = meta["step"]
-        # RNG last: nothing after this may draw random numbers before training resumes
-        _load_rank_state(path / "ranks" / f"rank-{self.runtime.rank}.safetensors", trainer)
+            dcp.load(shared, storage_reader=HuggingFaceStorageReader(str(path / "state")),
+                     no_dist=not self.runtime.distributed)
+        rank_tensors, rank_json = _read_rank_file(path / "ranks" / f"rank-{self.runtime.rank}.safetensors")
+        for name, (part, per_rank) in self.parts.items():
+            tensors = rank_tensors if per_rank else shared
+            values = (rank_json if per_rank else meta["parts"]).get(name, {})
+            loaded = {key: tensors[f"{name}{SEP}{key}"] if _is_tensor(v) else values[key]
+                      for key, v in templates[name].items()}
+            part.load_state_dict(unflatten(loaded))
+        return meta["step"]
 
     def _check_compatible(self, path: Path, saved: dict) -> None:
-        current = fingerprint(self.config, self.runtime.world_size)
+        current = self.fingerprint
         diffs = [
             f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}"
             for key in sorted(set(saved) | set(current))
@@ -163,6 +161,49 @@ class Checkpointer:
         ]
         if diffs:
             raise CheckpointError(f"checkpoint {path} does not fit this config:\n  " + "\n  ".join(diffs))
+
+
+def _is_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"a": {"b": x}} -> {"a/b": x}; lists and other values are leaves."""
+    flat = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, full + SEP))
+        else:
+            flat[full] = value
+    return flat
+
+
+def unflatten(flat: Dict[str, Any]) -> Dict[str, Any]:
+    tree: Dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(SEP)
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _split(flat: Dict[str, Any], name: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Tensors (keyed `<part>/<key>`) apart from the JSON values (keyed `<key>`)."""
+    tensors = {f"{name}{SEP}{k}": v for k, v in flat.items() if _is_tensor(v)}
+    values = {k: v for k, v in flat.items() if not _is_tensor(v)}
+    return tensors, values
+
+
+def _read_rank_file(file: Path):
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: the checkpoint was written by fewer ranks")
+    with safe_open(str(file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        values = json.loads(f.metadata()["json"])
+    return tensors, values
 
 
 @contextmanager
@@ -173,76 +214,21 @@ def _single_process_quiet():
         yield
 
 
-def _tensor_state(roles) -> Dict[str, torch.Tensor]:
-    """Every trainable role's weights, optimizer moments and EMA, flat, by name."""
-    state = {}
-    for name, role in roles.items():
-        if not role.trainable:
-            continue
-        for key, value in get_model_state_dict(role.module).items():
-            state[f"{name}.model.{key}"] = value
-        optim = get_optimizer_state_dict(role.module, role.optimizer)
-        for fqn, slots in optim["state"].items():
-            for slot, value in slots.items():
-                state[f"{name}.optim.{fqn}.{slot}"] = value
-        if role.ema is not None:
-            for key, value in role.ema.state_dict().items():
-                state[f"{name}.ema.{key}"] = value
-    return state
+def read_complete(run_or_checkpoint: Path, folder_pattern: Optional[str] = None) -> Optional[Path]:
+    """A checkpoint folder itself, or the newest complete one in a run folder."""
+    path = Path(run_or_checkpoint)
+    if (path / COMPLETE_MARKER).is_file():
+        return path
+    from distill.config.schema import CheckpointConfig
+
+    cfg = CheckpointConfig(folder=folder_pattern) if folder_pattern else CheckpointConfig()
+    return Checkpointer(path, cfg, runtime=None, fingerprint={}).latest()
 
 
-def _unflatten_optimizer(state, name: str, template: dict) -> dict:
-    for fqn, slots in template["state"].items():
-        for slot in slots:
-            slots[slot] = state[f"{name}.optim.{fqn}.{slot}"]
-    return template
-
-
-def _save_rank_state(file: Path, trainer) -> None:
-    py_version, py_state, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    tensors = {
-        "torch_cpu": torch.get_rng_state(),
-        "python": torch.tensor(py_state, dtype=torch.int64),
-        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
-    }
-    if torch.cuda.is_available():
-        tensors["torch_cuda"] = torch.cuda.get_rng_state()
-    for key, value in trainer.method.state_dict().items():
-        tensors[f"method.{key}"] = value
-    meta = {
-        "python": json.dumps([py_version, py_gauss]),
-        "numpy": json.dumps([np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)]),
-        "data": json.dumps(trainer.data.state_dict()),
-    }
-    save_file(tensors, str(file), metadata=meta)
-
-
-def _load_rank_state(file: Path, trainer) -> None:
-    from safetensors import safe_open
-
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing: the checkpoint was written by fewer ranks")
-    tensors = load_file(str(file))
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata()
-    trainer.data.load_state_dict(json.loads(meta["data"]))
-    trainer.method.load_state_dict(
-        {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}
-    )
-    py_version, py_gauss = json.loads(meta["python"])
-    random.setstate((py_version, tuple(tensors["python"].tolist()), py_gauss))
-    np_kind, np_pos, np_has_gauss, np_gauss = json.loads(meta["numpy"])
-    np.random.set_state((np_kind, tensors["numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(tensors["torch_cpu"])
-    if "torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["torch_cuda"])
-
-
-def load_role_weights(checkpoint: Path, role: str, template: Dict[str, torch.Tensor], ema: bool = False):
-    """Full (unsharded) weights of one role, read in a single process."""
-    kind = "ema" if ema else "model"
-    state = {f"{role}.{kind}.{k}": v.clone() for k, v in template.items()}
+def load_tensors(checkpoint: Path, template: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Full (unsharded) copies of the shared tensors named like `template`
+    (`<part>/<key>` names), read in a single process."""
+    state = {k: v.clone() for k, v in template.items()}
     with _single_process_quiet():
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(Path(checkpoint) / "state")), no_dist=True)
-    return {k[len(f"{role}.{kind}."):]: v for k, v in state.items()}
+    return state

@@ -1,10 +1,15 @@
-"""The process group and device mesh of a run.
+"""The process group and the named device mesh of a run.
 
 The ranks come from the environment: torchrun's variables (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT, as the local launcher sets them), the
 variables SLURM gives each task (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
 with the master address and port the SLURM launcher exports), or none: one
 process, no process group.
+
+The mesh has three named dimensions, outermost first: replicate, shard,
+context (config section `parallel`). Roles are sharded (FSDP2) over
+replicate x shard, HSDP when replicate > 1; the ranks of one context group
+hold the same batch, so the data is split by the data-parallel rank.
 """
 
 import os
@@ -16,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+MESH_DIMS = ("replicate", "shard", "context")
+
 
 @dataclass
 class Runtime:
@@ -24,6 +31,7 @@ class Runtime:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     mesh: Optional[DeviceMesh] = None  # None: one process, nothing sharded
+    context: int = 1  # ranks per context group
 
     @property
     def distributed(self) -> bool:
@@ -32,6 +40,22 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: which share of the data it reads."""
+        return self.rank // self.context
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.context
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """The mesh roles are sharded over: 1-D shard, or 2-D (replicate, shard) for HSDP."""
+        if self.mesh["replicate"].size() == 1:
+            return self.mesh["shard"]
+        return self.mesh["replicate", "shard"]
 
     def barrier(self) -> None:
         if self.distributed:
@@ -60,7 +84,16 @@ def rank_env() -> tuple:
     return 0, 1, 0
 
 
-def init_runtime(device: str = "auto", hsdp_replicas: int = 1, timeout_s: int = 600) -> Runtime:
+def mesh_shape(parallel, world_size: int) -> tuple:
+    """(replicate, shard, context) for this many ranks; shard=-1 takes what is left."""
+    shard = parallel.shard if parallel.shard > 0 else world_size // (parallel.replicate * parallel.context)
+    shape = (parallel.replicate, shard, parallel.context)
+    if parallel.replicate * shard * parallel.context != world_size:
+        raise ValueError(f"parallel {dict(zip(MESH_DIMS, shape))} does not fit {world_size} ranks")
+    return shape
+
+
+def init_runtime(device: str = "auto", parallel=None, timeout_s: int = 600) -> Runtime:
     rank, world_size, local_rank = rank_env()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,10 +108,6 @@ def init_runtime(device: str = "auto", hsdp_replicas: int = 1, timeout_s: int = 
         world_size=world_size,
         timeout=timedelta(seconds=timeout_s),
     )
-    if hsdp_replicas > 1:
-        mesh = init_device_mesh(
-            dev.type, (hsdp_replicas, world_size // hsdp_replicas), mesh_dim_names=("replicate", "shard")
-        )
-    else:
-        mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("shard",))
-    return Runtime(rank, world_size, local_rank, dev, mesh)
+    shape = mesh_shape(parallel, world_size) if parallel is not None else (1, world_size, 1)
+    mesh = init_device_mesh(dev.type, shape, mesh_dim_names=MESH_DIMS)
+    return Runtime(rank, world_size, local_rank, dev, mesh, context=shape[2])

@@ -30,3 +30,9 @@ class EMA:
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.shadow
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            if value is not self.shadow[name]:
+                _local(self.shadow[name]).copy_(_local(value))

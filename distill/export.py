@@ -2,12 +2,15 @@
 
     python -m distill.export RUN_OR_CHECKPOINT [--out DIR]
 
-For each trainable role (and its EMA when kept) writes
-`<out>/<role>[_ema]/transformer/` (config.json + safetensors, loadable with
-`WanTransformer3DModel.from_pretrained(folder, subfolder="transformer")`),
-`<out>/<role>/scheduler/scheduler_config.json` (FlowMatchEulerDiscreteScheduler
-with the student's few-step sigmas under `few_step_sigmas`) and
-`<out>/<role>/distill.json` (what `python -m distill.sample` needs).
+For each trainable role (and its EMA when kept) writes `<out>/<role>[_ema]/`:
+  transformer/     the full network in the model family's diffusers layout
+                   (`WanTransformer3DModel.from_pretrained(folder, subfolder="transformer")`);
+                   for a LoRA role, the base with the adapters merged in
+  lora/            LoRA roles only: the adapters as diffusers LoRA weights
+                   (`WanPipeline.load_lora_weights(<out>/<role>/lora)`)
+  scheduler/       FlowMatchEulerDiscreteScheduler config, the role's sampling
+                   sigmas under `few_step_sigmas`
+  distill.json     what `python -m distill.sample` needs (shapes, sampler, LoRA base)
 """
 
 import argparse
@@ -19,44 +22,63 @@ from typing import List
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from distill.checkpoint import latest_checkpoint, load_role_weights
+from distill.checkpoint import load_tensors, read_complete
 from distill.config.io import load_config
-from distill.config.schema import Config, DMD2Config
+from distill.config.schema import Config
+from distill.lora import merge_lora
 from distill.models import build_adapter
+from distill.registry import method_class
+from distill.roles import convert
 
-DEFAULT_SAMPLING_STEPS = 50
+LORA_FOLDER = "lora"
 
 
-def sampling_sigmas(config: Config, adapter) -> List[float]:
-    """The sigmas a trained role samples with: the student's listed steps for
-    DMD2, an evenly spaced shifted schedule otherwise."""
-    method = config.method
-    if isinstance(method, DMD2Config):
-        sigmas = torch.tensor(list(method.student_steps), dtype=torch.float32) / 1000
-        return (adapter.shift_sigma(sigmas) if method.warp_steps else sigmas).tolist()
-    return adapter.shift_sigma(torch.linspace(1.0, 0.0, DEFAULT_SAMPLING_STEPS + 1)[:-1]).tolist()
+def trained_module(checkpoint: Path, config: Config, role: str, ema: bool = False) -> torch.nn.Module:
+    """The role's network with the checkpoint's trained weights (or their EMA), unsharded.
+
+    A full-weight role starts from the architecture alone; a LoRA role from its
+    base weights, converted as in training, so that only the adapters are read."""
+    adapter = build_adapter(config.model)
+    cfg = config.roles[role]
+    path = cfg.path or config.model.path
+    lora = cfg.lora.rank > 0
+    module = convert(adapter.load(path, config.seed) if lora else adapter.empty(path), cfg, adapter)
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    params = dict(module.named_parameters())
+    kind = "ema" if ema else "model"
+    template = {f"role.{role}/{kind}/{n}": params[n].detach() for n in names}
+    loaded = load_tensors(checkpoint, template)
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(loaded[f"role.{role}/{kind}/{n}"])
+    return module.eval().requires_grad_(False)
 
 
 def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: bool = False) -> Path:
     adapter = build_adapter(config.model)
-    module = adapter.empty_transformer(config.roles[role].path or config.model.path)
-    state = load_role_weights(checkpoint, role, module.state_dict())
-    if ema:
-        params = {k: v for k, v in module.state_dict().items() if k in dict(module.named_parameters())}
-        state.update(load_role_weights(checkpoint, role, params, ema=True))
-    module.load_state_dict(state)
-    module.save_pretrained(out / "transformer")
-    sigmas = sampling_sigmas(config, adapter)
+    module = trained_module(checkpoint, config, role, ema)
+    cfg = config.roles[role]
+    lora_info = None
+    if cfg.lora.rank > 0:
+        adapter.save_lora(module, out / LORA_FOLDER)
+        lora_info = {"base": cfg.path or config.model.path, "seed": config.seed, "rank": cfg.lora.rank,
+                     "folder": LORA_FOLDER}
+        merge_lora(module)
+    adapter.save(module, out)
+    sampler = method_class(config.method.name).sampler(config.method, adapter, role)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=config.model.shift)
-    scheduler.register_to_config(few_step_sigmas=sigmas)
+    scheduler.register_to_config(few_step_sigmas=list(sampler.sigmas))
     scheduler.save_config(out / "scheduler")
     info = {
-        "family": config.model.family.value,
+        "family": config.model.family,
+        "subfolder": config.model.subfolder,
+        "arch": dict(config.model.arch),
         "shift": config.model.shift,
         "latent_shape": list(config.model.latent_shape),
         "text_len": config.model.text_len,
         "text_dim": config.model.text_dim,
-        "sigmas": sigmas,
+        "sampler": sampler.to_json(),
+        "lora": lora_info,
         "checkpoint": Path(checkpoint).name,  # no machine paths in what may be shipped
         "role": role,
         "ema": ema,
@@ -81,7 +103,7 @@ def main(argv=None) -> int:
     parser.add_argument("path", type=Path, help="a run folder (its newest checkpoint) or a checkpoint folder")
     parser.add_argument("--out", type=Path, help="output folder (default: <run>/export)")
     args = parser.parse_args(argv)
-    checkpoint = args.path if (args.path / "trainer.json").is_file() else latest_checkpoint(args.path)
+    checkpoint = read_complete(args.path)
     if checkpoint is None:
         print(f"error: {args.path} holds no complete checkpoint", file=sys.stderr)
         return 2

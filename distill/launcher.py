@@ -33,6 +33,11 @@ PENDING_ARRAY: list = []
 def launch(config: Config) -> None:
     hydra = HydraConfig.get()
     run_dir = Path(hydra.runtime.output_dir)
+    if config.launcher.name == "slurm" and not config.launcher.dry_run:
+        from distill.slurm import missing_slurm
+
+        if missing_slurm():
+            raise LaunchError(missing_slurm())
     save_config(config, run_dir / CONFIG_FILE)
     if config.launcher.name == "slurm":
         if hydra.mode == RunMode.MULTIRUN:

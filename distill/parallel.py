@@ -1,8 +1,8 @@
 """FSDP2 for the roles: each transformer block and the root sharded over the
-mesh, mixed precision per role, weights materialised shard by shard."""
+data-parallel mesh, mixed precision per role, weights materialised shard by
+shard from rank 0's copy."""
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -21,32 +21,22 @@ def mixed_precision(cfg: RoleConfig) -> MixedPrecisionPolicy:
 
 
 def shard(module: nn.Module, blocks, cfg: RoleConfig, runtime: Runtime) -> nn.Module:
-    # a 2-D mesh (replicate, shard) makes fully_shard do HSDP
+    """fully_shard per block and on the root; a 2-D (replicate, shard) mesh makes it HSDP."""
     policy = mixed_precision(cfg)
     for block in blocks:
-        fully_shard(block, mesh=runtime.mesh, mp_policy=policy)
-    fully_shard(module, mesh=runtime.mesh, mp_policy=policy)
+        fully_shard(block, mesh=runtime.fsdp_mesh, mp_policy=policy)
+    fully_shard(module, mesh=runtime.fsdp_mesh, mp_policy=policy)
     return module
 
 
-def build_sharded(adapter, path, seed: int, cfg: RoleConfig, runtime: Runtime) -> nn.Module:
-    """A sharded role whose full weights only rank 0 ever holds.
-
-    Every rank builds the architecture on the meta device (buffers stay real),
-    shards it and allocates its own shard; rank 0 reads the weights through
-    the adapter's normal loading path and broadcasts them shard-wise.
-    """
-    full = adapter.load_transformer(path, seed) if runtime.is_main else None
-    with init_empty_weights(include_buffers=False):
-        module = adapter.empty_transformer(path)
-    if not cfg.trainable and DTYPES[cfg.precision] != torch.float32:
-        module.to(DTYPES[cfg.precision])
+def materialise(module: nn.Module, full: dict, runtime: Runtime) -> nn.Module:
+    """Allocate a sharded meta-device module's shards and fill them from rank 0's
+    full state dict (`full` is empty on the other ranks). Buffers, which stay
+    real on the meta device, are kept."""
     buffers = {name: b.clone() for name, b in module.named_buffers()}
-    shard(module, adapter.blocks(module), cfg, runtime)
     module.to_empty(device=runtime.device)
     with torch.no_grad():
         for name, b in module.named_buffers():
             b.copy_(buffers[name])
-    state = full.state_dict() if full is not None else {}
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return module

@@ -7,7 +7,8 @@
 
 The captions file is JSON lines ({"file_name": ..., "caption": ...}) or a CSV
 with the columns file_name,caption; a row's id is its file_name. PATH is a
-diffusers Wan folder: `vae/` (AutoencoderKLWan), `text_encoder/`
+diffusers folder of the model family (`--family`, default wan) whose
+encoders are used: for Wan `vae/` (AutoencoderKLWan), `text_encoder/`
 (UMT5EncoderModel) and `tokenizer/`. Frames are resized to cover
 height x width, centre-cropped, and the first `frames` are kept; the latent
 is the VAE posterior mean, un-normalised, [C, T, H/8, W/8]; the text
@@ -84,34 +85,6 @@ def load_clip(path: Path, frames: int, height: int, width: int) -> torch.Tensor:
     return video[:, :, top : top + height, left : left + width].permute(1, 0, 2, 3).clamp(-1, 1)
 
 
-class Encoders:
-    def __init__(self, model: Path, text_only: bool, max_text_len: int, device: torch.device):
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        self.device = device
-        self.max_text_len = max_text_len
-        self.tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
-        self.text_encoder = UMT5EncoderModel.from_pretrained(model / "text_encoder").to(device).eval()
-        self.vae = None
-        if not text_only:
-            from diffusers import AutoencoderKLWan
-
-            self.vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae").to(device).eval()
-
-    @torch.no_grad()
-    def text(self, captions: List[str]) -> List[torch.Tensor]:
-        tokens = self.tokenizer(
-            captions, padding="max_length", max_length=self.max_text_len, truncation=True, return_tensors="pt"
-        ).to(self.device)
-        hidden = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-        lengths = tokens.attention_mask.sum(dim=1).tolist()
-        return [h[:n].float().cpu() for h, n in zip(hidden, lengths)]
-
-    @torch.no_grad()
-    def video(self, clips: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(clips.to(self.device)).latent_dist.mean.float().cpu()
-
-
 def batched(items: List, size: int) -> Iterable[List]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -126,7 +99,11 @@ def preprocess(args) -> Counter:
     mine = [row for i, row in enumerate(items) if i % world_size == rank and row["file_name"] not in done]
     counts = Counter(already_done=sum(row["file_name"] in done for row in items[rank::world_size]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoders = Encoders(Path(args.model), args.text_only, args.max_text_len, device)
+    from distill.config.schema import ModelConfig
+    from distill.models import build_adapter
+
+    adapter = build_adapter(ModelConfig(family=args.family, path=str(args.model)))
+    encoders = adapter.encoders(Path(args.model), args.text_only, args.max_text_len, device)
     shard_index = len(list(out.glob(f"shard-r{rank:03d}-*.parquet")))
     pending: List[Dict[str, object]] = []
     for chunk in batched(mine, args.batch_size):
@@ -163,6 +140,7 @@ def preprocess(args) -> Counter:
 def parse_args(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="diffusers Wan folder with vae/, text_encoder/, tokenizer/")
+    p.add_argument("--family", default="wan", help="the model family whose encoders to use (model.family)")
     p.add_argument("--captions", required=True, help="JSON lines or CSV of file_name, caption")
     p.add_argument("--videos", help="folder the file names are relative to")
     p.add_argument("--out", required=True)

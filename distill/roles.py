@@ -1,21 +1,35 @@
 """Roles: each named network of a run with its trainability, precision,
-optimizer, LR schedule and EMA. The method decides what a role is for."""
+optimizer, LR schedule and EMA. The method decides what a role is for.
+
+Every role is built by one pipeline, the same on 1 and N ranks:
+
+    load (at the role's precision) -> convert (LoRA) -> activation checkpointing
+      -> shard (FSDP2, N ranks) -> optimizer and LR schedule (trainable roles)
+"""
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
+from accelerate import init_empty_weights
 from diffusers.optimization import get_scheduler
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from distill.config.schema import Config, Precision, RoleConfig
+from distill.config.schema import Precision, RoleConfig
 from distill.distributed import Runtime
 from distill.ema import EMA
-from distill.models import FlowMatchingAdapter
-from distill.parallel import DTYPES, build_sharded
+from distill.lora import apply_lora
+from distill.parallel import DTYPES, materialise, shard
 
 
 @dataclass
@@ -35,6 +49,10 @@ class Role:
     def sharded(self) -> bool:
         return isinstance(self.module, FSDPModule)
 
+    def trained_names(self) -> List[str]:
+        """The parameters this role's optimizer updates (all of them, or the LoRA adapters)."""
+        return [n for n, p in self.module.named_parameters() if p.requires_grad]
+
     def autocast(self):
         """bf16 compute for an unsharded trainable role (FSDP2's policy does it otherwise)."""
         if self.trainable and self.cfg.precision == Precision.bf16 and not self.sharded:
@@ -49,7 +67,8 @@ class Role:
 
     def clip_and_step(self, step: int) -> float:
         """Clip the gradient, step optimizer, schedule and EMA; returns the pre-clip norm."""
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         self.optimizer.step()
@@ -62,48 +81,92 @@ class Role:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    # --- a checkpoint part (trainable roles): the frozen base of a LoRA role is not saved
+    def state_dict(self) -> dict:
+        trained = set(self.trained_names())
+        state = {
+            "model": {k: v for k, v in get_model_state_dict(self.module).items() if k in trained},
+            "optim": get_optimizer_state_dict(self.module, self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
-def build_roles(config: Config, adapter: FlowMatchingAdapter, runtime: Runtime) -> Dict[str, Role]:
-    roles = {}
-    for name, cfg in config.roles.items():
-        path = cfg.path or config.model.path
-        if runtime.distributed:
-            module = build_sharded(adapter, path, config.seed, cfg, runtime)
-        else:
-            module = adapter.load_transformer(path, seed=config.seed).to(runtime.device)
-            if not cfg.trainable and DTYPES[cfg.precision] != torch.float32:
-                module.to(DTYPES[cfg.precision])
-        roles[name] = Role(name, cfg, _prepare(module, cfg))
-        if cfg.trainable and cfg.ema_decay is not None:
-            roles[name].ema = EMA(module, cfg.ema_decay, cfg.ema_start_step)
-    return roles
+    def load_state_dict(self, state: dict) -> None:
+        set_model_state_dict(self.module, state["model"], options=StateDictOptions(strict=False))
+        set_optimizer_state_dict(self.module, self.optimizer, state["optim"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
 
 
-def _prepare(module: nn.Module, cfg: RoleConfig) -> nn.Module:
-    if cfg.activation_checkpointing and cfg.trainable:
+def storage_dtype(cfg: RoleConfig) -> torch.dtype:
+    """Trainable roles keep fp32 master weights (bf16 is their compute precision);
+    a frozen role is stored at its precision."""
+    return torch.float32 if cfg.trainable else DTYPES[cfg.precision]
+
+
+def convert(module: nn.Module, cfg: RoleConfig, adapter) -> nn.Module:
+    """The converters a role asks for (LoRA now; quantisation would go here)."""
+    if cfg.trainable and cfg.lora.rank > 0:
+        module = apply_lora(module, cfg.lora, cfg.lora.target_modules or adapter.lora_targets())
+    return module
+
+
+def prepare(module: nn.Module, cfg: RoleConfig, adapter) -> nn.Module:
+    """convert -> trainability -> activation checkpointing: everything before sharding."""
+    module = convert(module, cfg, adapter)
+    if not cfg.trainable:
+        return module.requires_grad_(False).eval()  # frozen: no grads, no optimizer
+    if cfg.activation_checkpointing:
         module.enable_gradient_checkpointing()
-    if cfg.trainable:
-        return module.train()
-    return module.requires_grad_(False).eval()  # frozen: no grads, no optimizer
+    return module.train()
 
 
-def attach_optimizers(roles: Dict[str, Role], updates: Dict[str, int]) -> None:
-    """AdamW and an LR schedule for each trainable role.
+def build_module(cfg: RoleConfig, path: Optional[str], seed: int, adapter, runtime: Runtime) -> nn.Module:
+    """load -> prepare -> shard: one pipeline for 1 and N ranks.
 
-    `updates[name]` is how many optimizer steps the role takes in the run; a
-    schedule without total_steps spans exactly those.
+    With N ranks, every rank prepares the architecture on the meta device and
+    shards it; only rank 0 loads (and prepares alike) the full weights, which
+    are broadcast shard-wise.
     """
+    dtype = storage_dtype(cfg)
+    load: Callable[[], nn.Module] = lambda: prepare(adapter.load(path, seed, dtype), cfg, adapter)
+    if not runtime.distributed:
+        return load().to(runtime.device)
+    full = load().state_dict() if runtime.is_main else {}
+    with init_empty_weights(include_buffers=False):
+        module = prepare(adapter.empty(path, dtype), cfg, adapter)
+    shard(module, adapter.blocks(module), cfg, runtime)
+    return materialise(module, full, runtime)
+
+
+def build_roles(config, adapter, runtime: Runtime) -> Dict[str, Role]:
+    """Every role of the config, loaded, converted and sharded (no optimizer yet)."""
+    return {
+        name: Role(name, cfg, build_module(cfg, cfg.path or config.model.path, config.seed, adapter, runtime))
+        for name, cfg in config.roles.items()
+    }
+
+
+def attach_optimizers(roles: Dict[str, Role], updates: Dict[str, int], lrs: Optional[Dict[str, float]] = None) -> None:
+    """The pipeline's last stage, once the method can say how often each role steps:
+    AdamW over each trainable role's trained parameters at the method's learning
+    rate for it (`lrs`, else roles.<r>.optimizer.lr), an LR schedule spanning
+    `updates[name]` optimizer steps unless the role sets total_steps, and the EMA."""
+    lrs = lrs or {}
     for name, role in roles.items():
         if not role.trainable:
             continue
-        opt = role.cfg.optimizer
+        opt, sched = role.cfg.optimizer, role.cfg.scheduler
+        params = [p for p in role.module.parameters() if p.requires_grad]
         role.optimizer = torch.optim.AdamW(
-            role.module.parameters(), lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, eps=opt.eps
+            params, lr=lrs.get(name, opt.lr), betas=tuple(opt.betas), weight_decay=opt.weight_decay, eps=opt.eps
         )
-        sched = role.cfg.scheduler
         role.scheduler = get_scheduler(
-            sched.name.value,
-            role.optimizer,
-            num_warmup_steps=sched.warmup_steps,
+            sched.name.value, role.optimizer, num_warmup_steps=sched.warmup_steps,
             num_training_steps=sched.total_steps or max(updates[name], 1),
         )
+        if role.cfg.ema_decay is not None:
+            role.ema = EMA(role.module, role.cfg.ema_decay, role.cfg.ema_start_step)

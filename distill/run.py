@@ -3,50 +3,88 @@
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from distill.checkpoint import CheckpointError, Checkpointer, latest_checkpoint
+from distill.checkpoint import Checkpointer
 from distill.config.schema import Config
 from distill.data import build_data
 from distill.distributed import Runtime, init_runtime
 from distill.methods import build_method
 from distill.models import build_adapter
+from distill.registry import method_class
+from distill.rng import ProcessRNG
 from distill.roles import attach_optimizers, build_roles
 from distill.tracking import Tracker, log
 from distill.validation.validator import build_validator
 from distill.trainer import Trainer
 
 
+def fingerprint(config: Config, world_size: int) -> dict:
+    """What a checkpoint's tensors and data positions depend on; all must match to resume."""
+    items = {
+        "method.name": config.method.name,
+        "model.family": config.model.family,
+        "model.arch": OmegaConf.to_container(OmegaConf.create(dict(config.model.arch))),
+        "model.latent_shape": list(config.model.latent_shape),
+        "model.text_dim": config.model.text_dim,
+        "data.name": config.data.name.value,
+        "data.batch_size": config.data.batch_size,
+        "world_size": world_size,
+    }
+    for name, role in sorted(config.roles.items()):
+        if role.trainable:
+            items[f"roles.{name}.trainable"] = True
+            items[f"roles.{name}.ema_decay"] = role.ema_decay is not None
+            items[f"roles.{name}.lora"] = OmegaConf.to_container(OmegaConf.structured(role.lora))
+    return items
+
+
+def method_learning_rates(config: Config) -> dict:
+    """Role name -> the learning rate the method's config holds for it."""
+    keys = method_class(config.method.name).lr_keys(config.method)
+    return {role: getattr(config.method, key) for role, key in keys.items()}
+
+
 def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None, stop=None) -> Trainer:
-    runtime = runtime or init_runtime(config.training.device)
+    runtime = runtime or init_runtime(config.training.device, config.parallel)
     if config.training.torch_threads:
         torch.set_num_threads(config.training.torch_threads)
-    data = build_data(config, runtime.rank, runtime.world_size, runtime.device.type)  # checks the data first
+    data = build_data(config, runtime.dp_rank, runtime.dp_size, runtime.device.type)  # checks the data first
     adapter = build_adapter(config.model)
     roles = build_roles(config, adapter, runtime)
     method = build_method(config, adapter, roles, runtime.device)
-    attach_optimizers(roles, method.updates_per_role(config.training.max_steps))
+    attach_optimizers(roles, method.updates_per_role(config.training.max_steps), method_learning_rates(config))
     for name, role in roles.items():
         count = sum(p.numel() for p in role.module.parameters())
         log.info("role %s: %.3fM parameters (this rank), %s", name, count / 1e6, "trainable" if role.trainable else "frozen")
     t = config.training
     tracker = Tracker(run_dir, config, total_steps=t.max_steps, log_every=t.log_every, enabled=runtime.is_main)
-    return Trainer(
+    checkpointer = Checkpointer(run_dir, config.checkpoint, runtime, fingerprint(config, runtime.world_size), config)
+    trainer = Trainer(
         method,
         roles,
         data,
         run_dir,
-        max_steps=config.training.max_steps,
-        grad_accum_steps=config.training.grad_accum_steps,
-        log_every=config.training.log_every,
+        max_steps=t.max_steps,
+        grad_accum_steps=t.grad_accum_steps,
+        log_every=t.log_every,
         runtime=runtime,
-        checkpointer=Checkpointer(run_dir, config, runtime, config.training.keep_last),
-        checkpoint_every=config.training.checkpoint_every,
+        checkpointer=checkpointer,
         stop=stop,
         tracker=tracker,
-        samples_per_step=config.data.batch_size * t.grad_accum_steps * runtime.world_size,
+        samples_per_step=config.data.batch_size * t.grad_accum_steps * runtime.dp_size,
         validator=build_validator(config, adapter, run_dir, runtime),
         validation_every=config.validation.every,
     )
+    # what a checkpoint holds, in load order: the RNG last
+    for name, role in roles.items():
+        if role.trainable:
+            checkpointer.register(f"role.{name}", role)
+    checkpointer.register("trainer", trainer)
+    checkpointer.register("data", data, per_rank=True)
+    checkpointer.register("method", method, per_rank=True)
+    checkpointer.register("rng", ProcessRNG(), per_rank=True)
+    return trainer
 
 
 def print_summary(validator, run_dir: Path) -> None:
@@ -62,25 +100,13 @@ def print_summary(validator, run_dir: Path) -> None:
     print(f"samples: {run_dir / 'samples'}")
 
 
-def resume_point(config: Config, run_dir: Path):
-    """The checkpoint this run continues from, or None."""
-    if config.training.resume_from:
-        path = Path(config.training.resume_from)
-        if not path.is_dir():
-            raise CheckpointError(f"training.resume_from={path}: no such checkpoint folder")
-        return path
-    if config.training.resume:
-        return latest_checkpoint(run_dir)
-    return None
-
-
 def train(config: Config, run_dir: Path, runtime: Runtime = None, stop=None) -> Trainer:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(config, run_dir, runtime, stop)
-    start = resume_point(config, run_dir)
+    start = trainer.checkpointer.resume_point()
     if start is not None:
-        trainer.checkpointer.load(start, trainer)
+        trainer.checkpointer.load(start)
         log.info("resumed from %s at step %d", start, trainer.step)
     if trainer.tracker.bar is not None:
         trainer.tracker.bar.n = trainer.step
@@ -94,7 +120,7 @@ def train(config: Config, run_dir: Path, runtime: Runtime = None, stop=None) -> 
     if config.training.export_at_end and trainer.runtime.is_main:
         from distill.export import export_run
 
-        for folder in export_run(latest_checkpoint(run_dir), run_dir / "export"):
+        for folder in export_run(trainer.checkpointer.latest(), run_dir / "export"):
             log.info("exported %s", folder)
     trainer.runtime.barrier()
     log.info("run folder: %s", run_dir)

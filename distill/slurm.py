@@ -65,8 +65,26 @@ def code_version(run_dir: Path, snapshot: bool) -> dict:
     return info
 
 
+class DryRunExecutor(submitit.SlurmExecutor):
+    """Writes the sbatch script on any machine: a dry run needs no srun."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def missing_slurm() -> Optional[str]:
+    """Why this machine cannot submit (no sbatch/srun on PATH), or None."""
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if missing:
+        return (f"launcher=slurm: {' and '.join(missing)} not found on PATH; submit from a SLURM login node "
+                "(launcher.dry_run=true prints the sbatch script anywhere)")
+    return None
+
+
 def make_executor(cfg: LauncherConfig, folder: Path, code_path: Optional[Path]) -> submitit.SlurmExecutor:
-    executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=cfg.max_requeues)
+    kind = DryRunExecutor if cfg.dry_run else submitit.SlurmExecutor
+    executor = kind(folder=str(folder), max_num_timeout=cfg.max_requeues)
     tasks = cfg.tasks_per_node or max(cfg.gpus_per_node, 1)
     setup = list(cfg.setup)
     if code_path is not None:

@@ -29,7 +29,6 @@ class Trainer:
         log_every: int = 1,
         runtime: Optional[Runtime] = None,
         checkpointer=None,
-        checkpoint_every: int = 0,
         stop: Optional[StopRequest] = None,
         tracker: Optional[Tracker] = None,
         samples_per_step: int = 0,
@@ -45,7 +44,6 @@ class Trainer:
         self.log_every = log_every
         self.runtime = runtime or Runtime()
         self.checkpointer = checkpointer
-        self.checkpoint_every = checkpoint_every
         self.stop = stop
         self.step = 0
         self.tracker = tracker or Tracker(self.run_dir, log_every=log_every, enabled=self.runtime.is_main)
@@ -58,8 +56,8 @@ class Trainer:
         log.info("training steps %d..%d", self.step + 1, self.max_steps)
         while self.step < self.max_steps:
             self.advance()
-            if self.checkpointer and self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                self.checkpointer.save(self)
+            if self.checkpointer and self.checkpointer.due(self.step):
+                self.checkpointer.save(self.step)
             if self.validator and self.validation_every and self.step % self.validation_every == 0:
                 self.validate()
             if self.stop is not None and self.runtime.any_rank(self.stop.requested):
@@ -79,8 +77,15 @@ class Trainer:
         return metrics
 
     def _save_once(self) -> None:
-        if self.checkpointer and not (self.run_dir / f"checkpoint-{self.step}").exists():
-            self.checkpointer.save(self)
+        if self.checkpointer and not self.checkpointer.path(self.step).exists():
+            self.checkpointer.save(self.step)
+
+    # --- a checkpoint part: the counters --------------------------------------
+    def state_dict(self) -> Dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.step = state["step"]
 
     def advance(self) -> None:
         """One iteration and its log line."""

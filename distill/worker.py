@@ -31,7 +31,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 def main(argv=None) -> int:
     run_dir = Path((argv or sys.argv[1:])[0])
     config = load_config(run_dir / CONFIG_FILE)
-    runtime = init_runtime(config.training.device, config.training.hsdp_replicas, config.training.collective_timeout_s)
+    runtime = init_runtime(config.training.device, config.parallel, config.training.collective_timeout_s)
     setup_logging(run_dir, runtime.rank)
     logging.getLogger("distill").info(
         "rank %d of %d, pid %d, device %s, node %s, code %s",

@@ -60,7 +60,7 @@ def tiny_model_dir(tmp_path):
     from distill.models import build_adapter
 
     config = validate(compose_config())
-    module = build_adapter(config.model).load_transformer(None, seed=123)
+    module = build_adapter(config.model).load(None, seed=123)
     folder = tmp_path / "tiny-wan"
     module.save_pretrained(folder / "transformer")
     return folder

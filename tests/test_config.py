@@ -6,7 +6,9 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config, run_launch
 from distill.config import ConfigError, validate
-from distill.config.schema import Config, DMD2Config, FinetuneConfig
+from distill.config.schema import Config
+from distill.methods.dmd2 import DMD2Config
+from distill.methods.finetune import FinetuneConfig
 
 GROUPS = ["model", "method", "training", "data", "launcher"]
 
@@ -58,9 +60,10 @@ def test_experiment_recipes_carry_published_numbers():
     assert list(four.method.student_steps) == [1000, 750, 500, 250]
     assert (four.method.critic_lr, four.roles.critic.optimizer.lr, list(four.roles.student.optimizer.betas)) == (
         4e-7,
-        4e-7,
+        None,  # one source of truth: the method's key
         [0.0, 0.999],
     )
+    assert four.roles.student.precision == "bf16" and four.checkpoint.every == 250
     big = compose_config(["experiment=wan21_t2v_1.3b_dmd2_8step_14b_teacher"])
     assert big.roles.teacher.path == "Wan-AI/Wan2.1-T2V-14B-Diffusers" and big.roles.student.path is None
 
@@ -86,13 +89,21 @@ def test_default_is_typed_dmd2_on_the_tiny_model():
     assert config.model.path is None and config.model.arch
 
 
-def test_method_lrs_flow_into_role_optimizers():
+def test_method_lrs_reach_the_role_optimizers(tmp_path):
+    """One source of truth per learning rate: the method's key, which the optimizers use
+    and the saved config shows; the role's own lr stays null."""
+    from distill.config.io import load_config, save_config
+    from distill.run import build_trainer
+
     config = validate(compose_config(["method.generator_lr=3e-6", "method.critic_lr=7e-6"]))
-    assert config.roles["student"].optimizer.lr == 3e-6
-    assert config.roles["critic"].optimizer.lr == 7e-6
+    trainer = build_trainer(config, tmp_path)
+    assert trainer.roles["student"].lr() == 3e-6 and trainer.roles["critic"].lr() == 7e-6
+    save_config(config, tmp_path / "c.yaml")
+    saved = load_config(tmp_path / "c.yaml")
+    assert (saved.method.generator_lr, saved.roles["student"].optimizer.lr) == (3e-6, None)
     finetune = validate(compose_config(["method=finetune", "method.lr=4e-4"]))
     assert isinstance(finetune.method, FinetuneConfig)
-    assert set(finetune.roles) == {"student"} and finetune.roles["student"].optimizer.lr == 4e-4
+    assert set(finetune.roles) == {"student"}
 
 
 def test_bigger_teacher_is_one_override(tiny_model_dir):
@@ -114,6 +125,17 @@ INVALID = [
     (["method.generator_update_interval=0"], "method.generator_update_interval=0: must be >= 1"),
     (["training.max_steps=0"], "training.max_steps=0: must be >= 1"),
     (["method=finetune", "+role@roles.critic=critic"], "roles.critic is not used by method finetune"),
+    (["+roles.teacher.bogus_key=1"], "roles.teacher.bogus_key: unknown key (RoleConfig has"),
+    (["+training.bogus=1"], "training.bogus: unknown key (TrainingConfig has"),
+    (["roles.student.optimizer.lr=1e-3"], "roles.student.optimizer.lr=0.001: the student's learning rate is method.generator_lr"),
+    (["checkpoint.every=-1"], "checkpoint.every=-1: must be >= 0"),
+    (["validation.every=-3"], "validation.every=-3: must be >= 0"),
+    (["checkpoint.folder=ckpt"], "checkpoint.folder=ckpt: must be a folder name holding {step}"),
+    (["parallel.replicate=2"], "parallel.replicate=2 x parallel.shard=-1 x parallel.context=1 does not fit the 1 ranks"),
+    (["parallel.context=2", "launcher.nproc_per_node=2"], "parallel.context=2: no model family supports context parallelism yet"),
+    (["roles.student.lora.rank=-1"], "roles.student.lora.rank=-1: must be >= 0"),
+    (["roles.teacher.lora.rank=4"], "roles.teacher.lora.rank=4: LoRA needs a trainable role"),
+    (["model.family=nope"], "model.family=nope: no such model family (registered: wan"),
 ]
 
 
@@ -134,6 +156,10 @@ def test_invalid_config_is_rejected(overrides, message):
         (["training.max_steps=abc"], "full_key: training.max_steps"),
         (["method.rollout=sideways"], "expected one of [simulate, data]"),
         (["model=nope"], "Available options in 'model'"),
+        (["+roles.teacher.bogus_key=1"], "roles.teacher.bogus_key: unknown key"),
+        (["training.checkpoint_every=-1"], "Key 'checkpoint_every' not in 'TrainingConfig'"),
+        (["checkpoint.every=-1"], "checkpoint.every=-1: must be >= 0"),
+        (["validation.every=-3"], "validation.every=-3: must be >= 0"),
     ],
 )
 def test_launch_rejects_bad_config_without_traceback(tmp_path, overrides, message):
@@ -149,3 +175,27 @@ def test_cfg_job_prints_composed_config():
     assert result.returncode == 0, result.stderr
     printed = OmegaConf.create(result.stdout)
     assert printed.method.guidance_scale == 2.5 and printed.method.name == "dmd2"
+
+
+def test_slurm_dry_run_prints_the_script_without_slurm(tmp_path, monkeypatch):
+    """No srun/sbatch on PATH: the dry run still prints the sbatch script; a real
+    submission is refused in one line."""
+    import os
+    import shutil
+
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for tool in ("python", "python3"):
+        (bare / tool).symlink_to(shutil.which(tool) or __import__("sys").executable)
+    path = f"{bare}:/usr/bin:/bin"
+    if any(os.path.exists(os.path.join(d, "srun")) for d in path.split(":")):
+        path = str(bare)
+    monkeypatch.setenv("PATH", path)
+    dry = run_launch(["launcher=slurm", "launcher.dry_run=true", f"hydra.run.dir={tmp_path / 'dry'}"])
+    assert dry.returncode == 0, dry.stderr
+    assert "#SBATCH" in dry.stdout and "--kill-on-bad-exit=1" in dry.stdout
+    assert "Traceback" not in dry.stderr
+    real = run_launch(["launcher=slurm", f"hydra.run.dir={tmp_path / 'real'}"])
+    assert real.returncode == 1
+    assert "launcher=slurm: sbatch and srun not found on PATH" in real.stderr
+    assert "Traceback" not in real.stderr and len(real.stderr.strip().splitlines()) == 1

@@ -15,7 +15,7 @@ SHORT = [
     "validation.every=0",
     "validation.num_samples=128",
     "validation.teacher_steps=2",  # the reference here is the teacher at the student's 2 steps
-    "training.checkpoint_every=100000",
+    "checkpoint.every=100000",
     "training.export_at_end=false",
 ]
 

@@ -6,7 +6,7 @@ from conftest import read_metrics, run_launch
 from distill.data.digits import DIRECTIONS, SPEED, digit_images, ensure_digits, make_clips, prompt
 from distill.data.parquet import ParquetIndex, ParquetLatents, Shapes
 from distill.data.schema import decode
-from distill.models.hash_text import HashTextEncoder
+from distill.data.hash_text import HashTextEncoder
 
 
 def centroid(frame):

@@ -50,7 +50,7 @@ def test_hsdp_with_grad_accumulation_and_checkpointing_matches_one_process(tmp_p
             *common,
             "data.batch_size=1",
             "launcher.nproc_per_node=4",
-            "training.hsdp_replicas=2",
+            "parallel.replicate=2",
             "roles.student.activation_checkpointing=true",
             "roles.critic.activation_checkpointing=true",
             f"hydra.run.dir={four}",
@@ -147,7 +147,7 @@ def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path):
     launch resumes from the newest complete one and ends where an
     uninterrupted run ends."""
     run, reference = tmp_path / "run", tmp_path / "reference"
-    common = ["training.max_steps=40", "training.checkpoint_every=2", "training.keep_last=0"]
+    common = ["training.max_steps=40", "checkpoint.every=2", "checkpoint.keep_last=0"]
     proc = _launch_background([*common, f"hydra.run.dir={run}"])
     caught = None
     try:

@@ -4,8 +4,8 @@ predictions are fixed tensors."""
 import torch
 from torch import nn
 
-from distill.config.schema import DMD2Config, ModelConfig, Rollout, RoleConfig
-from distill.methods.dmd2 import DMD2, dmd_gradient, generator_loss
+from distill.config.schema import ModelConfig, RoleConfig
+from distill.methods.dmd2 import DMD2, DMD2Config, Rollout, dmd_gradient, generator_loss
 from distill.roles import Role, attach_optimizers
 from standins import StandInAdapter
 
@@ -133,7 +133,7 @@ def test_backward_simulation_stops_at_the_target_step():
     roles["student"].module = CountingStudent([0.0] * 4, trainable=True)
     for _ in range(20):
         CountingStudent.calls = 0
-        _, step = method.student_sample(batch())
+        _, step = method.student_sample(batch(), {})
         assert CountingStudent.calls == step + 1
 
 
@@ -146,7 +146,7 @@ def test_data_rollout_noises_the_batch_latent_at_the_listed_step():
     roles["student"].module.parameters = module.parameters
     method.randn = lambda shape: torch.full(shape, 4.0)
     b = dict(batch(), latents=torch.full(SHAPE, 2.0))
-    method.student_sample(b)
+    method.student_sample(b, {})
     x_t, t = seen[0]
     assert torch.allclose(x_t, torch.full(SHAPE, 3.0))  # 0.5 * 2 + 0.5 * 4
     assert torch.allclose(t, torch.tensor([500.0]))
@@ -158,7 +158,7 @@ def test_update_schedule_over_ten_iterations(tmp_path):
     method, roles = make_method([0.0] * 4, [0.0] * 4, [0.0] * 4, None, generator_update_interval=5)
     updates = method.updates_per_role(10)
     assert updates == {"student": 2, "critic": 10, "teacher": 0}
-    attach_optimizers(roles, updates)
+    attach_optimizers(roles, updates, lrs={"student": 1e-3, "critic": 1e-3})
     Trainer(method, roles, iter(batch, None), run_dir=tmp_path, max_steps=10).fit()  # no checkpointer
     for name, count in (("student", 2), ("critic", 10)):
         role = roles[name]

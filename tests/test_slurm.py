@@ -84,7 +84,7 @@ def _wait(predicate, timeout, what):
 
 def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted_run(slurm, tmp_path):
     run = tmp_path / "run"
-    common = ["training.max_steps=150", "training.checkpoint_every=1000", "method.generator_update_interval=3"]
+    common = ["training.max_steps=150", "checkpoint.every=1000", "method.generator_update_interval=3"]
     job = launch(slurm, [*SLURM, "launcher.tasks_per_node=1", *common, f"hydra.run.dir={run}"])
     assert job.returncode == 0, job.stdout + job.stderr
     job_id = json.loads((run / "slurm_job.json").read_text())["job_id"]

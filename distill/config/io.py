@@ -4,7 +4,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from distill.config.schema import METHOD_SCHEMAS, Config
+from distill.config.schema import Config
+from distill.registry import load_entries, method_class
 
 
 def save_config(config: Config, path: Path) -> None:
@@ -12,7 +13,8 @@ def save_config(config: Config, path: Path) -> None:
 
 
 def load_config(path: Path) -> Config:
+    load_entries()
     raw = OmegaConf.load(path)
     schema = OmegaConf.structured(Config)
-    schema.method = OmegaConf.structured(METHOD_SCHEMAS[raw.method.name])
+    schema.method = OmegaConf.structured(method_class(raw.method.name).config_class)
     return OmegaConf.to_object(OmegaConf.merge(schema, raw))

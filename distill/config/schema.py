@@ -2,21 +2,19 @@
 
 The YAML files under conf/ fill these dataclasses; OmegaConf enforces key names
 and types when the config is composed, and `validate.py` adds the checks that
-span several fields. Nothing here imports torch.
+span several fields. A method's own config class lives with the method
+(distill/methods/) and is stored here from the registry. Nothing here
+imports torch.
 """
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
-
-
-class ModelFamily(str, Enum):
-    wan = "wan"  # diffusers WanTransformer3DModel (Wan2.1 T2V)
 
 
 class VaeKind(str, Enum):
@@ -29,11 +27,6 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
-class Rollout(str, Enum):
-    simulate = "simulate"  # data-free backward simulation from pure noise
-    data = "data"  # noise a real latent to a listed step
-
-
 class SchedulerName(str, Enum):
     # the names of diffusers.optimization.get_scheduler
     constant = "constant"
@@ -44,7 +37,7 @@ class SchedulerName(str, Enum):
 
 @dataclass
 class ModelConfig:
-    family: ModelFamily = ModelFamily.wan  # which adapter in distill/models serves it
+    family: str = "wan"  # the registered model family (distill/models) that serves it
     # A diffusers pipeline folder (or a Hugging Face repo id already in the local
     # cache); the transformer is read from `<path>/<subfolder>`. null builds
     # `arch` with random weights (tiny models for CPU runs and tests).
@@ -64,7 +57,9 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 1e-5
+    # null: the learning rate the method gives this role (e.g. method.generator_lr);
+    # a role the method gives none must set it
+    lr: Optional[float] = None
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     eps: float = 1e-8
@@ -76,6 +71,16 @@ class SchedulerConfig:
     warmup_steps: int = 0
     # the number of optimizer steps the schedule spans; null: the run's length
     total_steps: Optional[int] = None
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # 0: no LoRA, the whole network trains
+    alpha: Optional[float] = None  # scale alpha / rank; null: alpha = rank
+    dropout: float = 0.0
+    # module names (peft's target_modules); null: the model family's default
+    # (Wan: the attention and FFN projections of every block)
+    target_modules: Optional[List[str]] = None
 
 
 @dataclass
@@ -91,41 +96,15 @@ class RoleConfig:
     # before ema_start_step the average simply copies the weights
     ema_decay: Optional[float] = None
     ema_start_step: int = 0
+    # low-rank adapters on a trainable role: base weights frozen, adapters trained
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class MethodConfig:
+    """Base of every method's config class (see distill/methods/)."""
+
     name: str = MISSING
-    # role name -> "trainable" or "frozen": the roles this method needs
-    roles: ClassVar[Dict[str, str]] = {}
-
-
-@dataclass
-class DMD2Config(MethodConfig):
-    name: str = "dmd2"
-    # The student's steps as sigma*1000 before the shift, from noisiest down.
-    student_steps: List[int] = field(default_factory=lambda: [1000, 757, 522])
-    # true: pass the listed steps through the model's shift (the warped list)
-    warp_steps: bool = True
-    rollout: Rollout = Rollout.simulate
-    # Teacher CFG as uncond + w * (cond - uncond). Recipes written as
-    # cond + w' * (cond - uncond) use w = w' + 1.
-    guidance_scale: float = 4.5
-    generator_update_interval: int = 5
-    min_timestep_ratio: float = 0.02
-    max_timestep_ratio: float = 0.98
-    generator_lr: float = 2e-6  # roles.student.optimizer.lr follows it
-    critic_lr: float = 2e-6  # roles.critic.optimizer.lr follows it
-    roles: ClassVar[Dict[str, str]] = {"student": "trainable", "teacher": "frozen", "critic": "trainable"}
-
-
-@dataclass
-class FinetuneConfig(MethodConfig):
-    name: str = "finetune"
-    lr: float = 1e-5  # roles.student.optimizer.lr follows it
-    # probability of training on the empty prompt, so that CFG works later
-    condition_dropout: float = 0.1
-    roles: ClassVar[Dict[str, str]] = {"student": "trainable"}
 
 
 @dataclass
@@ -135,17 +114,33 @@ class TrainingConfig:
     log_every: int = 1
     device: str = "auto"  # auto: cuda when available, else cpu
     torch_threads: Optional[int] = None  # null: torch's default
-    # checkpoint-<step>/ folders in the run folder; a run started in a folder
-    # that holds one resumes from the newest complete one
-    checkpoint_every: int = 500
-    keep_last: int = 3  # complete checkpoints kept; 0 keeps all
-    resume: bool = True  # resume from the run folder's newest checkpoint
-    resume_from: Optional[str] = None  # a checkpoint folder to resume from instead
-    export_at_end: bool = True  # write the student in diffusers format at the end
-    # data-parallel layout: shard over all ranks (1), or HSDP with this many
-    # replicas of a shard group of world_size / hsdp_replicas ranks
-    hsdp_replicas: int = 1
+    export_at_end: bool = True  # write the trained roles in diffusers format at the end
     collective_timeout_s: int = 600  # a collective waiting longer than this fails
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (one is always written at the end); 0: only at the end
+    keep_last: int = 3  # complete checkpoints kept; 0 keeps all
+    resume: bool = True  # a run started in a folder with a checkpoint resumes from the newest complete one
+    resume_from: Optional[str] = None  # a checkpoint folder to resume from instead
+    # the name of a checkpoint folder inside the run folder; must hold {step}
+    folder: str = "checkpoint-{step}"
+
+
+@dataclass
+class ParallelConfig:
+    """Named mesh dimensions; their product is the number of ranks.
+
+    Data parallelism spans replicate x shard: each replicate group holds a full
+    copy of the roles, sharded (FSDP2) over its shard ranks; replicate > 1 is
+    HSDP. Ranks of one context group see the same batch (context parallelism,
+    size 1 until a model family supports it).
+    """
+
+    replicate: int = 1
+    shard: int = -1  # -1: the ranks left over, world / (replicate * context)
+    context: int = 1
 
 
 class DataName(str, Enum):
@@ -241,17 +236,16 @@ class LauncherConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: Any = MISSING  # one of the MethodConfig subclasses
+    method: Any = MISSING  # the config class of a registered method
     roles: Dict[str, RoleConfig] = field(default_factory=dict)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     seed: int = 0
-
-
-METHOD_SCHEMAS = {"dmd2": DMD2Config, "finetune": FinetuneConfig}
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -268,5 +262,8 @@ def register_configs() -> None:
     cs.store(group="schema/data", name="data", node=DataConfig)
     cs.store(group="schema/launcher", name="launcher", node=LauncherConfig)
     cs.store(group="schema/logger", name="logger", node=LoggerConfig)
-    for name, schema in METHOD_SCHEMAS.items():
-        cs.store(group="schema/method", name=name, node=schema)
+    from distill.registry import METHODS, load_entries
+
+    load_entries()
+    for name, method in METHODS.items():
+        cs.store(group="schema/method", name=name, node=method.config_class)

@@ -18,7 +18,7 @@ import torch
 
 from distill.data.schema import make_row
 from distill.data.writer import write_dataset
-from distill.models.hash_text import HashTextEncoder
+from distill.data.hash_text import HashTextEncoder
 
 FRAMES, SIZE, DIGIT, SPEED = 4, 16, 8, 2
 DIRECTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}

@@ -1,14 +1,16 @@
-"""Training methods: the losses and the update schedule over the roles."""
+"""Training methods: the losses and the update schedule over the roles.
 
+A new method is one file here (a Method subclass registered with
+`register_method`, with its config class) and one YAML in conf/method/.
+"""
+
+from distill.methods import dmd2, finetune  # noqa: F401  (register the built-in methods)
 from distill.methods.base import Method
+from distill.registry import method_class
 
 
 def build_method(config, adapter, roles, device) -> Method:
-    from distill.methods.dmd2 import DMD2
-    from distill.methods.finetune import Finetune
-
-    methods = {"dmd2": DMD2, "finetune": Finetune}
-    return methods[config.method.name](config.method, adapter, roles, seed=config.seed, device=device)
+    return method_class(config.method.name)(config.method, adapter, roles, seed=config.seed, device=device)
 
 
 __all__ = ["Method", "build_method"]

@@ -1,19 +1,59 @@
-"""What every method gives the trainer."""
+"""A method entry: everything the rest of the project asks of a method.
+
+The class carries what is known before anything is built (config class,
+roles, checks, batch keys, how each trained role samples); an instance
+computes losses and says which roles step. Nothing outside distill/methods/
+looks at a method's config type.
+"""
 
 from abc import ABC, abstractmethod
-from typing import Dict, List, Tuple
+from typing import Any, ClassVar, Dict, List, Set, Tuple
 
 import torch
 
-from distill.models import FlowMatchingAdapter
-from distill.roles import Role
+from distill.sampling import EulerSampler, Sampler
 
 Losses = Dict[str, torch.Tensor]  # role name -> loss whose backward reaches only that role
 Metrics = Dict[str, float]
 
+DEFAULT_SAMPLING_STEPS = 50
+TEXT_KEYS = frozenset({"text_embeds", "negative_text_embeds"})
+
 
 class Method(ABC):
-    def __init__(self, cfg, adapter: FlowMatchingAdapter, roles: Dict[str, Role], seed: int, device):
+    config_class: ClassVar[type]  # a dataclass deriving from MethodConfig; its `name` is the method's
+    roles: ClassVar[Dict[str, bool]] = {}  # role name -> trainable
+
+    # --- what is known from the config alone ----------------------------------
+    @classmethod
+    def check(cls, cfg) -> List[str]:
+        """Errors of this method's config, each naming its key."""
+        return []
+
+    @classmethod
+    def batch_keys(cls, cfg) -> Set[str]:
+        """The batch entries the losses read ("latents" needs a dataset with latents)."""
+        return set(TEXT_KEYS)
+
+    @classmethod
+    def lr_keys(cls, cfg) -> Dict[str, str]:
+        """Role name -> the key of this method's config that holds its learning rate
+        (the one place it is set; roles.<r>.optimizer.lr stays null)."""
+        return {}
+
+    @classmethod
+    def guidance_scale(cls, cfg) -> float:
+        """The CFG scale the method's teacher uses (1: none)."""
+        return 1.0
+
+    @classmethod
+    def sampler(cls, cfg, adapter, role: str) -> Sampler:
+        """How a trained role samples, for validation and export: by default
+        the flow-matching Euler ODE with the method's guidance."""
+        return EulerSampler(adapter.euler_sigmas(DEFAULT_SAMPLING_STEPS), cls.guidance_scale(cfg))
+
+    # --- training ---------------------------------------------------------------
+    def __init__(self, cfg, adapter, roles: Dict[str, Any], seed: int, device):
         self.cfg = cfg
         self.adapter = adapter
         self.roles = roles

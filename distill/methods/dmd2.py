@@ -6,13 +6,40 @@ iterations the student descends the distribution-matching gradient
 student's samples by flow matching.
 """
 
-from typing import List, Tuple
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Dict, List, Set, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from distill.methods.base import Losses, Method, Metrics
-from distill.sampling import rollout
+from distill.config.schema import MethodConfig
+from distill.methods.base import TEXT_KEYS, Losses, Method, Metrics
+from distill.registry import register_method
+from distill.sampling import FewStepSampler, Sampler, rollout
+
+
+class Rollout(str, Enum):
+    simulate = "simulate"  # data-free backward simulation from pure noise
+    data = "data"  # noise a real latent to a listed step
+
+
+@dataclass
+class DMD2Config(MethodConfig):
+    name: str = "dmd2"
+    # The student's steps as sigma*1000 before the shift, from noisiest down.
+    student_steps: List[int] = field(default_factory=lambda: [1000, 757, 522])
+    # true: pass the listed steps through the model's shift (the warped list)
+    warp_steps: bool = True
+    rollout: Rollout = Rollout.simulate
+    # Teacher CFG as uncond + w * (cond - uncond). Recipes written as
+    # cond + w' * (cond - uncond) use w = w' + 1.
+    guidance_scale: float = 4.5
+    generator_update_interval: int = 5
+    min_timestep_ratio: float = 0.02
+    max_timestep_ratio: float = 0.98
+    generator_lr: float = 2e-6  # the student's learning rate
+    critic_lr: float = 2e-6  # the critic's learning rate
 
 
 def dmd_gradient(x0: torch.Tensor, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -29,11 +56,65 @@ def generator_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.mse_loss(x0, target)
 
 
+def student_sigmas(cfg: DMD2Config, adapter) -> torch.Tensor:
+    """The student's listed steps as sigmas, passed through the shift when warp_steps."""
+    sigmas = torch.tensor(list(cfg.student_steps), dtype=torch.float32) / 1000
+    return adapter.shift_sigma(sigmas) if cfg.warp_steps else sigmas
+
+
+@register_method
 class DMD2(Method):
+    config_class = DMD2Config
+    roles = {"student": True, "teacher": False, "critic": True}
+
+    @classmethod
+    def check(cls, cfg: DMD2Config) -> List[str]:
+        errors = []
+        steps = list(cfg.student_steps)
+        if not steps:
+            errors.append("method.student_steps is empty: list at least one step in (0, 1000], noisiest first")
+        elif any(not 0 < s <= 1000 for s in steps):
+            errors.append(f"method.student_steps={steps}: each step must be in (0, 1000]")
+        elif any(a <= b for a, b in zip(steps, steps[1:])):
+            errors.append(f"method.student_steps={steps}: must be strictly decreasing (noisiest first)")
+        lo, hi = cfg.min_timestep_ratio, cfg.max_timestep_ratio
+        if not 0.0 <= lo < hi <= 1.0:
+            errors.append(
+                f"method.min_timestep_ratio={lo}, method.max_timestep_ratio={hi}: "
+                "need 0 <= min_timestep_ratio < max_timestep_ratio <= 1"
+            )
+        if cfg.generator_update_interval < 1:
+            errors.append(f"method.generator_update_interval={cfg.generator_update_interval}: must be >= 1")
+        if cfg.guidance_scale < 0:
+            errors.append(f"method.guidance_scale={cfg.guidance_scale}: must be >= 0 (1 means no guidance)")
+        for key in ("generator_lr", "critic_lr"):
+            if not getattr(cfg, key) > 0:
+                errors.append(f"method.{key}={getattr(cfg, key)}: must be > 0")
+        return errors
+
+    @classmethod
+    def batch_keys(cls, cfg: DMD2Config) -> Set[str]:
+        return set(TEXT_KEYS) | ({"latents"} if cfg.rollout == Rollout.data else set())
+
+    @classmethod
+    def lr_keys(cls, cfg: DMD2Config) -> Dict[str, str]:
+        return {"student": "generator_lr", "critic": "critic_lr"}
+
+    @classmethod
+    def guidance_scale(cls, cfg: DMD2Config) -> float:
+        return cfg.guidance_scale
+
+    @classmethod
+    def sampler(cls, cfg: DMD2Config, adapter, role: str) -> Sampler:
+        """The student samples in its listed steps; the critic, a flow-matching model
+        of the student's outputs, by the unguided ODE."""
+        if role == "student":
+            return FewStepSampler(student_sigmas(cfg, adapter).tolist())
+        return super().sampler(cfg, adapter, role)
+
     def __init__(self, cfg, adapter, roles, seed, device):
         super().__init__(cfg, adapter, roles, seed, device)
-        sigmas = torch.tensor(list(cfg.student_steps), dtype=torch.float32) / 1000
-        self.student_sigmas = adapter.shift_sigma(sigmas) if cfg.warp_steps else sigmas
+        self.student_sigmas = student_sigmas(cfg, adapter)
 
     def roles_to_step(self, iteration: int) -> List[str]:
         return ["student", "critic"] if self.is_generator_iteration(iteration) else ["critic"]
@@ -43,15 +124,16 @@ class DMD2(Method):
 
     def losses(self, batch, iteration) -> Tuple[Losses, Metrics]:
         text, uncond = batch["text_embeds"], batch["negative_text_embeds"]
+        cond = self.adapter.conditioning(batch)
         train_student = self.is_generator_iteration(iteration)
         with torch.set_grad_enabled(train_student):
-            x0, step = self.student_sample(batch)
+            x0, step = self.student_sample(batch, cond)
         metrics = {"student_step": step, "sigma/student": float(self.student_sigmas[step])}
         losses = {}
         if train_student:
-            losses["student"], metrics["sigma/generator"] = self.generator_loss(x0, text, uncond)
+            losses["student"], metrics["sigma/generator"] = self.generator_loss(x0, text, uncond, cond)
         # the same sample serves the critic: no second rollout
-        losses["critic"], metrics["sigma/critic"] = self.critic_loss(x0.detach(), text)
+        losses["critic"], metrics["sigma/critic"] = self.critic_loss(x0.detach(), text, cond)
         return losses, metrics
 
     def sample_sigma(self, n: int) -> torch.Tensor:
@@ -59,7 +141,7 @@ class DMD2(Method):
         sigma = self.adapter.shift_sigma(self.rand(n))
         return sigma.clamp(self.cfg.min_timestep_ratio, self.cfg.max_timestep_ratio)
 
-    def student_sample(self, batch) -> Tuple[torch.Tensor, int]:
+    def student_sample(self, batch, cond) -> Tuple[torch.Tensor, int]:
         """x0 from the student at a random listed step; grad flows only through that last step."""
         sigmas = self.student_sigmas.to(self.device)
         step = int(torch.randint(len(sigmas), (1,), generator=self.shared_rng))
@@ -72,20 +154,23 @@ class DMD2(Method):
             # backward simulation: run only the steps before the target
             x = self.randn((n, *self.adapter.latent_shape))
             with torch.no_grad():
-                x = rollout(self.adapter, student, x, sigmas, text, self.randn, step)
-        return self.adapter.predict_x0(student, x, sigmas[step].expand(n), text), step
+                x = rollout(self.adapter, student, x, sigmas, text, self.randn, step, **cond)
+        return self.adapter.predict_x0(student, x, sigmas[step].expand(n), text, **cond), step
 
-    def generator_loss(self, x0: torch.Tensor, text, uncond) -> Tuple[torch.Tensor, float]:
+    def generator_loss(self, x0: torch.Tensor, text, uncond, cond) -> Tuple[torch.Tensor, float]:
         sigma = self.sample_sigma(x0.shape[0])
         with torch.no_grad():
             x_s = self.adapter.add_noise(x0.detach(), self.randn(x0.shape), sigma)
-            fake = self.adapter.predict_x0(self.roles["critic"], x_s, sigma, text)
-            real = self.adapter.predict_x0_cfg(self.roles["teacher"], x_s, sigma, text, uncond, self.cfg.guidance_scale)
+            fake = self.adapter.predict_x0(self.roles["critic"], x_s, sigma, text, **cond)
+            real = self.adapter.predict_x0_cfg(
+                self.roles["teacher"], x_s, sigma, text, uncond, self.cfg.guidance_scale, **cond
+            )
             grad = dmd_gradient(x0.detach().float(), fake, real)
         return generator_loss(x0, grad), float(sigma.mean())
 
-    def critic_loss(self, x0: torch.Tensor, text) -> Tuple[torch.Tensor, float]:
+    def critic_loss(self, x0: torch.Tensor, text, cond) -> Tuple[torch.Tensor, float]:
         sigma = self.sample_sigma(x0.shape[0])
         noise = self.randn(x0.shape)
-        v = self.adapter.predict_velocity(self.roles["critic"], self.adapter.add_noise(x0, noise, sigma), sigma, text)
+        x_t = self.adapter.add_noise(x0, noise, sigma)
+        v = self.adapter.predict_velocity(self.roles["critic"], x_t, sigma, text, **cond)
         return F.mse_loss(v, self.adapter.velocity_target(x0, noise).float()), float(sigma.mean())

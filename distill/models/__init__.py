@@ -1,14 +1,17 @@
-"""Model adapters: one per model family, all speaking flow matching."""
+"""Model families: one adapter class each, all speaking flow matching.
+
+A new family is one file here (an adapter registered with
+`register_family`) and one YAML in conf/model/ naming it in `family`.
+"""
 
 from distill.config.schema import ModelConfig
+from distill.models import wan  # noqa: F401  (registers the built-in family)
 from distill.models.flow_matching import FlowMatchingAdapter
+from distill.registry import family_class
 
 
 def build_adapter(cfg: ModelConfig) -> FlowMatchingAdapter:
-    from distill.models.wan import WanAdapter
-
-    adapters = {"wan": WanAdapter}
-    return adapters[cfg.family.value](cfg)
+    return family_class(cfg.family)(cfg)
 
 
 __all__ = ["FlowMatchingAdapter", "build_adapter"]

@@ -8,11 +8,16 @@
     CFG:   uncond + w * (cond - uncond)
 
 A method reaches a network only through these functions, so it never sees a
-model family's input layout.
+model family's input layout. A model family is one subclass, registered with
+`distill.registry.register_family`: it owns loading (at a role's precision),
+the forward with the family's extra conditioning inputs, the architecture
+check against a model folder, the encoders preprocessing uses, decoding and
+the export layout.
 """
 
 from abc import ABC, abstractmethod
-from typing import Optional
+from pathlib import Path
+from typing import ClassVar, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -28,6 +33,8 @@ def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class FlowMatchingAdapter(ABC):
+    family: ClassVar[str]  # the model.family value that selects this adapter
+
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
         self.shift = cfg.shift
@@ -47,28 +54,39 @@ class FlowMatchingAdapter(ABC):
     def velocity_target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return noise - x0
 
+    def euler_sigmas(self, steps: int) -> List[float]:
+        """`steps` evenly spaced sigmas from 1 (exclusive of 0), shifted: the ODE sampler's grid."""
+        return self.shift_sigma(torch.linspace(1.0, 0.0, steps + 1)[:-1]).tolist()
+
     @property
     def latent_shape(self) -> tuple:
         return tuple(self.cfg.latent_shape)
 
     # --- predictions -----------------------------------------------------
-    def predict_velocity(self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    # `cond` holds the family's extra conditioning inputs (see `conditioning`)
+    def predict_velocity(self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, **cond) -> torch.Tensor:
         """The role's velocity prediction, in float32."""
         with role.autocast():
-            v = self.forward(role.module, x_t, self.timestep(sigma), text)
+            v = self.forward(role.module, x_t, self.timestep(sigma), text, **cond)
         return v.float()
 
-    def predict_x0(self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        v = self.predict_velocity(role, x_t, sigma, text)
+    def predict_x0(self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, **cond) -> torch.Tensor:
+        v = self.predict_velocity(role, x_t, sigma, text, **cond)
         return x_t.float() - _per_sample(sigma, v) * v
 
     def predict_x0_cfg(
-        self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor, scale: float
+        self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor, scale: float,
+        **cond,
     ) -> torch.Tensor:
         """Guided x0 = uncond + scale * (cond - uncond), both halves in one batch."""
-        x0 = self.predict_x0(role, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([text, uncond]))
-        cond, unc = x0.chunk(2)
-        return unc + scale * (cond - unc)
+        doubled = {k: torch.cat([v, v]) for k, v in cond.items()}
+        x0 = self.predict_x0(role, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([text, uncond]), **doubled)
+        cond_x0, unc = x0.chunk(2)
+        return unc + scale * (cond_x0 - unc)
+
+    def conditioning(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The family's extra forward inputs taken from a batch (none for text-to-video)."""
+        return {}
 
     def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
         """The model's latents back to the VAE's (the data loader applied (x - mean) / std)."""
@@ -90,21 +108,51 @@ class FlowMatchingAdapter(ABC):
         return self.decode_with_vae(self.denormalise(latents.float()))
 
     # --- what each family supplies ---------------------------------------
+    @classmethod
+    def check(cls, config) -> List[str]:
+        """Errors of the model config and every role's weights against this family
+        (architecture read from the model folders), each naming its key."""
+        return []
+
     def decode_with_vae(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no VAE decoder")
 
-    @abstractmethod
-    def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Run the network: latents [B, C, T, H, W], timestep [B], text [B, L, D] -> velocity."""
+    def lora_targets(self) -> List[str]:
+        """Module names LoRA adapts when roles.<r>.lora.target_modules is null."""
+        raise NotImplementedError(f"{type(self).__name__} names no LoRA targets: set roles.<r>.lora.target_modules")
+
+    def save_lora(self, module: nn.Module, folder: Path) -> None:
+        """Write a LoRA network's adapters where the family's diffusers pipeline loads them."""
+        raise NotImplementedError(f"{type(self).__name__} cannot export LoRA weights")
+
+    def load_lora(self, module: nn.Module, folder: Path) -> nn.Module:
+        """Add the adapters `save_lora` wrote to a base network."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load LoRA weights")
+
+    def encoders(self, folder: Path, text_only: bool, max_text_len: int, device: torch.device):
+        """The text encoder and VAE preprocessing uses (`.text(captions)`, `.video(clips)`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no preprocessing encoders")
 
     @abstractmethod
-    def load_transformer(self, path: Optional[str], seed: int) -> nn.Module:
-        """The network from a diffusers folder, or built from cfg.arch when path is None."""
+    def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                **cond) -> torch.Tensor:
+        """Run the network: latents [B, C, T, H, W], timestep [B], text [B, L, D], the family's
+        extra inputs -> velocity."""
 
     @abstractmethod
-    def empty_transformer(self, path: Optional[str]) -> nn.Module:
-        """The network's architecture only (call under a meta-device context)."""
+    def load(self, path: Optional[str], seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The network from a diffusers folder at `dtype` (modules the family keeps in
+        fp32 stay fp32), or built from cfg.arch when path is None."""
+
+    @abstractmethod
+    def empty(self, path: Optional[str], dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The network's architecture only, with `load`'s dtypes (call under a meta-device context)."""
 
     @abstractmethod
     def blocks(self, module: nn.Module) -> list:
         """The repeated blocks: the units of sharding and activation checkpointing."""
+
+    @abstractmethod
+    def save(self, module: nn.Module, folder: Path) -> None:
+        """Write a network in the family's diffusers layout under `folder`, so that
+        `load(folder)` reads it back."""

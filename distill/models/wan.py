@@ -1,45 +1,134 @@
-"""Wan2.1 through diffusers' WanTransformer3DModel."""
+"""Wan2.1 through diffusers' WanTransformer3DModel (text-to-video)."""
 
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional
 
 import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 
-from distill.config.validate import resolve_model_folder
 from distill.models.flow_matching import FlowMatchingAdapter
+from distill.models.folders import read_component_config, resolve_model_folder
+from distill.registry import register_family
+
+# the attention (self and cross) and FFN projections of every block
+WAN_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 
 
+def cast_keeping_fp32(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast floating-point weights to `dtype` except the modules diffusers keeps in
+    fp32 (`_keep_in_fp32_modules`), as `from_pretrained(torch_dtype=...)` does."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
+    for name, sub in module.named_modules():
+        if keep & set(name.split(".")):
+            continue
+        for tensors in (sub._parameters, sub._buffers):
+            for key, t in tensors.items():
+                if t is not None and t.is_floating_point() and t.dtype != dtype:
+                    t.data = t.data.to(dtype)
+    return module
+
+
+@register_family
 class WanAdapter(FlowMatchingAdapter):
-    def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        dtype = next(module.parameters()).dtype
+    family = "wan"
+    model_class = WanTransformer3DModel
+
+    def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                **cond) -> torch.Tensor:
+        dtype = module.patch_embedding.weight.dtype
         return module(
             hidden_states=x_t.to(dtype),
             timestep=timestep,
             encoder_hidden_states=text.to(dtype),
             return_dict=False,
+            **cond,
         )[0]
 
-    def load_transformer(self, path: Optional[str], seed: int) -> nn.Module:
+    def load(self, path: Optional[str], seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
         if path is None:
             # Every role built from the same seed starts from the same weights,
             # as DMD2's student and critic start from the teacher.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                return WanTransformer3DModel(**self._arch())
+                return cast_keeping_fp32(self.model_class(**self._arch()), dtype)
         folder = resolve_model_folder(path, self.cfg.subfolder)
         if folder is None:
             raise FileNotFoundError(f"no diffusers model at {path} (subfolder {self.cfg.subfolder})")
-        return WanTransformer3DModel.from_pretrained(folder, subfolder=self.cfg.subfolder, torch_dtype=torch.float32)
+        return self.model_class.from_pretrained(folder, subfolder=self.cfg.subfolder, torch_dtype=dtype)
 
-    def empty_transformer(self, path: Optional[str]) -> nn.Module:
+    def empty(self, path: Optional[str], dtype: torch.dtype = torch.float32) -> nn.Module:
         if path is None:
-            return WanTransformer3DModel(**self._arch())
-        folder = resolve_model_folder(path, self.cfg.subfolder)
-        return WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder, subfolder=self.cfg.subfolder))
+            module = self.model_class(**self._arch())
+        else:
+            folder = resolve_model_folder(path, self.cfg.subfolder)
+            module = self.model_class.from_config(self.model_class.load_config(folder, subfolder=self.cfg.subfolder))
+        return cast_keeping_fp32(module, dtype)
 
     def blocks(self, module: nn.Module) -> list:
         return list(module.blocks)
+
+    def save(self, module: nn.Module, folder: Path) -> None:
+        module.save_pretrained(Path(folder) / self.cfg.subfolder)
+
+    def lora_targets(self) -> List[str]:
+        return list(WAN_LORA_TARGETS)
+
+    def save_lora(self, module: nn.Module, folder: Path) -> None:
+        """diffusers' Wan LoRA format: `WanPipeline.load_lora_weights(folder)` reads it."""
+        from diffusers import WanPipeline
+
+        from distill.lora import adapter_metadata, adapter_state
+
+        WanPipeline.save_lora_weights(
+            folder, transformer_lora_layers=adapter_state(module),
+            transformer_lora_adapter_metadata=adapter_metadata(module),
+        )
+
+    def load_lora(self, module: nn.Module, folder: Path) -> nn.Module:
+        module.load_lora_adapter(str(folder), prefix="transformer", adapter_name="default")
+        return module
+
+    @classmethod
+    def check(cls, config) -> List[str]:
+        model = config.model
+        if len(model.latent_shape) != 4:
+            return [f"model.latent_shape={list(model.latent_shape)}: must be [C, T, H, W]"]
+        errors = []
+        for name, role in config.roles.items():
+            key = f"roles.{name}.path" if role.path else "model.path"
+            path = role.path or model.path
+            if path is None:
+                if not model.arch:
+                    errors.append(f"{key} is null and model.arch is empty: give a model folder or an architecture")
+                    continue
+                arch = dict(model.arch)
+            else:
+                arch, error = read_component_config(path, model.subfolder, key)
+                if error:
+                    errors.append(error)
+                    continue
+            errors += cls.check_arch(arch, model, key)
+        return list(dict.fromkeys(errors))
+
+    @classmethod
+    def check_arch(cls, arch: dict, model, key: str) -> List[str]:
+        errors = []
+        if "text_dim" in arch and arch["text_dim"] != model.text_dim:
+            errors.append(f"model.text_dim={model.text_dim} does not match text_dim={arch['text_dim']} of {key}")
+        if "in_channels" in arch and arch["in_channels"] != cls.in_channels(model):
+            errors.append(
+                f"model.latent_shape[0]={model.latent_shape[0]} does not match in_channels={arch['in_channels']} of {key}"
+            )
+        return errors
+
+    @classmethod
+    def in_channels(cls, model) -> int:
+        """The transformer's input channels for the model's latents."""
+        return model.latent_shape[0]
+
+    def encoders(self, folder: Path, text_only: bool, max_text_len: int, device: torch.device):
+        return WanEncoders(Path(folder), text_only, max_text_len, device)
 
     @torch.no_grad()
     def decode_with_vae(self, latents: torch.Tensor) -> torch.Tensor:
@@ -58,3 +147,35 @@ class WanAdapter(FlowMatchingAdapter):
         if "patch_size" in arch:
             arch["patch_size"] = tuple(arch["patch_size"])
         return arch
+
+
+class WanEncoders:
+    """umT5 (with its tokenizer) and the Wan VAE from a diffusers Wan folder."""
+
+    def __init__(self, model: Path, text_only: bool, max_text_len: int, device: torch.device):
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        self.device = device
+        self.max_text_len = max_text_len
+        self.tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
+        self.text_encoder = UMT5EncoderModel.from_pretrained(model / "text_encoder").to(device).eval()
+        self.vae = None
+        if not text_only:
+            from diffusers import AutoencoderKLWan
+
+            self.vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae").to(device).eval()
+
+    @torch.no_grad()
+    def text(self, captions: List[str]) -> List[torch.Tensor]:
+        """Each caption's embedding with padding removed, [L, D]."""
+        tokens = self.tokenizer(
+            captions, padding="max_length", max_length=self.max_text_len, truncation=True, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        lengths = tokens.attention_mask.sum(dim=1).tolist()
+        return [h[:n].float().cpu() for h, n in zip(hidden, lengths)]
+
+    @torch.no_grad()
+    def video(self, clips: torch.Tensor) -> torch.Tensor:
+        """Clips [N, 3, F, H, W] in [-1, 1] -> the VAE posterior mean, un-normalised."""
+        return self.vae.encode(clips.to(self.device)).latent_dist.mean.float().cpu()

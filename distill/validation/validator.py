@@ -2,8 +2,8 @@
 
 A fixed set of prompts (the first `num_samples` rows of the validation data),
 each with its own fixed noise seed, is sampled with
-  - the student's few-step schedule (DMD2), or the Euler sampler with CFG for
-    a role trained by flow matching (finetune);
+  - the student's sampler, as its method defines it (`Method.sampler`: the
+    few-step schedule for DMD2, Euler with CFG for finetune);
   - once, as reference, the teacher: Euler with CFG at `teacher_steps` and at
     the student's step count.
 Samples are decoded by the adapter (identity for digits, the Wan VAE for
@@ -16,8 +16,9 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from distill.config.schema import Config, DMD2Config
-from distill.sampling import euler_sample, sample
+from distill.config.schema import Config
+from distill.registry import method_class
+from distill.sampling import EulerSampler
 from distill.validation.media import save_gif, save_grid
 
 
@@ -32,12 +33,9 @@ class Validator:
         self.is_main = is_main
         self.metric = metric
         self.labels = labels
-        method = config.method
-        self.guidance = self.cfg.guidance_scale or getattr(method, "guidance_scale", 1.0)
-        from distill.export import sampling_sigmas
-
-        self.student_sigmas = torch.tensor(sampling_sigmas(config, adapter))
-        self.few_step = isinstance(method, DMD2Config)
+        method = method_class(config.method.name)
+        self.guidance = self.cfg.guidance_scale or method.guidance_scale(config.method)
+        self.student_sampler = method.sampler(config.method, adapter, "student")
         self.teacher_done = False
         self.history: Dict[str, float] = {}  # the latest value of every metric, teacher's included
 
@@ -45,31 +43,25 @@ class Validator:
         g = torch.Generator().manual_seed(self.cfg.seed)
         return lambda shape: torch.randn(shape, generator=g).to(device)
 
-    def _euler_sigmas(self, steps: int) -> torch.Tensor:
-        return self.adapter.shift_sigma(torch.linspace(1.0, 0.0, steps + 1)[:-1])
-
     @torch.no_grad()
-    def sample_role(self, role, few_step: bool, steps: Optional[int] = None) -> torch.Tensor:
+    def sample_role(self, role, sampler) -> torch.Tensor:
         device = next(role.module.parameters()).device
-        text = self.batch["text_embeds"].to(device)
-        uncond = self.batch["negative_text_embeds"].to(device)
-        noise = self._noise(device)
-        if few_step:
-            return sample(self.adapter, role, self.student_sigmas.to(device), text, noise)
-        x = noise((text.shape[0], *self.adapter.latent_shape))
-        return euler_sample(self.adapter, role, self._euler_sigmas(steps).to(device), text, uncond, self.guidance, x)
+        batch = {k: v.to(device) for k, v in self.batch.items()}
+        cond = self.adapter.conditioning(batch)
+        return sampler(self.adapter, role, batch["text_embeds"], batch["negative_text_embeds"], self._noise(device),
+                       **cond)
 
     def run(self, roles, step: int) -> Tuple[Dict[str, float], Dict[str, Path], Dict[str, Path]]:
         was_training = {n: r.module.training for n, r in roles.items()}
         for r in roles.values():
             r.module.eval()
         results = {}
-        student_steps = len(self.student_sigmas) if self.few_step else self.cfg.teacher_steps
-        results[f"student_{student_steps}step"] = self.sample_role(roles["student"], self.few_step, student_steps)
+        student_steps = self.student_sampler.num_steps
+        results[f"student_{student_steps}step"] = self.sample_role(roles["student"], self.student_sampler)
         if "teacher" in roles and not self.teacher_done:
-            teacher_steps = (self.cfg.teacher_steps, len(self.student_sigmas))
-            for n in dict.fromkeys(teacher_steps):
-                results[f"teacher_{n}step"] = self.sample_role(roles["teacher"], False, n)
+            for n in dict.fromkeys((self.cfg.teacher_steps, student_steps)):
+                teacher = EulerSampler(self.adapter.euler_sigmas(n), self.guidance)
+                results[f"teacher_{n}step"] = self.sample_role(roles["teacher"], teacher)
             if "latents" in self.batch:
                 results["real"] = self.batch["latents"]
             self.teacher_done = True

@@ -1,0 +1,51 @@
+"""The extension points: methods and model families, each registered by name.
+
+A method is one class in distill/methods/ (its config class, roles, checks,
+batch keys and samplers ride on it); a model family is one adapter class in
+distill/models/. Both register themselves with the decorators below when
+their module is imported. Built-in entries are imported by `load_entries`;
+entries outside this package are named in the DISTILL_PLUGINS environment
+variable (comma-separated module names), which every rank and SLURM job
+inherits:
+
+    DISTILL_PLUGINS=my_lab.methods python launch.py hydra.searchpath=[file://my_lab/conf] method=mine
+"""
+
+import importlib
+import os
+from typing import Dict
+
+METHODS: Dict[str, type] = {}
+FAMILIES: Dict[str, type] = {}
+
+PLUGINS_VARIABLE = "DISTILL_PLUGINS"
+
+
+def register_method(cls: type) -> type:
+    METHODS[cls.config_class.name] = cls
+    return cls
+
+
+def register_family(cls: type) -> type:
+    FAMILIES[cls.family] = cls
+    return cls
+
+
+def load_entries() -> None:
+    """Import the built-in methods and families, then the plugins."""
+    importlib.import_module("distill.methods")
+    importlib.import_module("distill.models")
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_VARIABLE, "").split(","))):
+        importlib.import_module(name)
+
+
+def method_class(name: str) -> type:
+    if name not in METHODS:
+        raise KeyError(f"method.name={name}: no such method (registered: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
+def family_class(name: str) -> type:
+    if name not in FAMILIES:
+        raise KeyError(f"model.family={name}: no such model family (registered: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[name]
