@@ -107,16 +107,21 @@ def storage_dtype(cfg: RoleConfig) -> torch.dtype:
     return torch.float32 if cfg.trainable else DTYPES[cfg.precision]
 
 
-def convert(module: nn.Module, cfg: RoleConfig, adapter) -> nn.Module:
-    """The converters a role asks for (LoRA now; quantisation would go here)."""
+def convert(module: nn.Module, cfg: RoleConfig, adapter, seed: int) -> nn.Module:
+    """The converters a role asks for (LoRA now; quantisation would go here).
+
+    New weights are drawn from `seed` alone, so every process (and any number
+    of ranks) converts alike, and the global RNG is left as it was."""
     if cfg.trainable and cfg.lora.rank > 0:
-        module = apply_lora(module, cfg.lora, cfg.lora.target_modules or adapter.lora_targets())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = apply_lora(module, cfg.lora, cfg.lora.target_modules or adapter.lora_targets())
     return module
 
 
-def prepare(module: nn.Module, cfg: RoleConfig, adapter) -> nn.Module:
+def prepare(module: nn.Module, cfg: RoleConfig, adapter, seed: int) -> nn.Module:
     """convert -> trainability -> activation checkpointing: everything before sharding."""
-    module = convert(module, cfg, adapter)
+    module = convert(module, cfg, adapter, seed)
     if not cfg.trainable:
         return module.requires_grad_(False).eval()  # frozen: no grads, no optimizer
     if cfg.activation_checkpointing:
@@ -132,12 +137,12 @@ def build_module(cfg: RoleConfig, path: Optional[str], seed: int, adapter, runti
     are broadcast shard-wise.
     """
     dtype = storage_dtype(cfg)
-    load: Callable[[], nn.Module] = lambda: prepare(adapter.load(path, seed, dtype), cfg, adapter)
+    load: Callable[[], nn.Module] = lambda: prepare(adapter.load(path, seed, dtype), cfg, adapter, seed)
     if not runtime.distributed:
         return load().to(runtime.device)
     full = load().state_dict() if runtime.is_main else {}
     with init_empty_weights(include_buffers=False):
-        module = prepare(adapter.empty(path, dtype), cfg, adapter)
+        module = prepare(adapter.empty(path, dtype), cfg, adapter, seed)
     shard(module, adapter.blocks(module), cfg, runtime)
     return materialise(module, full, runtime)
 

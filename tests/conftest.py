@@ -66,6 +66,28 @@ def tiny_model_dir(tmp_path):
     return folder
 
 
+WORDS = ["<pad>", "<unk>", "a", "red", "blue", "square", "moves", "left", "right"]
+
+
+def write_tiny_pipeline_parts(folder: Path) -> Path:
+    """A tiny Wan VAE (16 latent channels), umT5 encoder (width 32) and word-level
+    tokenizer, saved as the vae/, text_encoder/ and tokenizer/ of a diffusers folder."""
+    import torch
+    from diffusers import AutoencoderKLWan
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1).save_pretrained(folder / "vae")
+    UMT5EncoderModel(
+        UMT5Config(vocab_size=len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+    ).save_pretrained(folder / "text_encoder")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(folder / "tokenizer")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """A two-node SLURM cluster on this machine for the whole session."""

@@ -11,29 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import ROOT, compose_config, read_metrics
+from conftest import ROOT, compose_config, read_metrics, write_tiny_pipeline_parts
 from distill.config import validate
 from distill.data.parquet import ParquetIndex, Shapes
-
-WORDS = ["<pad>", "<unk>", "a", "red", "blue", "square", "moves", "left", "right"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from diffusers import AutoencoderKLWan
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    folder = tmp_path_factory.mktemp("tiny-wan-pipeline")
-    torch.manual_seed(0)
-    AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1).save_pretrained(folder / "vae")
-    UMT5EncoderModel(
-        UMT5Config(vocab_size=len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
-    ).save_pretrained(folder / "text_encoder")
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(folder / "tokenizer")
-    return folder
+    return write_tiny_pipeline_parts(tmp_path_factory.mktemp("tiny-wan-pipeline"))
 
 
 def write_video(path, frames, size=(40, 48), seed=0):

@@ -20,12 +20,12 @@ def cast_keeping_fp32(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     fp32 (`_keep_in_fp32_modules`), as `from_pretrained(torch_dtype=...)` does."""
     keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
     for name, sub in module.named_modules():
-        if keep & set(name.split(".")):
-            continue
         for tensors in (sub._parameters, sub._buffers):
             for key, t in tensors.items():
-                if t is not None and t.is_floating_point() and t.dtype != dtype:
-                    t.data = t.data.to(dtype)
+                full = f"{name}.{key}" if name else key
+                if t is None or not t.is_floating_point() or keep & set(full.split(".")):
+                    continue  # matched on the tensor's full name, as diffusers does
+                t.data = t.data.to(dtype)
     return module
 
 
@@ -86,7 +86,8 @@ class WanAdapter(FlowMatchingAdapter):
         )
 
     def load_lora(self, module: nn.Module, folder: Path) -> nn.Module:
-        module.load_lora_adapter(str(folder), prefix="transformer", adapter_name="default")
+        module.load_lora_adapter(str(folder), prefix="transformer", adapter_name="default",
+                                 weight_name="pytorch_lora_weights.safetensors")
         return module
 
     @classmethod
