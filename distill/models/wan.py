@@ -119,7 +119,8 @@ class WanAdapter(FlowMatchingAdapter):
             errors.append(f"model.text_dim={model.text_dim} does not match text_dim={arch['text_dim']} of {key}")
         if "in_channels" in arch and arch["in_channels"] != cls.in_channels(model):
             errors.append(
-                f"model.latent_shape[0]={model.latent_shape[0]} does not match in_channels={arch['in_channels']} of {key}"
+                f"in_channels={arch['in_channels']} of {key} does not fit model.latent_shape[0]="
+                f"{model.latent_shape[0]}: model.family={cls.family} needs in_channels={cls.in_channels(model)}"
             )
         return errors
 
