@@ -52,7 +52,7 @@ def worker(out_file: str, repeats: int) -> None:
     from safetensors.torch import save_file
     from torch.distributed.tensor import DTensor
 
-    from distill.checkpoint import _tensor_state
+    from distill.checkpoint import flatten
     from distill.config import register_configs, validate
     from distill.distributed import init_runtime
     from distill.run import build_trainer
@@ -76,12 +76,12 @@ def worker(out_file: str, repeats: int) -> None:
     for i in range(repeats):
         runtime.barrier()
         t0 = time.perf_counter()
-        trainer.step = 1000 + i
-        trainer.checkpointer.save(trainer)
+        trainer.checkpointer.save(1000 + i)
         dcp_times.append(time.perf_counter() - t0)
         state = {
             k: (v.to_local() if isinstance(v, DTensor) else v).detach().contiguous()
-            for k, v in _tensor_state(trainer.roles).items()
+            for name, role in trainer.roles.items() if role.trainable
+            for k, v in flatten(role.state_dict(), f"{name}/").items() if torch.is_tensor(v)
         }
         runtime.barrier()
         t0 = time.perf_counter()

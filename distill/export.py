@@ -28,7 +28,7 @@ from distill.config.schema import Config
 from distill.lora import merge_lora
 from distill.models import build_adapter
 from distill.registry import method_class
-from distill.roles import convert
+from distill.roles import convert, weights_path
 
 LORA_FOLDER = "lora"
 
@@ -40,7 +40,7 @@ def trained_module(checkpoint: Path, config: Config, role: str, ema: bool = Fals
     base weights, converted as in training, so that only the adapters are read."""
     adapter = build_adapter(config.model)
     cfg = config.roles[role]
-    path = cfg.path or config.model.path
+    path = weights_path(config, role)
     lora = cfg.lora.rank > 0
     module = convert(adapter.load(path, config.seed) if lora else adapter.empty(path), cfg, adapter, config.seed)
     names = [n for n, p in module.named_parameters() if p.requires_grad]
@@ -61,7 +61,7 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
     lora_info = None
     if cfg.lora.rank > 0:
         adapter.save_lora(module, out / LORA_FOLDER)
-        lora_info = {"base": cfg.path or config.model.path, "seed": config.seed, "rank": cfg.lora.rank,
+        lora_info = {"base": weights_path(config, role), "seed": config.seed, "rank": cfg.lora.rank,
                      "folder": LORA_FOLDER}
         merge_lora(module)
     adapter.save(module, out)

@@ -29,6 +29,8 @@ def apply_lora(module: nn.Module, lora, targets: List[str]) -> nn.Module:
     )
     for name, p in module.named_parameters():
         p.requires_grad_(is_adapter_weight(name))
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 master weights, also over a bf16 base
     return module
 
 

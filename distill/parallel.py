@@ -2,6 +2,8 @@
 data-parallel mesh, mixed precision per role, weights materialised shard by
 shard from rank 0's copy."""
 
+import warnings
+
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -11,6 +13,10 @@ from distill.config.schema import Precision, RoleConfig
 from distill.distributed import Runtime
 
 DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16}
+
+# diffusers' transformers return a reshaped (view) output; the adapters never
+# modify a network's output in place, which is what FSDP2 warns about
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 def mixed_precision(cfg: RoleConfig) -> MixedPrecisionPolicy:

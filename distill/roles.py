@@ -7,7 +7,7 @@ Every role is built by one pipeline, the same on 1 and N ranks:
       -> shard (FSDP2, N ranks) -> optimizer and LR schedule (trainable roles)
 """
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -40,6 +40,8 @@ class Role:
     optimizer: Optional[torch.optim.Optimizer] = None
     scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
     ema: Optional[EMA] = None
+    # the network carries another role's LoRA adapters (lora.base_role); this role runs without them
+    adapters_off: bool = False
 
     @property
     def trainable(self) -> bool:
@@ -53,12 +55,23 @@ class Role:
         """The parameters this role's optimizer updates (all of them, or the LoRA adapters)."""
         return [n for n, p in self.module.named_parameters() if p.requires_grad]
 
-    def autocast(self):
-        """bf16 compute for an unsharded trainable role (FSDP2's policy does it otherwise)."""
+    @contextmanager
+    def compute(self):
+        """How this role's forward runs: bf16 autocast for an unsharded trainable role
+        (FSDP2's policy casts otherwise), without the adapters of a role sharing its network."""
         if self.trainable and self.cfg.precision == Precision.bf16 and not self.sharded:
             device_type = next(self.module.parameters()).device.type
-            return torch.autocast(device_type, dtype=torch.bfloat16)
-        return nullcontext()
+            cast = torch.autocast(device_type, dtype=torch.bfloat16)
+        else:
+            cast = nullcontext()
+        if self.adapters_off:
+            self.module.disable_adapters()
+        try:
+            with cast:
+                yield
+        finally:
+            if self.adapters_off:
+                self.module.enable_adapters()
 
     def sync_gradients(self, flag: bool) -> None:
         """With FSDP2, skip the gradient reduce-scatter on all but the last micro-batch."""
@@ -102,9 +115,10 @@ class Role:
 
 
 def storage_dtype(cfg: RoleConfig) -> torch.dtype:
-    """Trainable roles keep fp32 master weights (bf16 is their compute precision);
-    a frozen role is stored at its precision."""
-    return torch.float32 if cfg.trainable else DTYPES[cfg.precision]
+    """Trained weights are fp32 masters (bf16 is their compute precision); frozen
+    weights, a frozen role's or a LoRA role's base, are stored at the precision
+    they compute in. LoRA adapters are fp32 whatever their base (`apply_lora`)."""
+    return torch.float32 if cfg.trainable and cfg.lora.rank == 0 else DTYPES[cfg.precision]
 
 
 def convert(module: nn.Module, cfg: RoleConfig, adapter, seed: int) -> nn.Module:
@@ -147,12 +161,33 @@ def build_module(cfg: RoleConfig, path: Optional[str], seed: int, adapter, runti
     return materialise(module, full, runtime)
 
 
+def weights_path(config, name: str) -> Optional[str]:
+    """Where a role's (base) weights come from: its own path, the model's, or
+    those of the role whose network it shares (lora.base_role)."""
+    cfg = config.roles[name]
+    if cfg.lora.base_role:
+        return weights_path(config, cfg.lora.base_role)
+    return cfg.path or config.model.path
+
+
 def build_roles(config, adapter, runtime: Runtime) -> Dict[str, Role]:
-    """Every role of the config, loaded, converted and sharded (no optimizer yet)."""
-    return {
-        name: Role(name, cfg, build_module(cfg, cfg.path or config.model.path, config.seed, adapter, runtime))
-        for name, cfg in config.roles.items()
-    }
+    """Every role of the config, loaded, converted and sharded (no optimizer yet).
+
+    A LoRA role with lora.base_role is built together with that frozen role:
+    one network, converted and sharded once, that both roles run."""
+    sharing = {cfg.lora.base_role: name for name, cfg in config.roles.items() if cfg.lora.base_role}
+    roles = {}
+    for name, cfg in config.roles.items():
+        if cfg.lora.base_role:
+            continue  # built with its base role
+        if name in sharing:
+            lora_name = sharing[name]
+            module = build_module(config.roles[lora_name], weights_path(config, name), config.seed, adapter, runtime)
+            roles[name] = Role(name, cfg, module, adapters_off=True)
+            roles[lora_name] = Role(lora_name, config.roles[lora_name], module)
+        else:
+            roles[name] = Role(name, cfg, build_module(cfg, weights_path(config, name), config.seed, adapter, runtime))
+    return {name: roles[name] for name in config.roles}
 
 
 def attach_optimizers(roles: Dict[str, Role], updates: Dict[str, int], lrs: Optional[Dict[str, float]] = None) -> None:

@@ -55,8 +55,7 @@ def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None, stop=N
     method = build_method(config, adapter, roles, runtime.device)
     attach_optimizers(roles, method.updates_per_role(config.training.max_steps), method_learning_rates(config))
     for name, role in roles.items():
-        count = sum(p.numel() for p in role.module.parameters())
-        log.info("role %s: %.3fM parameters (this rank), %s", name, count / 1e6, "trainable" if role.trainable else "frozen")
+        log.info("role %s: %s", name, describe(role))
     t = config.training
     tracker = Tracker(run_dir, config, total_steps=t.max_steps, log_every=t.log_every, enabled=runtime.is_main)
     checkpointer = Checkpointer(run_dir, config.checkpoint, runtime, fingerprint(config, runtime.world_size), config)
@@ -85,6 +84,17 @@ def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None, stop=N
     checkpointer.register("method", method, per_rank=True)
     checkpointer.register("rng", ProcessRNG(), per_rank=True)
     return trainer
+
+
+def describe(role) -> str:
+    """Parameters on this rank, and what trains."""
+    total = sum(p.numel() for p in role.module.parameters())
+    if not role.trainable:
+        return f"{total / 1e6:.3f}M parameters (this rank), frozen" + (", adapters off" if role.adapters_off else "")
+    trained = sum(p.numel() for p in role.module.parameters() if p.requires_grad)
+    lora = role.cfg.lora
+    how = f"LoRA rank {lora.rank}" + (f" on {lora.base_role}'s network" if lora.base_role else "") if lora.rank else "all"
+    return f"{total / 1e6:.3f}M parameters (this rank), {trained / 1e6:.3f}M trained ({how})"
 
 
 def print_summary(validator, run_dir: Path) -> None:

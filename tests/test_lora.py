@@ -195,3 +195,64 @@ def test_lora_config_is_checked():
         with pytest.raises(ConfigError) as err:
             validate(compose_config(overrides))
         assert message in str(err.value)
+
+
+def test_critic_lora_over_the_teachers_network_equals_its_own_copy(tmp_path):
+    """roles.critic.lora.base_role=teacher: one network, the teacher running it with the
+    adapters off. On 2 ranks it trains exactly like a critic with its own copy of the
+    same base weights, and the teacher's predictions never change."""
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    common = ["roles.critic.lora.rank=4", "training.max_steps=4", "method.generator_update_interval=2",
+              "method.critic_lr=1e-2", "launcher.nproc_per_node=2", "data.batch_size=1"]
+    for args in ([*common, "roles.critic.lora.base_role=teacher", f"hydra.run.dir={shared}"],
+                 [*common, f"hydra.run.dir={own}"]):
+        result = run_launch(args)
+        assert result.returncode == 0, result.stderr
+    assert "LoRA rank 4 on teacher's network" in (shared / "launch.log").read_text()
+    for x, y in zip(read_metrics(shared), read_metrics(own)):
+        for key in ("loss/critic", "loss/student", "grad_norm/critic"):
+            if key in x:
+                assert abs(x[key] - y[key]) <= 1e-6 * max(1.0, abs(x[key])), (x["step"], key)
+    a = load_file(shared / "export" / "critic" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(own / "export" / "critic" / "lora" / "pytorch_lora_weights.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_shared_network_runs_the_teacher_without_the_adapters(tmp_path):
+    from distill.run import build_trainer
+
+    config = validate(compose_config(["roles.critic.lora.rank=4", "roles.critic.lora.base_role=teacher",
+                                      "method.critic_lr=1e-1", "logger.progress_bar=false"]))
+    trainer = build_trainer(config, tmp_path)
+    teacher, critic = trainer.roles["teacher"], trainer.roles["critic"]
+    assert teacher.module is critic.module
+    adapter = trainer.method.adapter
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((1, *config.model.latent_shape), generator=g)
+    text = torch.randn((1, config.model.text_len, config.model.text_dim), generator=g)
+    sigma = torch.tensor([0.7])
+    with torch.no_grad():
+        before = adapter.predict_velocity(teacher, x, sigma, text)
+    for _ in range(3):
+        trainer.advance()
+    with torch.no_grad():
+        after_teacher = adapter.predict_velocity(teacher, x, sigma, text)
+        after_critic = adapter.predict_velocity(critic, x, sigma, text)
+    assert torch.equal(before, after_teacher)
+    assert not torch.allclose(after_critic, after_teacher, atol=1e-4)
+    assert [n for n, r in trainer.checkpointer.parts.items()] == ["role.student", "role.critic", "trainer", "data", "method", "rng"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["roles.critic.lora.base_role=teacher"], "roles.critic.lora.base_role=teacher: needs roles.critic.lora.rank > 0"),
+    (["roles.critic.lora.rank=4", "roles.critic.lora.base_role=nobody"], "roles.critic.lora.base_role=nobody: no such role"),
+    (["roles.critic.lora.rank=4", "roles.critic.lora.base_role=student"], "the base role must be frozen"),
+    (["roles.critic.lora.rank=4", "roles.critic.lora.base_role=teacher", "roles.critic.precision=bf16"],
+     "roles.critic.precision=bf16 must equal roles.teacher.precision=fp32"),
+])
+def test_shared_base_is_checked(overrides, message):
+    from distill.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(overrides))
+    assert message in str(err.value)

@@ -81,6 +81,10 @@ class LoraConfig:
     # module names (peft's target_modules); null: the model family's default
     # (Wan: the attention and FFN projections of every block)
     target_modules: Optional[List[str]] = None
+    # a frozen role whose network these adapters are added to, in memory: one
+    # copy of the base serves both (e.g. the critic over the teacher's weights);
+    # that role runs with the adapters off. null: this role loads its own base
+    base_role: Optional[str] = None
 
 
 @dataclass

@@ -96,6 +96,30 @@ def _check_roles(config: Config, method) -> List[str]:
             continue
         errors += _check_optimizer(role, cfg, method_lrs)
         errors += _check_lora(role, cfg.lora)
+        errors += _check_shared_base(role, cfg, config.roles)
+    return errors
+
+
+def _check_shared_base(role: str, cfg, roles) -> List[str]:
+    base = cfg.lora.base_role
+    if base is None:
+        return []
+    key = f"roles.{role}.lora.base_role={base}"
+    if base not in roles:
+        return [f"{key}: no such role (roles: {', '.join(sorted(roles))})"]
+    errors = []
+    if cfg.lora.rank == 0:
+        errors.append(f"{key}: needs roles.{role}.lora.rank > 0")
+    if roles[base].trainable or roles[base].lora.base_role:
+        errors.append(f"{key}: the base role must be frozen and load its own weights")
+    if roles[base].precision != cfg.precision:
+        errors.append(f"{key}: roles.{role}.precision={cfg.precision.value} must equal "
+                      f"roles.{base}.precision={roles[base].precision.value} (they share one network)")
+    if cfg.path is not None:
+        errors.append(f"{key}: roles.{role}.path={cfg.path} must be null (the weights are roles.{base}'s)")
+    sharers = [r for r, c in roles.items() if c.lora.base_role == base]
+    if len(sharers) > 1:
+        errors.append(f"{key}: roles {', '.join(sorted(sharers))} all adapt {base}; one role may")
     return errors
 
 

@@ -66,7 +66,7 @@ class FlowMatchingAdapter(ABC):
     # `cond` holds the family's extra conditioning inputs (see `conditioning`)
     def predict_velocity(self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, **cond) -> torch.Tensor:
         """The role's velocity prediction, in float32."""
-        with role.autocast():
+        with role.compute():
             v = self.forward(role.module, x_t, self.timestep(sigma), text, **cond)
         return v.float()
 
