@@ -49,25 +49,30 @@ def role_bytes(arch: dict, cfg: RoleConfig):
     return n_trained, weights + sum(3 * p.numel() * 4 for p in trained)  # grad + 2 moments, fp32
 
 
+VARIANTS = [("full", 0, False), ("LoRA r32", 32, False), ("LoRA r64", 64, False), ("LoRA r128", 128, False),
+            ("LoRA r64, critic on teacher", 64, True)]
+
+
 def memory_table() -> None:
     teacher = RoleConfig(precision=Precision.bf16)
     for size, arch in SIZES.items():
-        print(f"\n{size}: bf16 compute; per rank = (weights + grads + AdamW) / ranks")
-        print(f"{'student & critic':<18}{'role':<9}{'trained params':>16}" + "".join(f"{f'GiB/rank @{n}':>14}" for n in RANKS)
-              + f"{'all 3 roles @1':>16}{'@8':>8}")
+        print(f"\n{size}: bf16 compute; GiB per rank = (weights + grads + AdamW) / ranks")
+        print(f"{'student & critic':<29}{'role':<9}{'trained':>10}" + "".join(f"{f'@{n} rank':>10}" for n in RANKS)
+              + f"{'3 roles @1':>12}{'@8':>7}")
+        teacher_row = role_bytes(arch, teacher)
         full_total = None
-        for rank in (0, 32, 64, 128):
-            variant = "full" if rank == 0 else f"LoRA r{rank}"
+        for variant, rank, shared in VARIANTS:
             trainable = RoleConfig(trainable=True, precision=Precision.bf16, lora=LoraConfig(rank=rank))
-            rows = {"student": role_bytes(arch, trainable), "critic": role_bytes(arch, trainable),
-                    "teacher": role_bytes(arch, teacher)}
+            student = role_bytes(arch, trainable)
+            # a critic over the teacher's network adds only its adapters and their state
+            critic = (student[0], student[1] - teacher_row[1]) if shared else student
+            rows = {"student": student, "critic": critic, "teacher": teacher_row}
             total = sum(b for _, b in rows.values())
             full_total = full_total or total
             for i, (role, (n, b)) in enumerate(rows.items()):
-                tail = (f"{total / GIB:>16.1f}{total / 8 / GIB:>8.1f}  ({total / full_total:.2f}x of full)"
-                        if i == 0 else "")
-                print(f"{variant if i == 0 else '':<18}{role:<9}{n / 1e6:>14.1f}M"
-                      + "".join(f"{b / n_ranks / GIB:>14.2f}" for n_ranks in RANKS) + tail)
+                tail = f"{total / GIB:>12.1f}{total / 8 / GIB:>7.1f}  {total / full_total:.2f}x of full" if i == 0 else ""
+                print(f"{variant if i == 0 else '':<29}{role:<9}{n / 1e6:>9.1f}M"
+                      + "".join(f"{b / n_ranks / GIB:>10.2f}" for n_ranks in RANKS) + tail)
 
 
 def step_time_ratio(iters: int) -> None:
