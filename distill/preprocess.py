@@ -14,6 +14,10 @@ height x width, centre-cropped, and the first `frames` are kept; the latent
 is the VAE posterior mean, un-normalised, [C, T, H/8, W/8]; the text
 embedding is the encoder output with padding removed [L, D].
 
+The negative prompt (`--negative-prompt`, default the family's standard one)
+is encoded to OUT/negative_embedding.safetensors, which `data=parquet` uses
+for classifier-free guidance unless data.negative_embedding names another.
+
 Ids already present in the output's shards are skipped, so a rerun finishes
 an interrupted job. Unreadable or too short videos are skipped with their
 reason and counted. Shards are written under a temporary name and renamed.
@@ -85,6 +89,20 @@ def load_clip(path: Path, frames: int, height: int, width: int) -> torch.Tensor:
     return video[:, :, top : top + height, left : left + width].permute(1, 0, 2, 3).clamp(-1, 1)
 
 
+def write_negative_embedding(encoders, prompt: str, out: Path) -> Path:
+    """The negative prompt's embedding [L, D] beside the shards, where data=parquet finds it."""
+    from safetensors.torch import save_file
+
+    from distill.data import NEGATIVE_FILE
+
+    file = out / NEGATIVE_FILE
+    tmp = file.with_name(file.name + ".tmp")
+    save_file({"text_embeds": encoders.text([prompt])[0].contiguous()}, str(tmp), metadata={"prompt": prompt})
+    tmp.rename(file)
+    log.info("negative prompt embedding -> %s", file)
+    return file
+
+
 def batched(items: List, size: int) -> Iterable[List]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -104,6 +122,9 @@ def preprocess(args) -> Counter:
 
     adapter = build_adapter(ModelConfig(family=args.family, path=str(args.model)))
     encoders = adapter.encoders(Path(args.model), args.text_only, args.max_text_len, device)
+    if rank == 0:
+        prompt = adapter.default_negative_prompt if args.negative_prompt is None else args.negative_prompt
+        write_negative_embedding(encoders, prompt, out)
     shard_index = len(list(out.glob(f"shard-r{rank:03d}-*.parquet")))
     pending: List[Dict[str, object]] = []
     for chunk in batched(mine, args.batch_size):
@@ -145,6 +166,8 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--videos", help="folder the file names are relative to")
     p.add_argument("--out", required=True)
     p.add_argument("--text-only", action="store_true", help="captions only: a dataset for data-free DMD")
+    p.add_argument("--negative-prompt", help="the prompt CFG guides away from (default: the model family's, "
+                   "for Wan its standard negative prompt); written to DIR/negative_embedding.safetensors")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--frames", type=int, default=81)

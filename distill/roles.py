@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from distill.config.schema import Precision, RoleConfig
+from distill.config.schema import EmaUpdate, Precision, RoleConfig
 from distill.distributed import Runtime
 from distill.ema import EMA
 from distill.lora import apply_lora
@@ -87,9 +87,14 @@ class Role:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
+        if self.ema is not None and self.cfg.ema_update == EmaUpdate.step:
             self.ema.update(self.module, step)
         return float(norm)
+
+    def end_iteration(self, iteration: int) -> None:
+        """After training iteration `iteration` (0-based), stepped or not."""
+        if self.ema is not None and self.cfg.ema_update == EmaUpdate.iteration:
+            self.ema.update(self.module, iteration + 1)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

@@ -47,6 +47,7 @@ def method_learning_rates(config: Config) -> dict:
 
 def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None, stop=None) -> Trainer:
     runtime = runtime or init_runtime(config.training.device, config.parallel)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     if config.training.torch_threads:
         torch.set_num_threads(config.training.torch_threads)
     data = build_data(config, runtime.dp_rank, runtime.dp_size, runtime.device.type)  # checks the data first

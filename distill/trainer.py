@@ -115,6 +115,9 @@ class Trainer:
             role = self.roles[name]
             record[f"lr/{name}"] = role.lr()
             record[f"grad_norm/{name}"] = role.clip_and_step(iteration + 1)
+        for role in self.roles.values():
+            if role.trainable:
+                role.end_iteration(iteration)
         return record
 
     def _mean_over_ranks(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:

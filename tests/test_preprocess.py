@@ -96,3 +96,52 @@ def test_text_only_mode(model_dir, tmp_path):
     run_preprocess(model_dir, tmp_path, "--text-only")
     table = pq.read_table(next((tmp_path / "data").glob("*.parquet"))).to_pydict()
     assert "vae_latent_bytes" not in table and table["text_embedding_shape"][0] == [3, 32]
+
+
+def test_negative_prompt_is_encoded_and_used_for_guidance(model_dir, videos, tmp_path, caplog):
+    """Preprocessing writes the negative prompt's embedding beside the shards (Wan's
+    standard one by default); data=parquet uses it, and the teacher's guided x0
+    differs from guidance against a zero embedding."""
+    from safetensors import safe_open
+
+    from distill.models.wan import WAN_NEGATIVE_PROMPT
+    from distill.run import build_trainer
+
+    run_preprocess(model_dir, tmp_path, "--videos", str(videos))
+    file = tmp_path / "data" / "negative_embedding.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        assert f.metadata()["prompt"] == WAN_NEGATIVE_PROMPT
+        stored = f.get_tensor("text_embeds")
+    assert stored.shape[1] == 32 and 1 <= stored.shape[0] <= 8
+    overrides = ["data=parquet", f"data.path={tmp_path / 'data'}", "data.batch_size=2", "data.num_workers=0",
+                 "model.latent_shape=[16,2,4,4]", "method.rollout=data", "logger.progress_bar=false"]
+    trainer = build_trainer(validate(compose_config(overrides)), tmp_path / "run")
+    batch = next(trainer.data)
+    negative = batch["negative_text_embeds"]
+    assert torch.equal(negative[0, : stored.shape[0]], stored) and not negative[0, stored.shape[0]:].any()
+    adapter, teacher = trainer.method.adapter, trainer.roles["teacher"]
+    x, sigma = torch.randn((2, 16, 2, 4, 4)), torch.tensor([0.6, 0.6])
+    with torch.no_grad():
+        guided = adapter.predict_x0_cfg(teacher, x, sigma, batch["text_embeds"], negative, 4.5)
+        zeros = adapter.predict_x0_cfg(teacher, x, sigma, batch["text_embeds"], torch.zeros_like(negative), 4.5)
+    assert not torch.allclose(guided, zeros, atol=1e-4)
+    # an explicit data.negative_embedding wins; a dataset without one warns once and uses zeros
+    file.rename(tmp_path / "elsewhere.safetensors")
+    with caplog.at_level("WARNING"):
+        explicit = build_trainer(validate(compose_config(
+            [*overrides, f"data.negative_embedding={tmp_path / 'elsewhere.safetensors'}"])), tmp_path / "run2")
+        assert torch.equal(next(explicit.data)["negative_text_embeds"], negative)
+        assert "holds no negative_embedding.safetensors" not in caplog.text
+        bare = build_trainer(validate(compose_config(overrides)), tmp_path / "run3")
+    assert not next(bare.data)["negative_text_embeds"].any()
+    assert caplog.text.count("holds no negative_embedding.safetensors") == 1
+    assert "use a zero embedding" in caplog.text
+
+
+def test_text_only_dataset_gets_the_given_negative_prompt(model_dir, tmp_path):
+    from safetensors import safe_open
+
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"file_name": "p0", "caption": "a red square"}))
+    run_preprocess(model_dir, tmp_path, "--text-only", "--negative-prompt", "a blue square")
+    with safe_open(str(tmp_path / "data" / "negative_embedding.safetensors"), framework="pt") as f:
+        assert f.metadata()["prompt"] == "a blue square" and f.get_tensor("text_embeds").shape[1] == 32

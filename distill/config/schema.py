@@ -73,6 +73,11 @@ class SchedulerConfig:
     total_steps: Optional[int] = None
 
 
+class EmaUpdate(str, Enum):
+    step = "step"  # after each optimizer step of the role
+    iteration = "iteration"  # after every training iteration, stepped or not (FastVideo's callback)
+
+
 @dataclass
 class LoraConfig:
     rank: int = 0  # 0: no LoRA, the whole network trains
@@ -96,10 +101,12 @@ class RoleConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_grad_norm: float = 1.0
-    # exponential moving average of a trainable role's weights (null: none);
-    # before ema_start_step the average simply copies the weights
+    # exponential moving average of a trainable role's weights (null: none):
+    # shadow = decay * shadow + (1 - decay) * weights at each update (ema_update);
+    # an update in an iteration up to ema_start_step (1-based) copies the weights
     ema_decay: Optional[float] = None
     ema_start_step: int = 0
+    ema_update: EmaUpdate = EmaUpdate.step
     # low-rank adapters on a trainable role: base weights frozen, adapters trained
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -115,6 +122,9 @@ class MethodConfig:
 class TrainingConfig:
     max_steps: int = 10
     grad_accum_steps: int = 1
+    # samples per optimizer step over all ranks; set, it fixes grad_accum_steps =
+    # global_batch_size / (data-parallel ranks x data.batch_size). null: not fixed
+    global_batch_size: Optional[int] = None
     log_every: int = 1
     device: str = "auto"  # auto: cuda when available, else cpu
     torch_threads: Optional[int] = None  # null: torch's default

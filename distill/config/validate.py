@@ -43,6 +43,7 @@ def validate(cfg: DictConfig) -> Config:
         + [*method.check(config.method)]
         + _check_training(config)
         + _check_parallel(config)
+        + _derive_accumulation(config)
         + _check_data(config, method)
         + family_class(config.model.family).check(config)
     )
@@ -195,6 +196,26 @@ def world_size(launcher) -> int:
     if launcher.name == "local":
         return launcher.nproc_per_node
     return launcher.nodes * (launcher.tasks_per_node or max(launcher.gpus_per_node, 1))
+
+
+def _derive_accumulation(config: Config) -> List[str]:
+    """training.global_batch_size fixes grad_accum_steps; written into the config so
+    that every rank and the saved config see the accumulation in use."""
+    t, p = config.training, config.parallel
+    if t.global_batch_size is None:
+        return []
+    world = world_size(config.launcher)
+    dp = world // p.context if p.context >= 1 and world % p.context == 0 else world
+    per_step = dp * config.data.batch_size
+    key = (f"training.global_batch_size={t.global_batch_size}: {dp} data-parallel ranks x "
+           f"data.batch_size={config.data.batch_size} = {per_step}")
+    if t.global_batch_size < 1 or per_step < 1 or t.global_batch_size % per_step:
+        return [f"{key} does not divide it"]
+    accum = t.global_batch_size // per_step
+    if t.grad_accum_steps not in (1, accum):
+        return [f"{key}, so grad_accum_steps is {accum}, not training.grad_accum_steps={t.grad_accum_steps}"]
+    t.grad_accum_steps = accum
+    return []
 
 
 def _check_parallel(config: Config) -> List[str]:

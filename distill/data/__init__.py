@@ -1,11 +1,17 @@
 """Batch sources for the trainer."""
 
+import logging
 from pathlib import Path
 
 import torch
 
 from distill.data.parquet import DataError, ParquetIndex, ParquetLatents, Shapes, StatefulLoader
 from distill.data.synthetic import SyntheticLatents
+
+# written by `python -m distill.preprocess` beside the shards: the negative
+# prompt's embedding (`text_embeds` [L, D], the prompt in the metadata)
+NEGATIVE_FILE = "negative_embedding.safetensors"
+_warned = set()
 
 
 def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "cpu"):
@@ -35,7 +41,7 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
         world_size=world_size,
         latents_mean=_tensor_or_none(model.latents_mean),
         latents_std=_tensor_or_none(model.latents_std),
-        negative_text=_negative(data.negative_embedding, shapes),
+        negative_text=_negative(negative_embedding_file(data), shapes),
         shuffle_window=data.shuffle_window,
     )
     return StatefulLoader(dataset, num_workers=data.num_workers, pin_memory=device_type == "cuda")
@@ -43,6 +49,24 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
 
 def _tensor_or_none(values):
     return None if values is None else torch.tensor(list(values), dtype=torch.float32)
+
+
+def negative_embedding_file(data):
+    """data.negative_embedding, else the dataset's own file (parquet), else None:
+    zeros, with a warning (once per dataset) for a parquet dataset."""
+    if data.negative_embedding is not None or data.name != "parquet":
+        return data.negative_embedding
+    own = Path(data.path) / NEGATIVE_FILE
+    if own.is_file():
+        return str(own)
+    if data.path not in _warned:
+        _warned.add(data.path)
+        logging.getLogger("distill").warning(
+            "data.path=%s holds no %s and data.negative_embedding is null: classifier-free guidance and "
+            "condition dropout use a zero embedding as the negative prompt (python -m distill.preprocess "
+            "writes the model's default negative prompt)", data.path, NEGATIVE_FILE,
+        )
+    return None
 
 
 def _negative(path, shapes: Shapes):

@@ -29,8 +29,9 @@ class DMD2Config(MethodConfig):
     name: str = "dmd2"
     # The student's steps as sigma*1000 before the shift, from noisiest down.
     student_steps: List[int] = field(default_factory=lambda: [1000, 757, 522])
-    # true: pass the listed steps through the model's shift (the warped list)
-    warp_steps: bool = True
+    # true: pass the listed steps through the model's shift (the warped list), as
+    # only the causal Self-Forcing pipelines do; FastVideo's DMD2 and FastWan use them raw
+    warp_steps: bool = False
     rollout: Rollout = Rollout.simulate
     # Teacher CFG as uncond + w * (cond - uncond). Recipes written as
     # cond + w' * (cond - uncond) use w = w' + 1.

@@ -34,6 +34,7 @@ def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class FlowMatchingAdapter(ABC):
     family: ClassVar[str]  # the model.family value that selects this adapter
+    default_negative_prompt: ClassVar[str] = ""  # what preprocessing encodes as the negative prompt
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg

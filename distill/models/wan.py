@@ -29,10 +29,20 @@ def cast_keeping_fp32(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module
 
 
+# Wan's standard negative prompt (Wan2.1's sample_neg_prompt, as FastVideo and
+# Self-Forcing encode it for the real score's classifier-free guidance)
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
 @register_family
 class WanAdapter(FlowMatchingAdapter):
     family = "wan"
     model_class = WanTransformer3DModel
+    default_negative_prompt = WAN_NEGATIVE_PROMPT
 
     def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 **cond) -> torch.Tensor:

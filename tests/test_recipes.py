@@ -1,0 +1,136 @@
+"""The Wan2.1 recipes hold the published numbers (design.md section 4 and the
+sources each experiment file cites), in this project's conventions."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose_config, read_metrics, run_launch
+from distill.config import validate
+
+# published numbers; CFG already in the uncond + w * (cond - uncond) form
+RECIPES = {
+    "wan21_t2v_1.3b_dmd2_3step": dict(
+        sigmas=[1.0, 0.757, 0.522], shift=8.0, guidance=4.5, rollout="data", lr=(2e-6, 2e-6),
+        betas=([0.9, 0.999], [0.9, 0.999]), interval=5, clamp=(0.02, 0.98), ema=None, global_batch=64,
+        latent_shape=[16, 21, 60, 104], teacher="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    ),
+    "wan21_t2v_1.3b_dmd2_4step": dict(
+        sigmas=[1.0, 0.75, 0.5, 0.25], shift=8.0, guidance=4.5, rollout="simulate", lr=(2e-6, 8e-6),
+        betas=([0.0, 0.999], [0.0, 0.999]), interval=5, clamp=(0.0, 1.0), ema=(0.98, "iteration", 1), global_batch=4,
+        latent_shape=[16, 20, 56, 104], teacher="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    ),
+    "wan21_t2v_1.3b_dmd2_8step_14b_teacher": dict(
+        sigmas=[1.0, 0.85, 0.7, 0.55, 0.35, 0.275, 0.2, 0.125], shift=8.0, guidance=4.5, rollout="simulate",
+        lr=(2e-6, 8e-6), betas=([0.0, 0.999], [0.0, 0.999]), interval=5, clamp=(0.0, 1.0), ema=None,
+        global_batch=None, latent_shape=[16, 20, 56, 104], teacher="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+    ),
+}
+
+
+def composed(name, tmp_path):
+    return OmegaConf.to_object(compose_config([f"experiment={name}", f"data.path={tmp_path}"]))
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_holds_the_published_numbers(name, tmp_path):
+    from distill.methods.dmd2 import student_sigmas
+    from distill.models import build_adapter
+
+    want, config = RECIPES[name], composed(name, tmp_path)
+    method, student, critic = config.method, config.roles["student"], config.roles["critic"]
+    used = student_sigmas(method, build_adapter(config.model)).tolist()  # what the student really runs
+    assert used == pytest.approx(want["sigmas"], abs=1e-6)
+    assert (config.model.shift, method.guidance_scale, method.rollout.value) == (want["shift"], want["guidance"], want["rollout"])
+    assert (method.generator_lr, method.critic_lr) == want["lr"]
+    assert (list(student.optimizer.betas), list(critic.optimizer.betas)) == want["betas"]
+    assert (student.optimizer.weight_decay, critic.optimizer.weight_decay) == (0.01, 0.01)
+    assert (student.max_grad_norm, critic.max_grad_norm) == (1.0, 1.0)
+    assert method.generator_update_interval == want["interval"]
+    assert (method.min_timestep_ratio, method.max_timestep_ratio) == want["clamp"]
+    ema = None if student.ema_decay is None else (student.ema_decay, student.ema_update.value, student.ema_start_step)
+    assert ema == want["ema"] and critic.ema_decay is None
+    assert config.training.global_batch_size == want["global_batch"]
+    assert list(config.model.latent_shape) == want["latent_shape"]
+    assert (config.roles["teacher"].path or config.model.path) == want["teacher"]
+    assert config.roles["teacher"].precision.value == "bf16" and student.precision.value == "bf16"
+
+
+def test_global_batch_of_a_recipe_sets_the_accumulation(tmp_path, tiny_model_dir):
+    """64 = 8 ranks x batch 1 x 8 accumulation steps; 3 per rank does not divide it."""
+    from distill.config import ConfigError
+
+    tiny = [f"model.path={tiny_model_dir}", "model.text_dim=32"]
+    wan = compose_config(["experiment=wan21_t2v_1.3b_dmd2_3step", f"data.path={tmp_path}", "launcher.nproc_per_node=8",
+                          "model.latent_shape=[16,3,16,16]", *tiny])
+    assert validate(wan).training.grad_accum_steps == 8
+    bad = compose_config(["experiment=wan21_t2v_1.3b_dmd2_3step", f"data.path={tmp_path}", "launcher.nproc_per_node=8",
+                          "data.batch_size=3", "model.latent_shape=[16,3,16,16]", *tiny])
+    with pytest.raises(ConfigError) as err:
+        validate(bad)
+    assert ("training.global_batch_size=64: 8 data-parallel ranks x data.batch_size=3 = 24 does not divide it"
+            in str(err.value))
+
+
+def test_global_batch_equals_explicit_accumulation_on_one_and_two_ranks(tmp_path):
+    runs = {
+        "explicit": ["data.batch_size=2", "training.grad_accum_steps=2"],
+        "global": ["data.batch_size=2", "training.global_batch_size=4"],
+        "two_ranks": ["data.batch_size=1", "training.global_batch_size=4", "launcher.nproc_per_node=2"],
+    }
+    for name, args in runs.items():
+        result = run_launch([*args, "training.max_steps=4", "method.generator_update_interval=2",
+                             f"hydra.run.dir={tmp_path / name}"])
+        assert result.returncode == 0, result.stderr
+    explicit, by_global, two = (read_metrics(tmp_path / n) for n in runs)
+    keys = ("loss/critic", "loss/student", "grad_norm/critic", "grad_norm/student")
+    for a, b, c in zip(explicit, by_global, two):
+        for key in keys:
+            if key in a:
+                assert a[key] == b[key]
+                assert abs(a[key] - c[key]) <= 1e-5 * abs(a[key])
+    saved = OmegaConf.load(tmp_path / "two_ranks" / "config.yaml")
+    assert saved.training.grad_accum_steps == 2  # 4 = 2 ranks x 1 x 2
+
+
+def test_three_step_export_lists_the_published_sigmas(tmp_path):
+    """The 3-step recipe's method on a tiny model: the exported scheduler holds
+    sigma = 1.0, 0.757, 0.522, unwarped despite shift 8."""
+    from distill.run import train
+
+    tiny = ["model=wan_tiny", "data=synthetic", "training.max_steps=1", "training.global_batch_size=null",
+            "roles.student.precision=fp32", "roles.critic.precision=fp32", "roles.teacher.precision=fp32",
+            "validation.num_samples=1"]
+    cfg = compose_config(["experiment=wan21_t2v_1.3b_dmd2_3step", *tiny, "model.latent_shape=[16,3,16,16]"])
+    config = validate(cfg)
+    assert config.method.student_steps == [1000, 757, 522] and config.method.rollout.value == "data"
+    train(config, tmp_path)
+    scheduler = json.loads((tmp_path / "export" / "student" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["few_step_sigmas"] == pytest.approx([1.0, 0.757, 0.522], abs=1e-6)
+    assert scheduler["shift"] == 8.0
+
+
+def test_ema_per_iteration_follows_a_hand_computed_sequence():
+    """ema_update=iteration: the shadow moves every iteration, also when the role
+    did not step; up to ema_start_step it copies the weights."""
+    from torch import nn
+
+    from distill.config.schema import EmaUpdate, RoleConfig
+    from distill.ema import EMA
+    from distill.roles import Role
+
+    module = nn.Linear(1, 1, bias=False)
+    cfg = RoleConfig(trainable=True, ema_decay=0.5, ema_start_step=1, ema_update=EmaUpdate.iteration)
+    role = Role("student", cfg, module, ema=EMA(module, 0.5, start_step=1))
+    shadow = []
+    for iteration, weight in enumerate([1.0, 3.0, 3.0, 7.0]):
+        with torch.no_grad():
+            module.weight.fill_(weight)
+        role.end_iteration(iteration)
+        shadow.append(float(role.ema.state_dict()["weight"]))
+    assert shadow == [1.0, 2.0, 2.5, 4.75]  # copy, then 0.5 * shadow + 0.5 * weight each iteration
+    stepwise = Role("student", RoleConfig(trainable=True, ema_decay=0.5), module, ema=EMA(module, 0.5))
+    stepwise.end_iteration(0)
+    assert float(stepwise.ema.state_dict()["weight"]) == 7.0  # step mode: iterations alone do not move it
