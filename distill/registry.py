@@ -3,7 +3,8 @@
 A method is one class in distill/methods/ (its config class, roles, checks,
 batch keys and samplers ride on it); a model family is one adapter class in
 distill/models/. Both register themselves with the decorators below when
-their module is imported. Built-in entries are imported by `load_entries`;
+their module is imported; `load_entries` imports every module of those two
+packages, so a new entry is one new file there (and its YAML);
 entries outside this package are named in the DISTILL_PLUGINS environment
 variable (comma-separated module names), which every rank and SLURM job
 inherits:
@@ -13,6 +14,7 @@ inherits:
 
 import importlib
 import os
+import pkgutil
 from typing import Dict
 
 METHODS: Dict[str, type] = {}
@@ -31,21 +33,30 @@ def register_family(cls: type) -> type:
     return cls
 
 
+BUILT_IN = ("distill.methods", "distill.models")
+
+
 def load_entries() -> None:
-    """Import the built-in methods and families, then the plugins."""
-    importlib.import_module("distill.methods")
-    importlib.import_module("distill.models")
+    """Import every module of the built-in packages (a new method or family is
+    just a new file there), then the plugins."""
+    for package in BUILT_IN:
+        for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+            importlib.import_module(f"{package}.{info.name}")
     for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_VARIABLE, "").split(","))):
         importlib.import_module(name)
 
 
 def method_class(name: str) -> type:
     if name not in METHODS:
+        load_entries()
+    if name not in METHODS:
         raise KeyError(f"method.name={name}: no such method (registered: {', '.join(sorted(METHODS))})")
     return METHODS[name]
 
 
 def family_class(name: str) -> type:
+    if name not in FAMILIES:
+        load_entries()
     if name not in FAMILIES:
         raise KeyError(f"model.family={name}: no such model family (registered: {', '.join(sorted(FAMILIES))})")
     return FAMILIES[name]

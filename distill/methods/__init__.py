@@ -4,7 +4,6 @@ A new method is one file here (a Method subclass registered with
 `register_method`, with its config class) and one YAML in conf/method/.
 """
 
-from distill.methods import dmd2, finetune  # noqa: F401  (register the built-in methods)
 from distill.methods.base import Method
 from distill.registry import method_class
 

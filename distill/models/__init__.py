@@ -5,7 +5,6 @@ A new family is one file here (an adapter registered with
 """
 
 from distill.config.schema import ModelConfig
-from distill.models import wan  # noqa: F401  (registers the built-in family)
 from distill.models.flow_matching import FlowMatchingAdapter
 from distill.registry import family_class
 
