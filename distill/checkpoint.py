@@ -214,14 +214,19 @@ def _single_process_quiet():
         yield
 
 
-def read_complete(run_or_checkpoint: Path, folder_pattern: Optional[str] = None) -> Optional[Path]:
-    """A checkpoint folder itself, or the newest complete one in a run folder."""
+def read_complete(run_or_checkpoint: Path) -> Optional[Path]:
+    """A checkpoint folder itself, or the newest complete one in a run folder
+    (named by the run's own checkpoint.folder pattern)."""
     path = Path(run_or_checkpoint)
     if (path / COMPLETE_MARKER).is_file():
         return path
     from distill.config.schema import CheckpointConfig
 
-    cfg = CheckpointConfig(folder=folder_pattern) if folder_pattern else CheckpointConfig()
+    cfg = CheckpointConfig()
+    if (path / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        cfg.folder = OmegaConf.select(OmegaConf.load(path / "config.yaml"), "checkpoint.folder", default=cfg.folder)
     return Checkpointer(path, cfg, runtime=None, fingerprint={}).latest()
 
 

@@ -33,18 +33,17 @@ from distill.roles import convert, weights_path
 LORA_FOLDER = "lora"
 
 
-def trained_module(checkpoint: Path, config: Config, role: str, ema: bool = False) -> torch.nn.Module:
+def trained_module(checkpoint: Path, config: Config, adapter, role: str, ema: bool = False) -> torch.nn.Module:
     """The role's network with the checkpoint's trained weights (or their EMA), unsharded.
 
     A full-weight role starts from the architecture alone; a LoRA role from its
     base weights, converted as in training, so that only the adapters are read."""
-    adapter = build_adapter(config.model)
     cfg = config.roles[role]
     path = weights_path(config, role)
     lora = cfg.lora.rank > 0
     module = convert(adapter.load(path, config.seed) if lora else adapter.empty(path), cfg, adapter, config.seed)
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
     params = dict(module.named_parameters())
+    names = [n for n, p in params.items() if p.requires_grad]
     kind = "ema" if ema else "model"
     template = {f"role.{role}/{kind}/{n}": params[n].detach() for n in names}
     loaded = load_tensors(checkpoint, template)
@@ -56,7 +55,7 @@ def trained_module(checkpoint: Path, config: Config, role: str, ema: bool = Fals
 
 def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: bool = False) -> Path:
     adapter = build_adapter(config.model)
-    module = trained_module(checkpoint, config, role, ema)
+    module = trained_module(checkpoint, config, adapter, role, ema)
     cfg = config.roles[role]
     lora_info = None
     if cfg.lora.rank > 0:

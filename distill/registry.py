@@ -46,17 +46,17 @@ def load_entries() -> None:
         importlib.import_module(name)
 
 
-def method_class(name: str) -> type:
-    if name not in METHODS:
+def _entry(table: Dict[str, type], name: str, key: str, kind: str) -> type:
+    if name not in table:
         load_entries()
-    if name not in METHODS:
-        raise KeyError(f"method.name={name}: no such method (registered: {', '.join(sorted(METHODS))})")
-    return METHODS[name]
+    if name not in table:
+        raise KeyError(f"{key}={name}: no such {kind} (registered: {', '.join(sorted(table))})")
+    return table[name]
+
+
+def method_class(name: str) -> type:
+    return _entry(METHODS, name, "method.name", "method")
 
 
 def family_class(name: str) -> type:
-    if name not in FAMILIES:
-        load_entries()
-    if name not in FAMILIES:
-        raise KeyError(f"model.family={name}: no such model family (registered: {', '.join(sorted(FAMILIES))})")
-    return FAMILIES[name]
+    return _entry(FAMILIES, name, "model.family", "model family")

@@ -55,6 +55,9 @@ class Role:
         """The parameters this role's optimizer updates (all of them, or the LoRA adapters)."""
         return [n for n, p in self.module.named_parameters() if p.requires_grad]
 
+    def trained_parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
     @contextmanager
     def compute(self):
         """How this role's forward runs: bf16 autocast for an unsharded trainable role
@@ -80,8 +83,7 @@ class Role:
 
     def clip_and_step(self, step: int) -> float:
         """Clip the gradient, step optimizer, schedule and EMA; returns the pre-clip norm."""
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.trained_parameters(), self.cfg.max_grad_norm)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         self.optimizer.step()
@@ -205,9 +207,8 @@ def attach_optimizers(roles: Dict[str, Role], updates: Dict[str, int], lrs: Opti
         if not role.trainable:
             continue
         opt, sched = role.cfg.optimizer, role.cfg.scheduler
-        params = [p for p in role.module.parameters() if p.requires_grad]
         role.optimizer = torch.optim.AdamW(
-            params, lr=lrs.get(name, opt.lr), betas=tuple(opt.betas), weight_decay=opt.weight_decay, eps=opt.eps
+            role.trained_parameters(), lr=lrs.get(name, opt.lr), betas=tuple(opt.betas), weight_decay=opt.weight_decay, eps=opt.eps
         )
         role.scheduler = get_scheduler(
             sched.name.value, role.optimizer, num_warmup_steps=sched.warmup_steps,

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distill.config.schema import Config
-from distill.registry import FAMILIES, METHODS, family_class, method_class
+from distill.registry import family_class, method_class
 
 
 class ConfigError(ValueError):
@@ -27,17 +27,15 @@ def validate(cfg: DictConfig) -> Config:
     unknown = unknown_keys(cfg)
     if unknown:
         raise ConfigError("\n".join(unknown))
-    if OmegaConf.select(cfg, "method.name") not in METHODS:
-        raise ConfigError(f"method.name={OmegaConf.select(cfg, 'method.name')}: no such method "
-                          f"(registered: {', '.join(sorted(METHODS))})")
-    if OmegaConf.select(cfg, "model.family") not in FAMILIES:
-        raise ConfigError(f"model.family={OmegaConf.select(cfg, 'model.family')}: no such model family "
-                          f"(registered: {', '.join(sorted(FAMILIES))})")
+    try:
+        method = method_class(OmegaConf.select(cfg, "method.name"))
+        family = family_class(OmegaConf.select(cfg, "model.family"))
+    except KeyError as err:
+        raise ConfigError(err.args[0]) from None
     try:
         config: Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(str(err)) from None
-    method = method_class(config.method.name)
     errors = (
         _check_roles(config, method)
         + [*method.check(config.method)]
@@ -45,7 +43,7 @@ def validate(cfg: DictConfig) -> Config:
         + _check_parallel(config)
         + _derive_accumulation(config)
         + _check_data(config, method)
-        + family_class(config.model.family).check(config)
+        + family.check(config)
     )
     if errors:
         raise ConfigError("\n".join(errors))
