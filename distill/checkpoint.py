@@ -9,16 +9,23 @@ its tensors and its other (JSON) values are stored apart:
         state/          tensors of the shared parts (the roles): DCP, each rank its shard
         ranks/rank-<r>.safetensors   tensors and JSON of the per-rank parts (RNG, data position)
         config.yaml     the resolved config
-        trainer.json    step, config fingerprint, JSON values of the shared parts; written last
+        trainer.json    step, config fingerprint, JSON values of the shared parts,
+                        and the SHA-256 of every other file; written last
 
 A checkpoint is written under a temporary name and renamed once trainer.json
-is in it, so a folder with the checkpoint name is always complete. Parts are
+is in it, so a folder with the checkpoint name is always complete. Before a
+run resumes, rank 0 checks the newest checkpoint's files against their
+checksums; a damaged one is named, moved aside to `<name>.damaged` (nothing
+is deleted), and the run resumes from the newest intact one, saying so;
+unless `checkpoint.resume_from` named the damaged one, which stops the run. Parts are
 loaded in the order they were registered (register the RNG last: nothing may
 draw random numbers after it is restored). Nothing is read back with pickle:
 tensors are safetensors, the rest JSON.
 """
 
+import hashlib
 import json
+import logging
 import re
 import shutil
 import warnings
@@ -28,13 +35,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 from distill.config.io import save_config
 
+log = logging.getLogger("distill")
+
 COMPLETE_MARKER = "trainer.json"
+DAMAGED_SUFFIX = ".damaged"
 SEP = "/"  # joins nested keys; parameter names hold dots
 
 
@@ -78,13 +88,36 @@ class Checkpointer:
         return bool(self.cfg.every) and step % self.cfg.every == 0
 
     def resume_point(self) -> Optional[Path]:
-        """The checkpoint this run continues from, or None."""
+        """The intact checkpoint this run continues from, or None (rank 0 checks
+        the checksums and moves damaged ones aside; every rank gets its answer)."""
+        if not self.cfg.resume_from and not self.cfg.resume:
+            return None
+        found = self._intact_resume_point() if self.runtime.is_main else None
+        path = self.runtime.from_main(found)
+        return Path(path) if path else None
+
+    def _intact_resume_point(self) -> Optional[str]:
         if self.cfg.resume_from:
             path = Path(self.cfg.resume_from)
-            if not path.is_dir():
-                raise CheckpointError(f"checkpoint.resume_from={path}: no such checkpoint folder")
-            return path
-        return self.latest() if self.cfg.resume else None
+            if not (path / COMPLETE_MARKER).is_file():
+                raise CheckpointError(f"checkpoint.resume_from={path}: not a complete checkpoint folder "
+                                      f"(no {COMPLETE_MARKER})")
+            problem = damage(path)
+            if problem:
+                raise CheckpointError(f"checkpoint.resume_from={path} is damaged: {problem}")
+            return str(path)
+        for path in reversed(self.complete()):
+            problem = damage(path)
+            if not problem:
+                return str(path)
+            aside = path.with_name(path.name + DAMAGED_SUFFIX)
+            path.rename(aside)
+            log.warning("checkpoint %s is damaged (%s); moved to %s, trying the previous checkpoint", path, problem, aside.name)
+        return None
+
+    @staticmethod
+    def step_of(path: Path) -> int:
+        return json.loads((Path(path) / COMPLETE_MARKER).read_text())["step"]
 
     # --- saving --------------------------------------------------------------
     def save(self, step: int) -> Path:
@@ -114,7 +147,7 @@ class Checkpointer:
         if self.runtime.is_main:
             if self.config is not None:
                 save_config(self.config, tmp / "config.yaml")
-            meta = {"step": step, "fingerprint": self.fingerprint, "parts": shared_json}
+            meta = {"step": step, "fingerprint": self.fingerprint, "parts": shared_json, "files": checksums(tmp)}
             (tmp / COMPLETE_MARKER).write_text(json.dumps(meta, indent=1))
             tmp.rename(final)
             self._prune()
@@ -163,6 +196,36 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path} does not fit this config:\n  " + "\n  ".join(diffs))
 
 
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(folder: Path) -> Dict[str, str]:
+    """Relative path -> SHA-256 of every file in a checkpoint folder but trainer.json."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+    return {p.relative_to(folder).as_posix(): _sha256(p) for p in files}
+
+
+def damage(path: Path) -> Optional[str]:
+    """What is wrong with a complete checkpoint's files, or None when all match
+    their checksums (checkpoints written before checksums existed pass)."""
+    try:
+        meta = json.loads((path / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError) as err:
+        return f"{COMPLETE_MARKER} unreadable ({err})"
+    for name, expected in meta.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if _sha256(file) != expected:
+            return f"{name} does not match its checksum"
+    return None
+
+
 def _is_tensor(value) -> bool:
     return isinstance(value, torch.Tensor)
 
@@ -200,9 +263,12 @@ def _split(flat: Dict[str, Any], name: str) -> Tuple[Dict[str, torch.Tensor], Di
 def _read_rank_file(file: Path):
     if not file.is_file():
         raise CheckpointError(f"{file} is missing: the checkpoint was written by fewer ranks")
-    with safe_open(str(file), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        values = json.loads(f.metadata()["json"])
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            values = json.loads(f.metadata()["json"])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{file}: cannot be read ({err})") from None
     return tensors, values
 
 

@@ -69,6 +69,14 @@ class Runtime:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def from_main(self, value):
+        """Rank 0's `value` on every rank (a small picklable object: a path, a step)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

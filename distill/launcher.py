@@ -9,10 +9,12 @@ them have composed and validated.
 """
 
 import os
+import signal
 import socket
 import sys
 import uuid
 from pathlib import Path
+from typing import Callable, Optional, Tuple
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -22,8 +24,41 @@ from distill.config.schema import Config
 from distill.worker import CONFIG_FILE
 
 
+EXIT_FAILED, EXIT_CONFIG, EXIT_DATA, EXIT_CHECKPOINT = 1, 2, 3, 4
+EXIT_SIGNAL_BASE = 128  # stopped by signal N: 128 + N, as shells report it
+
+
 class LaunchError(RuntimeError):
-    pass
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def resume_command(run_dir: Path) -> str:
+    return f"python launch.py hydra.run.dir={run_dir}"
+
+
+def outcome(action: Callable[[], None], run_dir: Optional[Path]) -> Tuple[int, str]:
+    """Run `action`; (exit code, one-line message) for how it ended: done, finished
+    before, stopped by a signal, bad data, bad checkpoint or failed."""
+    from distill.checkpoint import CheckpointError
+    from distill.data import DataError
+    from distill.preemption import Preempted
+    from distill.run import RunFinished
+
+    try:
+        action()
+    except RunFinished as done:
+        return 0, str(done)
+    except Preempted as stopped:
+        return EXIT_SIGNAL_BASE + stopped.signum, f"{stopped}\nresume with: {resume_command(run_dir)}"
+    except DataError as err:
+        return EXIT_DATA, f"data error: {err}"
+    except CheckpointError as err:
+        return EXIT_CHECKPOINT, f"checkpoint error: {err}"
+    except LaunchError as err:
+        return err.exit_code, str(err)
+    return 0, ""
 
 
 # slurm sweep points waiting for the end of the multirun: (launcher config, run folder)
@@ -45,13 +80,10 @@ def launch(config: Config) -> None:
         else:
             submit_slurm(config.launcher, [run_dir], run_dir)
     elif config.launcher.nproc_per_node == 1:
-        from distill.preemption import Preempted, StopRequest
+        from distill.preemption import StopRequest
         from distill.run import train
 
-        try:
-            train(config, run_dir, stop=StopRequest().install())
-        except Preempted as stopped:
-            raise LaunchError(f"{stopped}; launch again into {run_dir} to resume") from None
+        train(config, run_dir, stop=StopRequest().install())
     else:
         run_local_processes(run_dir, config.launcher.nproc_per_node)
 
@@ -71,7 +103,7 @@ def submit_slurm(cfg, run_dirs, folder: Path) -> None:
 
     jobs = submit(cfg, run_dirs, folder)
     if jobs and report(jobs, run_dirs, cfg.wait) != 0:
-        raise LaunchError("a SLURM job failed (see above)")
+        raise LaunchError("run failed: a SLURM job failed (see above)")
 
 
 def free_port() -> int:
@@ -98,8 +130,21 @@ def run_local_processes(run_dir: Path, nproc: int) -> None:
     try:
         elastic_launch(launch_config, sys.executable)("-m", "distill.worker", str(run_dir))
     except ChildFailedError as err:
-        lines = []
-        for rank, failure in sorted(err.failures.items()):
-            log = run_dir / ("launch.log" if rank == 0 else f"logs/rank-{rank}.log")
-            lines.append(f"rank {rank} failed with exit code {failure.exitcode} (log: {log})")
-        raise LaunchError("\n".join(lines)) from None
+        raise rank_failures(err.failures, run_dir) from None
+
+
+def rank_failures(failures: dict, run_dir: Path) -> LaunchError:
+    """One error for the failed ranks: a stop when every rank stopped on a signal,
+    otherwise the first rank's own exit code (3 data, 4 checkpoint, 1 anything else)."""
+    codes = {rank: failure.exitcode for rank, failure in sorted(failures.items())}
+    if all(code > EXIT_SIGNAL_BASE for code in codes.values()):
+        code = max(codes.values())
+        name = signal.Signals(code - EXIT_SIGNAL_BASE).name
+        return LaunchError(f"stopped by {name}; a checkpoint was written\nresume with: {resume_command(run_dir)}", code)
+    lines = []
+    for rank, code in codes.items():
+        log = run_dir / ("launch.log" if rank == 0 else f"logs/rank-{rank}.log")
+        lines.append(f"rank {rank} failed with exit code {code} (log: {log})")
+    first = next(iter(codes.values()))
+    known = first if first in (EXIT_DATA, EXIT_CHECKPOINT) else EXIT_FAILED
+    return LaunchError("run failed: " + "\n".join(lines), known)

@@ -23,19 +23,23 @@ class Preempted(Exception):
 
 
 class StopRequest:
-    """Set by SIGUSR2 or SIGTERM; read by the trainer at step boundaries."""
+    """Set by SIGUSR2, SIGTERM or Ctrl-C (SIGINT); read by the trainer at step
+    boundaries. A second Ctrl-C interrupts at once, without a checkpoint."""
 
     def __init__(self):
         self.signum = None
 
     def install(self) -> "StopRequest":
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
+        for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
         if self.signum is None:
-            log.warning("caught %s: stopping at the next step boundary", signal.Signals(signum).name)
+            log.warning("caught %s: writing a checkpoint and stopping at the next step boundary%s",
+                        signal.Signals(signum).name, " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
         self.signum = signum
 
     @property

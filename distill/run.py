@@ -45,6 +45,10 @@ def method_learning_rates(config: Config) -> dict:
     return {role: getattr(config.method, key) for role, key in keys.items()}
 
 
+def build_checkpointer(config: Config, run_dir: Path, runtime: Runtime) -> Checkpointer:
+    return Checkpointer(run_dir, config.checkpoint, runtime, fingerprint(config, runtime.world_size), config)
+
+
 def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None, stop=None) -> Trainer:
     runtime = runtime or init_runtime(config.training.device, config.parallel)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -59,7 +63,7 @@ def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None, stop=N
         log.info("role %s: %s", name, describe(role))
     t = config.training
     tracker = Tracker(run_dir, config, total_steps=t.max_steps, log_every=t.log_every, enabled=runtime.is_main)
-    checkpointer = Checkpointer(run_dir, config.checkpoint, runtime, fingerprint(config, runtime.world_size), config)
+    checkpointer = build_checkpointer(config, run_dir, runtime)
     trainer = Trainer(
         method,
         roles,
@@ -111,16 +115,34 @@ def print_summary(validator, run_dir: Path) -> None:
     print(f"samples: {run_dir / 'samples'}")
 
 
+class RunFinished(Exception):
+    """The run's newest checkpoint is at or past training.max_steps: nothing to do."""
+
+    def __init__(self, step: int, max_steps: int, run_dir: Path):
+        super().__init__(f"the run in {run_dir} is finished at step {step} (training.max_steps={max_steps}); "
+                         "nothing to do: a larger training.max_steps extends it")
+        self.step = step
+
+
 def train(config: Config, run_dir: Path, runtime: Runtime = None, stop=None) -> Trainer:
+    """Train from scratch, or from the run's newest intact checkpoint (checked
+    before any model is built); raises RunFinished when there is nothing left."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    runtime = runtime or init_runtime(config.training.device, config.parallel)
+    start = build_checkpointer(config, run_dir, runtime).resume_point()
+    if start is not None:
+        step = Checkpointer.step_of(start)
+        if step >= config.training.max_steps:
+            raise RunFinished(step, config.training.max_steps, run_dir)
+        log.info("resuming from %s (step %d)", start, step)
     trainer = build_trainer(config, run_dir, runtime, stop)
-    start = trainer.checkpointer.resume_point()
     if start is not None:
         trainer.checkpointer.load(start)
         log.info("resumed from %s at step %d", start, trainer.step)
     if trainer.tracker.bar is not None:
         trainer.tracker.bar.n = trainer.step
+        trainer.tracker.bar.refresh()
     try:
         trainer.fit()
         trainer.validate()

@@ -1,6 +1,10 @@
 """Where metrics go: metrics.jsonl and launch.log always, wandb unless
 logger=none, a progress bar on the console, and loss_curves.png at the end.
-Only rank 0 tracks; the others get a Tracker that does nothing."""
+Only rank 0 tracks; the others get a Tracker that does nothing.
+
+A training log line holds the mean of each metric over the iterations since
+the previous line (the peak memory: its maximum), so a role that steps every
+k-th iteration still appears on every line."""
 
 import json
 import logging
@@ -26,6 +30,8 @@ class Tracker:
         self.log_every = log_every
         self.wandb = None
         self.bar = None
+        self.window = MetricWindow()
+        self._redirect = None
         if not enabled:
             return
         self.file = open(self.run_dir / "metrics.jsonl", "a")
@@ -35,18 +41,27 @@ class Tracker:
         if logger is not None and logger.progress_bar and total_steps:
             from tqdm import tqdm
 
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="it", dynamic_ncols=True)
+            # log lines go through tqdm.write: printed above the bar, never glued to it
+            self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
+            self._redirect.__enter__()
 
     def log(self, step: int, metrics: Dict[str, float], force: bool = False) -> None:
-        """Every step for the progress bar; written every log_every steps (or when forced)."""
+        """Every training step (averaged into the next line, written every log_every
+        steps and at the last), or, forced, a record written as it is (validation)."""
         if not self.enabled:
             return
-        if self.bar is not None and not force:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix({k.split("/")[-1] if k.startswith("loss/") else k: f"{v:.4g}"
-                                  for k, v in metrics.items() if k.startswith("loss/")}, refresh=False)
-        if not force and step % self.log_every and step != (self.bar.total if self.bar else -1):
-            return
+        if not force:
+            self.window.add(metrics)
+            if self.bar is not None:
+                self.bar.update(step - self.bar.n)
+                self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
+                                      if k.startswith("loss/")}, refresh=False)
+            if step % self.log_every and step != (self.bar.total if self.bar else -1):
+                return
+            metrics = self.window.flush()
         record = {"step": step, **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -68,10 +83,36 @@ class Tracker:
             return
         if self.bar is not None:
             self.bar.close()
+            self._redirect.__exit__(None, None, None)
         self.file.close()
         plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png")
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class MetricWindow:
+    """Running sums of the metrics since the last log line; peak memory keeps its maximum."""
+
+    MAX_KEYS = ("peak_memory_gb",)
+
+    def __init__(self):
+        self.sums: Dict[str, float] = {}
+        self.counts: Dict[str, int] = {}
+
+    def add(self, metrics: Dict[str, float]) -> None:
+        for key, value in metrics.items():
+            if key in self.MAX_KEYS:
+                self.sums[key] = max(self.sums.get(key, value), value)
+                self.counts[key] = 1
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def flush(self) -> Dict[str, float]:
+        """The window's means (in first-seen key order), and a fresh window."""
+        means = {key: self.sums[key] / self.counts[key] for key in self.sums}
+        self.sums, self.counts = {}, {}
+        return means
 
 
 def start_wandb(run_dir: Path, config):

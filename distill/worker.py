@@ -42,18 +42,30 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(1)  # several ranks share the cores
+    from distill.checkpoint import CheckpointError
+    from distill.data import DataError
+    from distill.launcher import EXIT_CHECKPOINT, EXIT_DATA, EXIT_SIGNAL_BASE
     from distill.preemption import Preempted, StopRequest, requeue
-    from distill.run import train
+    from distill.run import RunFinished, train
 
+    log = logging.getLogger("distill")
+    under_slurm = "SLURM_JOB_ID" in os.environ and config.launcher.name == "slurm"
     try:
         train(config, run_dir, runtime, StopRequest().install())
+    except RunFinished as done:
+        log.info("%s", done)
     except Preempted as stopped:
-        logging.getLogger("distill").warning("%s", stopped)
-        if "SLURM_JOB_ID" not in os.environ or config.launcher.name != "slurm":
-            return 3  # a local run: launch again into the same folder to resume
+        log.warning("%s", stopped)
+        if not under_slurm:
+            return EXIT_SIGNAL_BASE + stopped.signum  # launch again into the same folder to resume
         if runtime.is_main:
             requeue(config.launcher.max_requeues)  # raises once the cap is reached
         return -1  # like submitit: no result is written, the requeued job carries on
+    except (DataError, CheckpointError) as err:
+        if under_slurm:
+            raise  # submitit records it as the job's failure
+        log.error("%s error: %s", "data" if isinstance(err, DataError) else "checkpoint", err)
+        return EXIT_DATA if isinstance(err, DataError) else EXIT_CHECKPOINT
     finally:
         runtime.shutdown()
     return 0

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from distill.config.schema import Config
 from distill.registry import load_entries, method_class
@@ -12,9 +12,14 @@ def save_config(config: Config, path: Path) -> None:
     Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
 
 
-def load_config(path: Path) -> Config:
+def load_config_node(path: Path) -> DictConfig:
+    """A saved config as a typed OmegaConf node (the schema with the file's values)."""
     load_entries()
     raw = OmegaConf.load(path)
     schema = OmegaConf.structured(Config)
     schema.method = OmegaConf.structured(method_class(raw.method.name).config_class)
-    return OmegaConf.to_object(OmegaConf.merge(schema, raw))
+    return OmegaConf.merge(schema, raw)
+
+
+def load_config(path: Path) -> Config:
+    return OmegaConf.to_object(load_config_node(path))

@@ -11,6 +11,7 @@ The dataset is deterministic in its seed and written once, through the
 parquet writer, to a cache folder named after its parameters.
 """
 
+import logging
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -19,6 +20,8 @@ import torch
 from distill.data.schema import make_row
 from distill.data.writer import write_dataset
 from distill.data.hash_text import HashTextEncoder
+
+log = logging.getLogger("distill")
 
 FRAMES, SIZE, DIGIT, SPEED = 4, 16, 8, 2
 DIRECTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
@@ -88,5 +91,6 @@ def ensure_digits(split: str, cache: Optional[str] = None, seed: int = 0) -> Pat
     folder = Path(cache) if cache else default_cache()
     folder = folder / f"digits-v{VERSION}-seed{seed}" / split
     if not any(folder.glob("*.parquet")):
+        log.info("building the moving-digits %s split (%d clips; once, cached in %s)", split, CLIPS[split], folder)
         write_dataset(make_clips(split, CLIPS[split], seed), folder, rows_per_shard=2048, row_group_size=64)
     return folder

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distill.data.schema import LATENT, TEXT, decode, required_columns
+from distill.data.schema import DTYPES, LATENT, TEXT, decode, required_columns
 
 
 class DataError(ValueError):
@@ -73,7 +73,8 @@ class ParquetIndex:
         missing = [c for c in required_columns(self.with_latents) if c not in names]
         if missing:
             raise DataError(f"{file}: missing columns {missing}")
-        columns = ["id", f"{TEXT}_shape"] + ([f"{LATENT}_shape"] if self.with_latents else [])
+        prefixes = [TEXT] + ([LATENT] if self.with_latents else [])
+        columns = ["id"] + [f"{p}_{part}" for p in prefixes for part in ("shape", "dtype")]
         try:
             meta = pf.read(columns=columns).to_pydict()
         except Exception as err:
@@ -89,6 +90,10 @@ class ParquetIndex:
 
     def _check_row(self, file, row, sample_id, meta, shapes: Shapes) -> None:
         where = f"{file} row {row} (id {sample_id})"
+        for prefix in (TEXT, LATENT) if self.with_latents else (TEXT,):
+            dtype = meta[f"{prefix}_dtype"][row]
+            if dtype not in DTYPES:
+                raise DataError(f"{where}: {prefix}_dtype {dtype!r} is not one of {sorted(DTYPES)}")
         text = meta[f"{TEXT}_shape"][row]
         if len(text) != 2 or text[1] != shapes.text_dim:
             raise DataError(f"{where}: text embedding shape {text} does not fit model.text_dim={shapes.text_dim}")
@@ -198,12 +203,15 @@ class ParquetLatents(IterableDataset):
     def read_row(self, row: int) -> Dict[str, torch.Tensor]:
         group, offset = self.index.locate(row)
         data = self._row_group(group)
-        sample = {"text": decode(*(data[f"{TEXT}_{s}"][offset] for s in ("bytes", "shape", "dtype"))).float()}
-        if self.shapes.latent is not None:
-            sample["latent"] = decode(*(data[f"{LATENT}_{s}"][offset] for s in ("bytes", "shape", "dtype"))).float()
-        for name, tensor in sample.items():
-            if not torch.isfinite(tensor).all():
-                where = f"{group.file} row {group.file_row + offset} (id {data['id'][offset]})"
+        where = f"{group.file} row {group.file_row + offset} (id {data['id'][offset]})"
+        prefixes = {"text": TEXT, **({"latent": LATENT} if self.shapes.latent is not None else {})}
+        sample = {}
+        for name, prefix in prefixes.items():
+            try:
+                sample[name] = decode(*(data[f"{prefix}_{s}"][offset] for s in ("bytes", "shape", "dtype"))).float()
+            except (ValueError, RuntimeError) as err:  # bytes that do not fill the stated shape
+                raise DataError(f"{where}: {prefix} cannot be decoded ({err})") from None
+            if not torch.isfinite(sample[name]).all():
                 raise DataError(f"{where}: {name} holds NaN or inf")
         return sample
 

@@ -47,7 +47,7 @@ def required_columns(with_latents: bool) -> List[str]:
     return cols
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def encode(t: torch.Tensor) -> Dict[str, object]:
@@ -59,8 +59,8 @@ def encode(t: torch.Tensor) -> Dict[str, object]:
 
 
 def decode(raw: bytes, shape: List[int], dtype: str) -> torch.Tensor:
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} not one of {sorted(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not one of {sorted(DTYPES)}")
     if dtype == "bfloat16":
         flat = torch.from_numpy(np.frombuffer(raw, dtype=np.int16).copy()).view(torch.bfloat16)
     else:

@@ -9,17 +9,19 @@ the dataset) gives
     classifier instead of Inception).
 """
 
+import logging
 from pathlib import Path
 from typing import Dict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 from torch import nn
 
 from distill.data.digits import TEXT_DIM, TEXT_LEN, default_cache, ensure_digits
 from distill.data.parquet import ParquetIndex, ParquetLatents, Shapes
+
+log = logging.getLogger("distill")
 
 CLASSIFIER_VERSION = 1
 SHAPES = Shapes((1, 4, 16, 16), TEXT_LEN, TEXT_DIM)
@@ -74,6 +76,7 @@ class DigitMetrics:
             self.real_mu, self.real_sigma = state.pop("real_mu").double().numpy(), state.pop("real_sigma").double().numpy()
             self.model.load_state_dict(state)
         else:
+            log.info("training the digit classifier for the demo's metrics (once, cached as %s)", file)
             self._train(cache, seed)
             from safetensors.torch import save_file
 
@@ -121,11 +124,22 @@ def _gaussian(features: np.ndarray):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))."""
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(len(mu1)) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
-    covmean = covmean.real
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+
+    Tr((S1 S2)^(1/2)) = Tr((A S2 A)^(1/2)) with A = S1^(1/2): both square roots
+    are of symmetric positive semi-definite matrices, taken by eigendecomposition
+    (eigenvalues rounded below zero are clipped), so a singular covariance
+    needs no retry and raises no warning."""
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
+
+
+def psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    root = psd_sqrt(sigma1)
+    inner = root @ sigma2 @ root
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum())
