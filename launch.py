@@ -40,13 +40,15 @@ def remove_if_empty(run_dir: Path) -> None:
     empty parents, up to the working directory) when nothing is in it."""
     if EXPLICIT_DIR_EXISTED and run_dir.resolve() == EXPLICIT_DIR.resolve():
         return
-    folder, stop = run_dir.resolve(), Path.cwd().resolve()
-    while folder != stop and stop in folder.parents:
+    folder, cwd = run_dir.resolve(), Path.cwd().resolve()
+    while True:
         try:
             folder.rmdir()
         except OSError:
             return
         folder = folder.parent
+        if cwd not in folder.parents:
+            return
 
 
 def write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:

@@ -76,6 +76,12 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
         "latent_shape": list(config.model.latent_shape),
         "text_len": config.model.text_len,
         "text_dim": config.model.text_dim,
+        "text_encoder": config.model.text_encoder.value,
+        "vae": config.model.vae.value,
+        "latents_mean": None if config.model.latents_mean is None else list(config.model.latents_mean),
+        "latents_std": None if config.model.latents_std is None else list(config.model.latents_std),
+        # where the text encoder and VAE are read from (null when the built-in ones serve)
+        "model_path": model_folder(config.model),
         "sampler": sampler.to_json(),
         "lora": lora_info,
         "checkpoint": Path(checkpoint).name,  # no machine paths in what may be shipped
@@ -84,6 +90,15 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
     }
     (out / "distill.json").write_text(json.dumps(info, indent=1))
     return out
+
+
+def model_folder(model) -> str:
+    """The pipeline folder sampling reads the text encoder and VAE from, or None
+    when neither is needed (hash text encoder, identity VAE): no machine paths
+    in what may be shipped."""
+    if model.text_encoder.value == "hash" and model.vae.value == "identity":
+        return None
+    return model.path
 
 
 def export_run(checkpoint: Path, out: Path) -> List[Path]:

@@ -146,10 +146,10 @@ def train(config: Config, run_dir: Path, runtime: Runtime = None, stop=None) -> 
     try:
         trainer.fit()
         trainer.validate()
-        if trainer.runtime.is_main:
-            print_summary(trainer.validator, run_dir)
     finally:
         trainer.tracker.close()
+    if trainer.runtime.is_main:
+        print_summary(trainer.validator, run_dir)
     if config.training.export_at_end and trainer.runtime.is_main:
         from distill.export import export_run
 

@@ -1,40 +1,58 @@
-"""Sample from an exported role with the sampler its method gave it.
+"""Sample an exported role by prompt, with the sampler its method gave it.
 
-    python -m distill.sample EXPORT_DIR --out samples.safetensors [--num 4] [--seed 0]
-        [--text-embeds FILE]   # safetensors with `text_embeds` [N, L, D]; default: random
-        [--lora [--base PATH]] # a LoRA role: its base plus EXPORT_DIR/lora, not the merged transformer
+    python -m distill.sample EXPORT_DIR --prompt "the digit 7 moving left" --out clip.gif
+    python -m distill.sample EXPORT_DIR --prompt "a cat" --prompt "a dog" --seeds 0 1 --out grid.mp4
+        --out FILE             .gif (animated), .png (frames side by side) or .mp4 (PyAV, H.264);
+                               one clip alone, several in a grid, each captioned with its prompt
+        --latents FILE         also write the raw latents and text embeddings (safetensors)
+        --seeds S [S ...]      each prompt is sampled once per seed (default: 0)
+        --steps N              Euler samplers only (a finetuned model, a critic): N steps
+        --model PATH           the pipeline folder with text_encoder/, tokenizer/ and vae/
+                               (default: the one the role was trained with)
+        --negative-prompt T    the unconditional prompt of guided samplers
+        --text-embeds FILE     safetensors with `text_embeds` [N, L, D] instead of prompts
+        --lora [--base PATH]   a LoRA role: its base plus EXPORT_DIR/lora, not the merged transformer
 
-Writes the sampled latents (`samples` [N, C, T, H, W]) and the text embeddings
-used. Decoding to pixels is the adapter's job and comes with validation.
+Prompts are encoded with the model's text encoder (the hash word vectors of
+the digits demo, umT5 for Wan), latents decoded with its VAE (identity for
+the demo, the Wan VAE for Wan).
 """
 
 import argparse
 import json
 import sys
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill.config.schema import ModelConfig, RoleConfig
+from distill.config.schema import ModelConfig, RoleConfig, TextEncoderKind, VaeKind
 from distill.models import build_adapter
 from distill.roles import Role
-from distill.sampling import Sampler
+from distill.sampling import EulerSampler, Sampler
+
+FORMATS = (".gif", ".png", ".mp4", ".safetensors")
 
 
-def load_exported(folder: Path, lora: bool = False, base=None):
+def load_exported(folder: Path, lora: bool = False, base=None, model: Optional[str] = None):
     """(adapter, role, sampler) of an export folder; with `lora`, the base network
-    (distill.json's, or `base`) with the exported adapters added."""
+    (distill.json's, or `base`) with the exported adapters added. The adapter reads
+    its text encoder and VAE from `model` (default: the folder recorded at export)."""
     info = json.loads((folder / "distill.json").read_text())
     cfg = ModelConfig(
         family=info["family"],
-        path=str(folder),
+        path=model or info.get("model_path"),
         subfolder=info.get("subfolder", "transformer"),
         arch=info.get("arch", {}),
         shift=info["shift"],
         latent_shape=info["latent_shape"],
         text_len=info["text_len"],
         text_dim=info["text_dim"],
+        latents_mean=info.get("latents_mean"),
+        latents_std=info.get("latents_std"),
+        vae=VaeKind(info.get("vae", "identity")),
+        text_encoder=TextEncoderKind(info.get("text_encoder", "hash")),
     )
     adapter = build_adapter(cfg)
     if lora:
@@ -47,29 +65,93 @@ def load_exported(folder: Path, lora: bool = False, base=None):
     return adapter, Role("sampler", RoleConfig(), module.eval().requires_grad_(False)), Sampler.from_json(info["sampler"])
 
 
-def main(argv=None) -> int:
+def with_steps(sampler: Sampler, adapter, steps: Optional[int]) -> Sampler:
+    if steps is None or steps == sampler.num_steps:
+        return sampler
+    if not isinstance(sampler, EulerSampler):
+        raise ValueError(f"--steps {steps}: this role samples in its {sampler.num_steps} distilled steps only")
+    return EulerSampler(adapter.euler_sigmas(steps), sampler.guidance_scale)
+
+
+def sample_latents(adapter, role, sampler, text: torch.Tensor, uncond: torch.Tensor, seeds: List[int]) -> torch.Tensor:
+    """One sample per row of `text`; row i draws its noise from seeds[i]."""
+    samples = []
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(seed)
+        samples.append(sampler(adapter, role, text[i : i + 1], uncond[i : i + 1],
+                               lambda shape: torch.randn(shape, generator=g)))
+    return torch.cat(samples)
+
+
+def write_video(pixels: torch.Tensor, path: Path, captions: List[str], fps: int) -> None:
+    from distill.validation.media import save_gif, save_grid, save_mp4
+
+    if path.suffix == ".gif":
+        save_gif(pixels, path, captions, fps=fps, per_row=min(len(captions), 4), limit=len(captions))
+    elif path.suffix == ".png":
+        save_grid(pixels, path, captions, per_row=1, limit=len(captions))
+    else:
+        save_mp4(pixels, path, captions, fps=fps, per_row=min(len(captions), 4), limit=len(captions))
+
+
+def parse(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("export_dir", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--num", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    parser.add_argument("--out", type=Path, required=True, help=f"one of {', '.join(FORMATS)}")
+    parser.add_argument("--latents", type=Path, help="also write the latents and text embeddings here")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--model", help="pipeline folder with text_encoder/, tokenizer/, vae/")
+    parser.add_argument("--negative-prompt", help="the unconditional prompt (default: the family's)")
     parser.add_argument("--text-embeds", type=Path)
     parser.add_argument("--lora", action="store_true", help="apply the exported LoRA to its base network")
     parser.add_argument("--base", help="the LoRA's base network (default: the one it was trained on)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    problem = None
     if not (args.export_dir / "distill.json").is_file():
-        print(f"error: {args.export_dir} is not an exported role (no distill.json)", file=sys.stderr)
+        problem = f"{args.export_dir} is not an exported role (no distill.json)"
+    elif args.out.suffix not in FORMATS:
+        problem = f"--out {args.out}: the file type must be one of {', '.join(FORMATS)}"
+    elif bool(args.prompt) == bool(args.text_embeds):
+        problem = "give --prompt (repeatable) or --text-embeds FILE"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    adapter, role, sampler = load_exported(args.export_dir, args.lora, args.base)
-    g = torch.Generator().manual_seed(args.seed)
-    if args.text_embeds:
-        text = load_file(str(args.text_embeds))["text_embeds"].float()
-    else:
-        text = torch.randn((args.num, adapter.cfg.text_len, adapter.cfg.text_dim), generator=g)
-    uncond = torch.zeros_like(text)
-    samples = sampler(adapter, role, text, uncond, lambda shape: torch.randn(shape, generator=g))
-    save_file({"samples": samples.contiguous(), "text_embeds": text.contiguous()}, str(args.out))
-    print(f"{samples.shape[0]} samples in {sampler.num_steps} steps -> {args.out}")
+    try:
+        adapter, role, sampler = load_exported(args.export_dir, args.lora, args.base, args.model)
+        sampler = with_steps(sampler, adapter, args.steps)
+        if args.prompt:
+            prompts = [p for p in args.prompt for _ in args.seeds]
+            text = adapter.encode_prompts(prompts)
+            negative = args.negative_prompt
+            if negative is None:  # the family's default goes with the family's encoder; the demo trained on zeros
+                negative = adapter.default_negative_prompt if adapter.cfg.text_encoder == TextEncoderKind.family else ""
+            uncond = adapter.encode_prompts([negative] * len(prompts)) if negative else torch.zeros_like(text)
+        else:
+            loaded = load_file(str(args.text_embeds))["text_embeds"].float()
+            prompts = [f"{args.text_embeds.name}[{i}]" for i in range(len(loaded)) for _ in args.seeds]
+            text = loaded.repeat_interleave(len(args.seeds), dim=0)
+            uncond = torch.zeros_like(text)
+        seeds = list(args.seeds) * (len(prompts) // len(args.seeds))
+        latents = sample_latents(adapter, role, sampler, text, uncond, seeds)
+        if args.latents or args.out.suffix == ".safetensors":
+            save_file({"samples": latents.contiguous(), "text_embeds": text.contiguous()},
+                      str(args.latents or args.out))
+        if args.out.suffix != ".safetensors":
+            with torch.no_grad():
+                pixels = adapter.decode(latents)
+            write_video(pixels, args.out, [f"{p} (seed {s})" if len(args.seeds) > 1 else p
+                                           for p, s in zip(prompts, seeds)], args.fps)
+    except (ValueError, NotImplementedError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{latents.shape[0]} samples in {sampler.num_steps} steps -> {args.out}")
     return 0
 
 

@@ -17,6 +17,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 
+class TextEncoderKind(str, Enum):
+    family = "family"  # the model family's own, from <model.path> (umT5 for Wan)
+    hash = "hash"  # distill/data/hash_text.py: word vectors, no weights (the demo and tiny models)
+
+
 class VaeKind(str, Enum):
     wan = "wan"  # AutoencoderKLWan from <model.path>/vae
     identity = "identity"  # the latents are the pixels (the digits demo)
@@ -53,6 +58,7 @@ class ModelConfig:
     latents_mean: Optional[List[float]] = None
     latents_std: Optional[List[float]] = None
     vae: VaeKind = VaeKind.wan  # how samples are decoded to pixels
+    text_encoder: TextEncoderKind = TextEncoderKind.family  # how prompts are encoded when sampling by prompt
 
 
 @dataclass

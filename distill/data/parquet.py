@@ -216,11 +216,13 @@ class ParquetLatents(IterableDataset):
         return sample
 
     def captions(self, rows: List[int]) -> List[str]:
+        """Each row's caption (its id where the shard has no caption column)."""
         out = []
         for row in rows:
             group, offset = self.index.locate(row)
-            table = pq.ParquetFile(group.file).read_row_group(group.index, columns=["caption"])
-            out.append(table.column("caption")[offset].as_py())
+            shard = pq.ParquetFile(group.file)
+            column = "caption" if "caption" in shard.schema_arrow.names else "id"
+            out.append(str(shard.read_row_group(group.index, columns=[column]).column(column)[offset].as_py()))
         return out
 
     def make_batch(self, batch: int) -> Dict[str, torch.Tensor]:

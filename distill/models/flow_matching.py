@@ -108,7 +108,24 @@ class FlowMatchingAdapter(ABC):
             return latents.float()
         return self.decode_with_vae(self.denormalise(latents.float()))
 
+    def encode_prompts(self, prompts: List[str], device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        """Prompts -> text embeddings [N, text_len, text_dim], zero-padded as the data loader pads them."""
+        if self.cfg.text_encoder.value == "hash":
+            from distill.data.hash_text import HashTextEncoder
+
+            texts = HashTextEncoder(self.cfg.text_dim, self.cfg.text_len).batch(prompts)
+        else:
+            texts = self.text_encoder(device).text(prompts)
+        out = torch.zeros(len(prompts), self.cfg.text_len, self.cfg.text_dim)
+        for i, text in enumerate(texts):
+            out[i, : min(len(text), self.cfg.text_len)] = text[: self.cfg.text_len]
+        return out.to(device)
+
     # --- what each family supplies ---------------------------------------
+    def text_encoder(self, device: torch.device):
+        """The family's prompt encoder from model.path (`.text(prompts)` -> unpadded [L, D] each)."""
+        raise NotImplementedError(f"{type(self).__name__} has no text encoder: set model.text_encoder=hash")
+
     @classmethod
     def check(cls, config) -> List[str]:
         """Errors of the model config and every role's weights against this family

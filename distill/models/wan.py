@@ -143,6 +143,14 @@ class WanAdapter(FlowMatchingAdapter):
         return WanEncoders(Path(folder), text_only, max_text_len, device)
 
     @torch.no_grad()
+    def text_encoder(self, device: torch.device) -> "WanEncoders":
+        """umT5 and its tokenizer from <model.path>/text_encoder and /tokenizer."""
+        folder = resolve_model_folder(self.cfg.path, "text_encoder") if self.cfg.path else None
+        if folder is None:
+            raise ValueError(f"model.path={self.cfg.path}: no text_encoder/ folder there to encode prompts "
+                             "(point model.path, or --model, at a diffusers Wan folder)")
+        return WanEncoders(Path(folder), text_only=True, max_text_len=self.cfg.text_len, device=device)
+
     def decode_with_vae(self, latents: torch.Tensor) -> torch.Tensor:
         """Un-normalised latents through AutoencoderKLWan from <model.path>/vae."""
         if getattr(self, "_vae", None) is None:

@@ -1,11 +1,18 @@
 """Sample clips as pictures: a PNG grid (each clip's frames side by side,
 `per_row` clips a row) and an animated GIF (the clips in a grid, playing).
-At most `limit` clips are drawn."""
+Each clip carries its prompt as a caption under it (the PNG also keeps the
+prompts as JSON in its `captions` text chunk). At most `limit` clips are drawn."""
 
+import json
 from pathlib import Path
+from typing import List, Optional, Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+PAD = 4  # pixels between tiles, at the saved scale
+CAPTION_HEIGHT = 14  # one line of PIL's default bitmap font
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
@@ -17,31 +24,85 @@ def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
 
 
-def _tile(tiles: torch.Tensor, per_row: int, pad: int) -> torch.Tensor:
-    """[N, H, W, 3] -> one image with per_row tiles a row, white gaps."""
+def fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text`, shortened with '...' until it fits `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def sheet(tiles: torch.Tensor, captions: Optional[Sequence[str]], per_row: int, scale: int) -> Image.Image:
+    """[N, H, W, 3] uint8 tiles, scaled, `per_row` a row on white, each with its caption below."""
     n, h, w, _ = tiles.shape
-    rows = -(-n // per_row)
-    canvas = torch.full((rows * (h + pad) + pad, min(n, per_row) * (w + pad) + pad, 3), 255, dtype=torch.uint8)
+    tile_w, tile_h = w * scale, h * scale
+    band = CAPTION_HEIGHT if captions else 0
+    cols, rows = min(n, per_row), -(-n // per_row)
+    canvas = Image.new("RGB", (cols * (tile_w + PAD) + PAD, rows * (tile_h + band + PAD) + PAD), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
     for i in range(n):
-        y, x = pad + (i // per_row) * (h + pad), pad + (i % per_row) * (w + pad)
-        canvas[y : y + h, x : x + w] = tiles[i]
+        x = PAD + (i % per_row) * (tile_w + PAD)
+        y = PAD + (i // per_row) * (tile_h + band + PAD)
+        canvas.paste(Image.fromarray(tiles[i].numpy()).resize((tile_w, tile_h), Image.NEAREST), (x, y))
+        if captions:
+            draw.text((x, y + tile_h + 1), fit_text(draw, captions[i], font, tile_w), fill="black", font=font)
     return canvas
 
 
-def save_grid(pixels: torch.Tensor, path: Path, per_row: int = 4, limit: int = 16, scale: int = 4) -> Path:
+def auto_scale(height: int, width: int, captions: Optional[Sequence[str]]) -> int:
+    """Small clips are enlarged to about 64 pixels high, and wide enough for their captions."""
+    scale = max(1, 64 // height)
+    if captions:
+        font = ImageFont.load_default()
+        longest = max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(c, font=font) for c in captions)
+        scale = max(scale, min(-(-int(longest) // width), 12))
+    return scale
+
+
+def save_grid(pixels: torch.Tensor, path: Path, captions: Optional[List[str]] = None, per_row: int = 4,
+              limit: int = 16, max_frames: int = 8) -> Path:
+    """Up to `max_frames` evenly spaced frames of each clip, left to right."""
     frames = to_uint8(pixels[:limit])  # [N, T, H, W, 3]
+    keep = torch.linspace(0, frames.shape[1] - 1, min(frames.shape[1], max_frames)).round().long()
+    frames = frames[:, keep]
     n, t, h, w, _ = frames.shape
     strips = frames.permute(0, 2, 1, 3, 4).reshape(n, h, t * w, 3)  # a clip's frames left to right
-    image = Image.fromarray(_tile(strips, per_row, pad=2).numpy())
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+    captions = list(captions[:n]) if captions else None
+    info = PngInfo()
+    if captions:
+        info.add_text("captions", json.dumps(captions))
+    sheet(strips, captions, per_row, auto_scale(h, t * w, captions)).save(path, pnginfo=info)
     return path
 
 
-def save_gif(pixels: torch.Tensor, path: Path, fps: int = 4, per_row: int = 4, limit: int = 16, scale: int = 4) -> Path:
+def save_gif(pixels: torch.Tensor, path: Path, captions: Optional[List[str]] = None, fps: int = 4, per_row: int = 4,
+             limit: int = 16) -> Path:
     frames = to_uint8(pixels[:limit])
-    images = []
-    for j in range(frames.shape[1]):
-        image = Image.fromarray(_tile(frames[:, j], per_row, pad=2).numpy())
-        images.append(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
+    captions = list(captions[: frames.shape[0]]) if captions else None
+    scale = auto_scale(frames.shape[2], frames.shape[3], captions)
+    images = [sheet(frames[:, j], captions, per_row, scale) for j in range(frames.shape[1])]
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return path
+
+
+def save_mp4(pixels: torch.Tensor, path: Path, captions: Optional[List[str]] = None, fps: int = 8, per_row: int = 4,
+             limit: int = 16) -> Path:
+    """The GIF's captioned grid as an H.264 MP4 (PyAV), padded to even sides as yuv420p needs."""
+    import av
+    import numpy as np
+
+    frames = to_uint8(pixels[:limit])
+    captions = list(captions[: frames.shape[0]]) if captions else None
+    scale = auto_scale(frames.shape[2], frames.shape[3], captions)
+    images = [sheet(frames[:, j], captions, per_row, scale) for j in range(frames.shape[1])]
+    width, height = images[0].width + images[0].width % 2, images[0].height + images[0].height % 2
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for image in images:
+            canvas = Image.new("RGB", (width, height), "white")
+            canvas.paste(image, (0, 0))
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(canvas), format="rgb24")))
+        container.mux(stream.encode())
     return path

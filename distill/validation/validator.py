@@ -12,7 +12,7 @@ data has metrics (digits: conditional accuracy and Frechet distance).
 """
 
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -24,7 +24,8 @@ from distill.validation.media import save_gif, save_grid
 
 class Validator:
     def __init__(self, config: Config, adapter, batch: Dict[str, torch.Tensor], run_dir: Path, is_main: bool,
-                 metric: Optional[Callable] = None, labels: Optional[torch.Tensor] = None):
+                 metric: Optional[Callable] = None, labels: Optional[torch.Tensor] = None,
+                 captions: Optional[List[str]] = None):
         self.config = config
         self.cfg = config.validation
         self.adapter = adapter
@@ -33,6 +34,7 @@ class Validator:
         self.is_main = is_main
         self.metric = metric
         self.labels = labels
+        self.captions = captions  # each sample's prompt, drawn under its clip
         method = method_class(config.method.name)
         self.guidance = self.cfg.guidance_scale or method.guidance_scale(config.method)
         self.student_sampler = method.sampler(config.method, adapter, "student")
@@ -77,8 +79,8 @@ class Validator:
         for name, latents in results.items():
             pixels = self.adapter.decode(latents)
             stem = name if name.startswith(("teacher", "real")) else f"{name}-step{step:06d}"
-            images[f"samples/{name}"] = save_grid(pixels, self.out / f"{stem}.png")
-            videos[f"videos/{name}"] = save_gif(pixels, self.out / f"{stem}.gif", fps=self.cfg.fps)
+            images[f"samples/{name}"] = save_grid(pixels, self.out / f"{stem}.png", self.captions)
+            videos[f"videos/{name}"] = save_gif(pixels, self.out / f"{stem}.gif", self.captions, fps=self.cfg.fps)
             if self.metric is not None and self.cfg.metrics:
                 for key, value in self.metric(pixels, self.labels).items():
                     metrics[f"val/{name}/{key}"] = value
@@ -100,12 +102,13 @@ def build_validator(config: Config, adapter, run_dir: Path, runtime) -> Validato
     loader = build_data(dataclasses.replace(config, data=data, seed=config.validation.seed), 0, 1)
     samples = [next(loader) for _ in range(n)]
     batch = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
-    metric, labels = None, None
+    metric, labels, captions = None, None, None
+    dataset = getattr(loader, "dataset", None)
+    if hasattr(dataset, "captions"):  # parquet data (digits included); synthetic data has no prompts
+        captions = dataset.captions([row for b in range(n) for _, row in dataset.rows_of_batch(b)])
     if config.data.name.value == "digits" and config.validation.metrics:
         from distill.validation.digit_metrics import DigitMetrics
 
-        dataset = loader.dataset
-        captions = dataset.captions([row for b in range(n) for _, row in dataset.rows_of_batch(b)])
         labels = torch.tensor([int(c.split()[2]) for c in captions])
         metric = DigitMetrics(config.data.path, config.seed) if runtime.is_main else None
-    return Validator(config, adapter, batch, run_dir, runtime.is_main, metric, labels)
+    return Validator(config, adapter, batch, run_dir, runtime.is_main, metric, labels, captions)
