@@ -151,7 +151,7 @@ def test_launch_rejects_bad_config_without_traceback(tmp_path, overrides, messag
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    assert not (tmp_path / "run" / "final").exists()
+    assert not (tmp_path / "run").exists()  # a refused config leaves no run folder
 
 
 def test_cfg_job_prints_composed_config():

@@ -26,7 +26,8 @@ def lora_run(tmp_path_factory):
     write_tiny_pipeline_parts(base)
     run = tmp_path_factory.mktemp("lora-run")
     config = validate(compose_config([
-        *LORA, f"model.path={base}", "training.max_steps=6", "method.generator_update_interval=2",
+        *LORA, f"model.path={base}", "model.vae=wan", "model.text_encoder=family",  # the whole tiny pipeline
+        "training.max_steps=6", "method.generator_update_interval=2",
         "method.generator_lr=1e-2", "method.critic_lr=1e-2", "roles.student.ema_decay=0.5",
     ]))
     return config, train(config, run), run, base
@@ -109,8 +110,8 @@ def test_sample_command_reads_the_merged_and_the_lora_export_alike(lora_run, tmp
     for extra in ([], ["--lora"]):
         out = tmp_path / f"samples{len(extra)}.safetensors"
         result = subprocess.run(
-            [sys.executable, "-m", "distill.sample", str(run / "export" / "student"), "--out", str(out), "--num", "2",
-             *extra],
+            [sys.executable, "-m", "distill.sample", str(run / "export" / "student"), "--out", str(out),
+             "--prompt", "a red square moves left", "--seeds", "0", "1", *extra],
             cwd=ROOT, capture_output=True, text=True,
         )
         assert result.returncode == 0, result.stderr
@@ -256,3 +257,28 @@ def test_shared_base_is_checked(overrides, message):
     with pytest.raises(ConfigError) as err:
         validate(compose_config(overrides))
     assert message in str(err.value)
+
+
+def test_sample_by_prompt_encodes_with_umt5_and_decodes_to_mp4(lora_run, tmp_path):
+    """A Wan export: prompts through the pipeline folder's umT5, latents through its VAE, out as H.264."""
+    import av
+
+    from distill.models.wan import WanEncoders
+    from distill.sample import main
+
+    _, _, run, base = lora_run
+    out, latents = tmp_path / "clip.mp4", tmp_path / "latents.safetensors"
+    prompts = ["a red square moves left", "a blue square moves right"]
+    args = [str(run / "export" / "student"), "--prompt", prompts[0], "--prompt", prompts[1], "--out", str(out)]
+    assert main([*args, "--latents", str(latents)]) == 0
+    encoded = WanEncoders(base, text_only=True, max_text_len=8, device=torch.device("cpu")).text(prompts)
+    text = load_file(latents)["text_embeds"]
+    for i, want in enumerate(encoded):
+        assert torch.allclose(text[i, : len(want)], want) and not text[i, len(want):].any()
+    with av.open(str(out)) as video:
+        stream = video.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in video.decode(stream)]
+        assert stream.codec_context.name == "h264"
+    assert len(frames) == 9  # 3 latent frames through the Wan VAE: 1 + 2 * 4
+    height, width, _ = frames[0].shape
+    assert width > height and width % 2 == 0 and height % 2 == 0  # two captioned clips side by side

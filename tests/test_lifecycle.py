@@ -1,0 +1,182 @@
+"""A run's life as a user sees it: continuing with its saved config, a finished
+run relaunched, stopping by signal, refused continuations, damaged checkpoints
+and bad data, each with its exit code and one-line message."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, compose_config, quiet, read_metrics
+from distill.config import validate
+from distill.config.resume import merge_overrides
+from distill.preemption import StopRequest
+from distill.run import train
+
+TINY = ["training.max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=0", "method.generator_update_interval=3"]
+
+
+def launch(args, timeout=300):
+    """launch.py exactly as typed: no overrides added."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def student_weights(run):
+    return load_file(run / "export" / "student" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def four_step_run(tmp_path_factory):
+    """A tiny run of 4 steps (checkpoints at 2 and 4), and an uninterrupted 6-step one."""
+    base = tmp_path_factory.mktemp("lifecycle")
+    run, straight = base / "run", base / "straight"
+    first = launch([*quiet(TINY), f"hydra.run.dir={run}"])
+    assert first.returncode == 0, first.stderr
+    done = launch([*quiet([*TINY, "training.max_steps=6"]), f"hydra.run.dir={straight}"])
+    assert done.returncode == 0, done.stderr
+    return run, straight
+
+
+def test_a_continuation_that_changes_the_run_is_refused_and_writes_nothing(four_step_run):
+    run, _ = four_step_run
+    before = snapshot(run)
+    result = launch([f"hydra.run.dir={run}", "data.batch_size=3", "seed=7", "training.max_steps=8"])
+    assert result.returncode == 2
+    assert "data.batch_size: the run has 2, this launch gives 3" in result.stderr
+    assert "seed: the run has 0, this launch gives 7" in result.stderr
+    assert "training.max_steps" not in result.stderr  # that one may change
+    assert "Traceback" not in result.stderr + result.stdout
+    assert snapshot(run) == before
+
+
+def test_a_finished_run_relaunched_says_so_and_writes_no_records(four_step_run):
+    run, _ = four_step_run
+    metrics = (run / "metrics.jsonl").read_bytes()
+    result = launch([f"hydra.run.dir={run}"])
+    assert result.returncode == 0, result.stderr
+    assert f"the run in {run} is finished at step 4 (training.max_steps=4)" in result.stdout
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+    assert not (run / "checkpoint-5").exists()
+
+
+def test_continuing_with_more_steps_equals_the_uninterrupted_run(four_step_run):
+    """Only the new length is given: the run's saved overrides (experiment=tiny,
+    logger=none, its cadences) compose the rest."""
+    run, straight = four_step_run
+    result = launch([f"hydra.run.dir={run}", "training.max_steps=6"])
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {run / 'checkpoint-4'} at step 4" in (run / "launch.log").read_text()
+    a, b = read_metrics(run), read_metrics(straight)
+    assert [r["step"] for r in a] == list(range(1, 7))
+    assert [r["loss/critic"] for r in a] == [r["loss/critic"] for r in b]
+    wa, wb = student_weights(run), student_weights(straight)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    overrides = (run / ".hydra" / "overrides.yaml").read_text()
+    assert "experiment=tiny" in overrides and "training.max_steps=6" in overrides and "training.max_steps=4" not in overrides
+    launches = (run / ".hydra" / "launches.yaml").read_text()
+    assert launches.count("time:") >= 2 and "- training.max_steps=6" in launches
+
+
+def test_merged_overrides_keep_the_history_order():
+    saved = ["experiment=tiny", "training.max_steps=4", "+roles.student.lora.rank=4"]
+    new = ["logger=none", "training.max_steps=6", "roles.student.lora.rank=8"]
+    assert merge_overrides(saved, new) == ["experiment=tiny", "training.max_steps=6", "roles.student.lora.rank=8",
+                                           "logger=none"]
+
+
+def _wait_for_records(run, count, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{run} never logged {count} records")
+
+
+def test_a_signal_stop_exits_128_plus_the_signal_and_prints_the_resume_command(tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *quiet(["training.max_steps=100000"]),
+                             f"hydra.run.dir={run}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_records(run, 3)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM at step" in stderr and "run failed" not in stderr
+    assert f"resume with: python launch.py hydra.run.dir={run}" in stderr
+    assert "Traceback" not in stderr
+    step = int(stderr.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert (run / f"checkpoint-{step}" / "trainer.json").is_file()
+
+
+def test_ctrl_c_asks_for_a_stop_and_a_second_one_interrupts():
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        stop = StopRequest().install()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(sig, previous if sig == signal.SIGINT else signal.SIG_DFL)
+
+
+def _damage(file):
+    file.write_bytes(file.read_bytes()[:100])
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    train(validate(compose_config(TINY)), run)
+    _damage(run / "checkpoint-4" / "ranks" / "rank-0.safetensors")
+    with caplog.at_level(logging.INFO, logger="distill"):
+        train(validate(compose_config([*TINY, "training.max_steps=6"])), run)
+    assert (f"checkpoint {run / 'checkpoint-4'} is damaged (ranks/rank-0.safetensors does not match its checksum); "
+            "moved to checkpoint-4.damaged") in caplog.text
+    assert f"resuming from {run / 'checkpoint-2'} (step 2)" in caplog.text
+    assert (run / "checkpoint-4.damaged" / "trainer.json").is_file()  # kept, moved aside
+    train(validate(compose_config([*TINY, "training.max_steps=6"])), straight)
+    wa, wb = student_weights(run), student_weights(straight)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_damaged_checkpoint_named_by_resume_from_stops_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    train(validate(compose_config(TINY)), run)
+    _damage(run / "checkpoint-2" / "state" / next(p.name for p in (run / "checkpoint-2" / "state").glob("*.safetensors")))
+    result = launch([*quiet([*TINY, "training.max_steps=6", f"checkpoint.resume_from={run / 'checkpoint-2'}"]),
+                     f"hydra.run.dir={tmp_path / 'other'}"])
+    assert result.returncode == 4, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"checkpoint error: checkpoint.resume_from={run / 'checkpoint-2'} is damaged: state/")
+    assert "does not match its checksum" in lines[-1] and "Traceback" not in result.stderr
+    assert (run / "checkpoint-2" / "trainer.json").is_file()  # nothing is moved or deleted
+
+
+def test_a_checkpoint_of_another_config_stops_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    train(validate(compose_config(TINY)), run)
+    result = launch([*quiet([*TINY, "data.batch_size=3", f"checkpoint.resume_from={run / 'checkpoint-4'}",
+                             "training.max_steps=6"]), f"hydra.run.dir={tmp_path / 'other'}"])
+    assert result.returncode == 4
+    assert "does not fit this config" in result.stderr
+    assert "data.batch_size: checkpoint has 2, this run has 3" in result.stderr
+    assert "Traceback" not in result.stderr

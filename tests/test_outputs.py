@@ -1,0 +1,132 @@
+"""What a user reads and looks at: log lines, captioned grids, the Frechet
+distance, prompt-to-GIF sampling with the shipped demo student, --help."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, compose_config, read_metrics, run_launch
+from distill.config import validate
+from distill.run import train
+from distill.tracking import MetricWindow
+from distill.validation.media import CAPTION_HEIGHT, PAD, save_grid
+
+DEMO_STUDENT = ROOT / "assets" / "digits_student"
+
+
+def test_a_log_line_holds_the_window_means_and_the_peak_memory_maximum():
+    window = MetricWindow()
+    window.add({"loss/critic": 1.0, "loss/student": 10.0, "peak_memory_gb": 2.0})
+    for value, memory in ((2.0, 3.0), (6.0, 1.0)):
+        window.add({"loss/critic": value, "peak_memory_gb": memory})
+    assert window.flush() == {"loss/critic": 3.0, "loss/student": 10.0, "peak_memory_gb": 3.0}
+    window.add({"loss/critic": 5.0})
+    assert window.flush() == {"loss/critic": 5.0}  # a fresh window
+
+
+def test_every_log_line_of_the_demo_shows_every_role(tmp_path):
+    """Generator every 5 iterations, a line every 25: both roles on every line."""
+    overrides = ["experiment=digits_demo", "training.max_steps=50", "validation.every=0", "validation.num_samples=4",
+                 "validation.teacher_steps=2", "validation.metrics=false", "checkpoint.every=0",
+                 "training.export_at_end=false"]
+    config = validate(compose_config(overrides))
+    assert (config.method.generator_update_interval, config.training.log_every) == (5, 25)
+    train(config, tmp_path)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [25, 50]
+    for r in records:
+        for key in ("loss/student", "grad_norm/student", "lr/student", "loss/critic", "grad_norm/critic", "lr/critic"):
+            assert np.isfinite(r[key]), (r["step"], key)
+
+
+def test_grid_captions_every_clip_and_keeps_the_prompts(tmp_path):
+    clips = torch.rand(5, 1, 3, 8, 8) * 2 - 1
+    prompts = [f"the digit {k} moving left" for k in range(5)]
+    captioned, bare = save_grid(clips, tmp_path / "c.png", prompts, per_row=2), save_grid(clips, tmp_path / "b.png", per_row=2)
+    image = Image.open(captioned)
+    assert json.loads(image.text["captions"]) == prompts
+    plain = Image.open(bare)
+    assert "captions" not in plain.text
+    # 3 rows of 2 tiles; a tile is a clip's 3 frames side by side, 8x8 enlarged 8 times (to 64 pixels high)
+    tile_w, tile_h, rows = 3 * 8 * 8, 8 * 8, 3
+    assert image.size == (2 * (tile_w + PAD) + PAD, rows * (tile_h + CAPTION_HEIGHT + PAD) + PAD)
+    assert plain.size == (2 * (tile_w + PAD) + PAD, rows * (tile_h + PAD) + PAD)
+    pixels = np.asarray(image.convert("L"))
+    for row in range(rows):
+        band = pixels[PAD + row * (tile_h + CAPTION_HEIGHT + PAD) + tile_h:][:CAPTION_HEIGHT, PAD:PAD + tile_w]
+        assert (band < 100).any(), f"no caption text under row {row}"
+    empty = pixels[-CAPTION_HEIGHT - PAD:-PAD, PAD + tile_w + PAD:-PAD]  # the sixth slot has no clip
+    assert (empty == 255).all()
+
+
+def test_frechet_distance_matches_scipy_and_is_silent_on_singular_covariances():
+    from scipy import linalg
+
+    from distill.validation.digit_metrics import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 6)), rng.normal(size=(150, 6)) @ rng.normal(size=(6, 6)) + 1
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    m1, m2 = a.mean(0), b.mean(0)
+    reference = (m1 - m2) @ (m1 - m2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(reference, rel=1e-9)
+    assert frechet_distance(m1, s1, m1, s1) == pytest.approx(0, abs=1e-9)
+    singular = np.cov(rng.normal(size=(3, 6)), rowvar=False)  # rank 2 of 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = frechet_distance(m1, singular, m2, s2)
+    assert np.isfinite(value) and value > 0
+
+
+def _gif_clip(path):
+    """The single clip of a one-prompt GIF: [T, 16, 16] in [-1, 1] (tile cut out, scale undone)."""
+    image = Image.open(path)
+    frames = []
+    for i in range(image.n_frames):
+        image.seek(i)
+        gray = np.asarray(image.convert("L"), dtype=np.float32)
+        tile = gray[PAD:image.height - PAD - CAPTION_HEIGHT, PAD:image.width - PAD]
+        scale = tile.shape[0] // 16
+        frames.append(tile[::scale, ::scale][:16, :16] / 127.5 - 1)
+    return torch.tensor(np.stack(frames))
+
+
+def test_sampling_the_demo_student_by_prompt_draws_the_prompted_digit(tmp_path):
+    from distill.sample import main
+    from distill.validation.digit_metrics import DigitMetrics
+
+    metrics = DigitMetrics()
+    correct = 0
+    for digit in range(10):
+        out = tmp_path / f"{digit}.gif"
+        assert main([str(DEMO_STUDENT), "--prompt", f"the digit {digit} moving left", "--out", str(out)]) == 0
+        clip = _gif_clip(out)
+        assert clip.shape == (4, 16, 16)
+        logits = metrics.model(clip[:, None]).mean(dim=0)
+        correct += int(logits.argmax()) == digit
+    assert correct >= 7, correct
+
+
+def test_sample_refuses_what_it_cannot_do_in_one_line(tmp_path):
+    from distill.sample import main
+
+    assert main([str(DEMO_STUDENT), "--out", str(tmp_path / "x.gif")]) == 2  # no prompt
+    assert main([str(DEMO_STUDENT), "--prompt", "the digit 1", "--out", str(tmp_path / "x.avi")]) == 2
+    assert main([str(DEMO_STUDENT), "--prompt", "the digit 1", "--steps", "9", "--out", str(tmp_path / "x.gif")]) == 2
+
+
+def test_help_is_the_projects_own_page():
+    result = run_launch(["--help"])
+    assert result.returncode == 0, result.stderr
+    page = result.stdout
+    assert "compose, validate and run a few-step diffusion distillation" in page
+    assert "schema/" not in page and not any(line.startswith("  schema") for line in page.splitlines())
+    for group in sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir()):
+        assert f"  {group}:" in page, group
+    for option in ("digits_demo", "wan21_t2v_1.3b_dmd2_3step", "dmd2_digits", "+sweep:", "digits_lr",
+                   "python launch.py hydra.run.dir=RUN", "Exit codes"):
+        assert option in page, option
