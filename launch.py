@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.cli_help import help_page
 from distill.config import ConfigError, register_configs, validate
-from distill.config.resume import continue_argv, continued_config, existing_run, record_launch, run_dir_argument
+from distill.config.resume import (continue_argv, continued_config, existing_run, record_launch, run_dir_argument,
+                                   saved_overrides)
 from distill.config.sweeps import register_sweeps
 
 ROOT = Path(__file__).resolve().parent
@@ -73,8 +74,7 @@ def accepted_config(cfg: DictConfig, run_dir: Path):
         return validate(cfg)
     from hydra import compose
 
-    base = compose(config_name="config", overrides=list(OmegaConf.load(CONTINUED / ".hydra" / "overrides.yaml"))
-                   if (CONTINUED / ".hydra" / "overrides.yaml").is_file() else [])
+    base = compose(config_name="config", overrides=saved_overrides(CONTINUED))
     config, changed = continued_config(CONTINUED, base, cfg)
     for key, value in changed.items():
         log.info("continuing %s with %s=%s", run_dir, key, value)

@@ -14,7 +14,7 @@ from distill.models import build_adapter
 from distill.registry import method_class
 from distill.rng import ProcessRNG
 from distill.roles import attach_optimizers, build_roles
-from distill.tracking import Tracker, log
+from distill.tracking import Tracker, log, set_aside_records_after
 from distill.validation.validator import build_validator
 from distill.trainer import Trainer
 
@@ -136,6 +136,10 @@ def train(config: Config, run_dir: Path, runtime: Runtime = None, stop=None) -> 
         if step >= config.training.max_steps:
             raise RunFinished(step, config.training.max_steps, run_dir)
         log.info("resuming from %s (step %d)", start, step)
+        if runtime.is_main:
+            moved = set_aside_records_after(run_dir / "metrics.jsonl", step)
+            if moved:
+                log.info("%d records after step %d moved to metrics.discarded.jsonl", moved, step)
     trainer = build_trainer(config, run_dir, runtime, stop)
     if start is not None:
         trainer.checkpointer.load(start)

@@ -115,6 +115,21 @@ class MetricWindow:
         return means
 
 
+def set_aside_records_after(metrics_file: Path, step: int) -> int:
+    """A run resuming from `step` redoes the steps after it: their records (from a
+    trajectory that no checkpoint kept) move to metrics.discarded.jsonl, so that
+    metrics.jsonl holds each step once. Returns how many moved."""
+    if not metrics_file.is_file():
+        return 0
+    lines = [line for line in metrics_file.read_text().splitlines() if line.strip()]
+    later = [line for line in lines if json.loads(line)["step"] > step]
+    if later:
+        with open(metrics_file.with_name("metrics.discarded.jsonl"), "a") as f:
+            f.write("\n".join(later) + "\n")
+        metrics_file.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+    return len(later)
+
+
 def start_wandb(run_dir: Path, config):
     """A wandb run in <run>/wandb; a resumed or requeued run continues the same id."""
     import wandb

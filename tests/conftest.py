@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,23 @@ def run_launch(args, cwd=None, timeout=300):
         text=True,
         timeout=timeout,
     )
+
+
+def launch_background(args):
+    """launch.py (tiny, no wandb unless given) in its own session, so that a test can signal or kill it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
+    return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *quiet(args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_records(run_dir: Path, count: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        file = run_dir / "metrics.jsonl"
+        if file.is_file() and len(file.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{run_dir} never logged {count} records")
 
 
 def read_metrics(run_dir: Path, validation: bool = False):

@@ -11,7 +11,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, compose_config, quiet, read_metrics, run_launch
+from conftest import ROOT, compose_config, launch_background, read_metrics, run_launch, wait_for_records
 from distill.config import validate
 
 LOSS_KEYS = ("loss/student", "loss/critic", "grad_norm/student", "grad_norm/critic")
@@ -93,33 +93,11 @@ def _pid_of(log, rank, timeout=60):
     raise AssertionError(f"no pid line in {log}")
 
 
-def _launch_background(args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "launch.py"), *quiet(args)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _wait_for_step(run, step, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= step:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{run} never reached step {step}")
-
-
 def test_killed_rank_ends_the_run_naming_the_rank(tmp_path):
     run = tmp_path / "run"
-    proc = _launch_background(["launcher.nproc_per_node=2", "training.max_steps=100000", f"hydra.run.dir={run}"])
+    proc = launch_background(["launcher.nproc_per_node=2", "training.max_steps=100000", f"hydra.run.dir={run}"])
     try:
-        _wait_for_step(run, 3)
+        wait_for_records(run, 3)
         os.kill(_pid_of(run / "logs" / "rank-1.log", 1), signal.SIGKILL)
         killed_at = time.time()
         _, stderr = proc.communicate(timeout=60)
@@ -138,7 +116,7 @@ def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path):
     uninterrupted run ends."""
     run, reference = tmp_path / "run", tmp_path / "reference"
     common = ["training.max_steps=40", "checkpoint.every=2", "checkpoint.keep_last=0"]
-    proc = _launch_background([*common, f"hydra.run.dir={run}"])
+    proc = launch_background([*common, f"hydra.run.dir={run}"])
     caught = None
     try:
         while proc.poll() is None and caught is None:

@@ -2,18 +2,18 @@
 run relaunched, stopping by signal, refused continuations, damaged checkpoints
 and bad data, each with its exit code and one-line message."""
 
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, compose_config, quiet, read_metrics
+from conftest import ROOT, compose_config, launch_background, quiet, read_metrics, wait_for_records
 from distill.config import validate
 from distill.config.resume import merge_overrides
 from distill.preemption import StopRequest
@@ -96,23 +96,11 @@ def test_merged_overrides_keep_the_history_order():
                                            "logger=none"]
 
 
-def _wait_for_records(run, count, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{run} never logged {count} records")
-
-
 def test_a_signal_stop_exits_128_plus_the_signal_and_prints_the_resume_command(tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *quiet(["training.max_steps=100000"]),
-                             f"hydra.run.dir={run}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = launch_background(["training.max_steps=100000", f"hydra.run.dir={run}"])
     try:
-        _wait_for_records(run, 3)
+        wait_for_records(run, 3)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -153,6 +141,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
             "moved to checkpoint-4.damaged") in caplog.text
     assert f"resuming from {run / 'checkpoint-2'} (step 2)" in caplog.text
     assert (run / "checkpoint-4.damaged" / "trainer.json").is_file()  # kept, moved aside
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 7))  # steps 3-4 of the lost trajectory set aside
+    assert [json.loads(line)["step"] for line in (run / "metrics.discarded.jsonl").read_text().splitlines()] == [3, 4]
     train(validate(compose_config([*TINY, "training.max_steps=6"])), straight)
     wa, wb = student_weights(run), student_weights(straight)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -180,3 +170,60 @@ def test_a_checkpoint_of_another_config_stops_in_one_line(tmp_path):
     assert "does not fit this config" in result.stderr
     assert "data.batch_size: checkpoint has 2, this run has 3" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+PARQUET = ["data=parquet", "model.latent_shape=[4,2,4,4]", "model.text_len=6", "model.text_dim=5",
+           "model.arch.in_channels=4", "model.arch.out_channels=4", "model.arch.text_dim=5", "training.max_steps=2",
+           "method.rollout=data", "data.num_workers=0"]
+
+
+def _rows(n, channels=4, nan=False):
+    from distill.data.schema import make_row
+
+    g = torch.Generator().manual_seed(0)
+    latent = lambda: torch.full((channels, 2, 4, 4), float("nan")) if nan else torch.randn(channels, 2, 4, 4, generator=g)
+    return [make_row(f"clip-{i}", torch.randn(3, 5, generator=g), f"caption {i}", latent()) for i in range(n)]
+
+
+def _edit_table(file, edit):
+    import pyarrow.parquet as pq
+
+    pq.write_table(edit(pq.read_table(file)), file)
+
+
+def _truncate(file):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _unknown_dtype(file):
+    import pyarrow as pa
+
+    _edit_table(file, lambda t: t.set_column(t.schema.get_field_index("vae_latent_dtype"), "vae_latent_dtype",
+                                             pa.array(["complex64"] * t.num_rows)))
+
+
+def _drop_text_dtype(file):
+    _edit_table(file, lambda t: t.drop_columns(["text_embedding_dtype"]))
+
+
+@pytest.mark.parametrize("case,rows,damage,message", [
+    ("truncated shard", {}, _truncate, "shard-00000.parquet: corrupt parquet shard"),
+    ("wrong channels", {"channels": 8}, None, "shard-00000.parquet row 0 (id clip-0): latent shape [8, 2, 4, 4] "
+                                              "does not fit the model's 4 channels"),
+    ("missing column", {}, _drop_text_dtype, "shard-00000.parquet: missing columns ['text_embedding_dtype']"),
+    ("unknown dtype", {}, _unknown_dtype, "shard-00000.parquet row 0 (id clip-0): vae_latent_dtype 'complex64' "
+                                          "is not one of"),
+    ("NaN row", {"nan": True}, None, "latent holds NaN or inf"),
+])
+def test_bad_data_stops_the_launch_in_one_line_with_exit_3(tmp_path, case, rows, damage, message):
+    from distill.data.writer import write_dataset
+
+    data = tmp_path / "data"
+    write_dataset(_rows(8, **rows), data)
+    if damage:
+        damage(data / "shard-00000.parquet")
+    result = launch([*quiet([*PARQUET, f"data.path={data}"]), f"hydra.run.dir={tmp_path / 'run'}"])
+    assert result.returncode == 3, (case, result.stderr[-2000:])
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("data error: ") and message in last, (case, last)
+    assert "Traceback" not in result.stderr + result.stdout, case

@@ -102,13 +102,17 @@ def test_sampling_the_demo_student_by_prompt_draws_the_prompted_digit(tmp_path):
     metrics = DigitMetrics()
     correct = 0
     for digit in range(10):
-        out = tmp_path / f"{digit}.gif"
-        assert main([str(DEMO_STUDENT), "--prompt", f"the digit {digit} moving left", "--out", str(out)]) == 0
-        clip = _gif_clip(out)
-        assert clip.shape == (4, 16, 16)
-        logits = metrics.model(clip[:, None]).mean(dim=0)
-        correct += int(logits.argmax()) == digit
-    assert correct >= 7, correct
+        for direction in ("left", "right", "up", "down"):
+            out = tmp_path / f"{digit}-{direction}.gif"
+            assert main([str(DEMO_STUDENT), "--prompt", f"the digit {digit} moving {direction}", "--out", str(out)]) == 0
+            clip = _gif_clip(out)
+            assert clip.shape == (4, 16, 16)
+            with torch.no_grad():
+                logits = metrics.model(clip[:, None]).mean(dim=0)
+            correct += int(logits.argmax()) == digit
+    print(f"{correct} of 40 clips show the prompted digit")
+    # 31 here; the student scores 0.906 on the 256 validation prompts, chance is 0.1
+    assert correct >= 26, correct
 
 
 def test_sample_refuses_what_it_cannot_do_in_one_line(tmp_path):

@@ -76,12 +76,17 @@ def save_grid(pixels: torch.Tensor, path: Path, captions: Optional[List[str]] = 
     return path
 
 
-def save_gif(pixels: torch.Tensor, path: Path, captions: Optional[List[str]] = None, fps: int = 4, per_row: int = 4,
-             limit: int = 16) -> Path:
+def playing_sheets(pixels: torch.Tensor, captions: Optional[List[str]], per_row: int, limit: int) -> List[Image.Image]:
+    """One captioned sheet per frame: the clips of a GIF or MP4, playing side by side."""
     frames = to_uint8(pixels[:limit])
     captions = list(captions[: frames.shape[0]]) if captions else None
     scale = auto_scale(frames.shape[2], frames.shape[3], captions)
-    images = [sheet(frames[:, j], captions, per_row, scale) for j in range(frames.shape[1])]
+    return [sheet(frames[:, j], captions, per_row, scale) for j in range(frames.shape[1])]
+
+
+def save_gif(pixels: torch.Tensor, path: Path, captions: Optional[List[str]] = None, fps: int = 4, per_row: int = 4,
+             limit: int = 16) -> Path:
+    images = playing_sheets(pixels, captions, per_row, limit)
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     return path
 
@@ -92,10 +97,7 @@ def save_mp4(pixels: torch.Tensor, path: Path, captions: Optional[List[str]] = N
     import av
     import numpy as np
 
-    frames = to_uint8(pixels[:limit])
-    captions = list(captions[: frames.shape[0]]) if captions else None
-    scale = auto_scale(frames.shape[2], frames.shape[3], captions)
-    images = [sheet(frames[:, j], captions, per_row, scale) for j in range(frames.shape[1])]
+    images = playing_sheets(pixels, captions, per_row, limit)
     width, height = images[0].width + images[0].width % 2, images[0].height + images[0].height % 2
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
