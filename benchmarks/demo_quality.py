@@ -1,21 +1,29 @@
 """The embedded default's quality bar: distil the shipped digits teacher into
-a 2-step student (exactly `python launch.py`) and compare, on 256 fixed
-validation prompts, the teacher at 50 Euler steps, the teacher at 2 steps,
-the student at 2 steps and real clips.
+a 2-step student (exactly `python launch.py`, validating every 250 steps)
+and score, on 256 fixed validation prompts, the teacher at 50 Euler steps,
+the teacher at 2 steps, the student at 2 steps and real clips.
 
-    python benchmarks/demo_quality.py [--record FILE] [--keep-export DIR] [extra Hydra overrides]
+    python benchmarks/demo_quality.py [--seeds 0 1 2] [--variant NAME='OVERRIDES' ...]
+                                      [--record FILE] [--keep-export DIR] [extra Hydra overrides]
 
-Prints the table, the student's ratios to both teacher rows (FD: lower is
-better; accuracy: higher is better), the student's scores at every
-validation, and the wall time. --record writes all of it as JSON with the
-date, the git commit (and whether the tree was dirty) and the overrides, so
-that figures quoted elsewhere can be checked; --keep-export copies the
-exported student there.
+Validation swings by several points of Frechet distance from one step to the
+next, so each variant's student is scored by its mean over the last 4
+validations (steps 1,250-2,000), then averaged over the seeds, with the
+spread (the sample standard deviation over seeds). The variants default to
+plain DMD2 (`method.gan.enabled=false`) and DMD2 + GAN (`method.gan.enabled=true`,
+with the demo's GAN settings), run side by side on the same seeds.
+`seed` moves the training noise and data order; the digits set, the
+validation prompts and the metric classifier stay fixed.
+
+--record writes every figure as JSON with the date and the git commit (and
+whether the tree was dirty); --keep-export copies the first variant's
+first-seed student export there.
 """
 
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +39,10 @@ sys.path.insert(0, str(ROOT))
 from distill.config import register_configs, validate  # noqa: E402
 from distill.run import train  # noqa: E402
 
+DEFAULT_VARIANTS = {"dmd2": ["method.gan.enabled=false"], "dmd2_gan": ["method.gan.enabled=true"]}
+LAST_VALIDATIONS = 4
+STUDENT, REFERENCES = "student_2step", ("teacher_2step", "teacher_50step", "real")
+
 
 def git_state() -> dict:
     def git(*args):
@@ -39,50 +51,87 @@ def git_state() -> dict:
     return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain", "distill", "conf"))}
 
 
-def validations(run_dir: Path) -> list:
-    """The student's scores at each validation step, from metrics.jsonl."""
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "val/student_2step/accuracy" in record:
-            rows.append({"step": record["step"], "accuracy": record["val/student_2step/accuracy"],
-                         "frechet_distance": record["val/student_2step/frechet_distance"]})
-    return rows
+def validation_records(run_dir: Path) -> list:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if f"val/{STUDENT}/accuracy" in r]
+
+
+def one_run(overrides: list, keep_export=None) -> dict:
+    """Train once; the student's last validations, the references, the wall time."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=["logger=none", "logger.progress_bar=false",
+                                                       "validation.every=250", *overrides])
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        history = train(validate(cfg), tmp).validator.history
+        minutes = (time.perf_counter() - start) / 60
+        student = [{"step": r["step"], "accuracy": r[f"val/{STUDENT}/accuracy"],
+                    "frechet_distance": r[f"val/{STUDENT}/frechet_distance"]} for r in validation_records(Path(tmp))]
+        if keep_export:
+            shutil.rmtree(keep_export, ignore_errors=True)
+            shutil.copytree(Path(tmp) / "export" / "student", keep_export)
+    last = student[-LAST_VALIDATIONS:]
+    return {
+        "student_over_time": student,
+        "student_last_mean": {k: statistics.mean(r[k] for r in last) for k in ("accuracy", "frechet_distance")},
+        "references": {name: {k: history[f"val/{name}/{k}"] for k in ("accuracy", "frechet_distance")}
+                       for name in REFERENCES},
+        "wall_time_min": round(minutes, 2),
+    }
+
+
+def spread(values: list) -> dict:
+    return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarise(runs: list) -> dict:
+    out = {name: {k: spread([r["references"][name][k] for r in runs]) for k in ("accuracy", "frechet_distance")}
+           for name in REFERENCES}
+    out[STUDENT] = {k: spread([r["student_last_mean"][k] for r in runs]) for k in ("accuracy", "frechet_distance")}
+    out["wall_time_min"] = spread([r["wall_time_min"] for r in runs])
+    return out
+
+
+def print_table(name: str, summary: dict) -> None:
+    print(f"\n{name}: mean over seeds (sd); the student over its last {LAST_VALIDATIONS} validations")
+    print(f"{'':<30}{'accuracy':>18}{'Frechet distance':>22}")
+    for row in ("real", "teacher_50step", "teacher_2step", STUDENT):
+        a, f = summary[row]["accuracy"], summary[row]["frechet_distance"]
+        print(f"{row:<30}{a['mean']:>10.3f} ({a['sd']:.3f}){f['mean']:>14.1f} ({f['sd']:.1f})")
+    s, t50 = summary[STUDENT]["frechet_distance"]["mean"], summary["teacher_50step"]["frechet_distance"]["mean"]
+    print(f"student FD / teacher 50-step FD {s / t50:.2f}; wall time {summary['wall_time_min']['mean']:.1f} min a run")
+
+
+def parse_variants(items: list) -> dict:
+    if not items:
+        return DEFAULT_VARIANTS
+    return {item.split("=", 1)[0]: item.split("=", 1)[1].split() if "=" in item else [] for item in items}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variant", action="append", default=[], help="NAME='override override ...'")
     parser.add_argument("--record", type=Path)
     parser.add_argument("--keep-export", type=Path)
-    args, overrides = parser.parse_known_args()
+    args, common = parser.parse_known_args()
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=["logger=none", "logger.progress_bar=false", *overrides])
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp)
-        start = time.perf_counter()
-        history = train(validate(cfg), run_dir).validator.history
-        minutes = (time.perf_counter() - start) / 60
-        over_time = validations(run_dir)
-        if args.keep_export:
-            shutil.rmtree(args.keep_export, ignore_errors=True)
-            shutil.copytree(run_dir / "export" / "student", args.keep_export)
-    m = {k.split("/", 1)[1]: v for k, v in history.items()}
-    student = "student_2step"
-    ratios = {}
-    print()
-    for ref in ("teacher_2step", "teacher_50step"):
-        fd = m[f"{student}/frechet_distance"] / m[f"{ref}/frechet_distance"]
-        acc = m[f"{student}/accuracy"] / m[f"{ref}/accuracy"]
-        ratios[ref] = {"frechet_distance": fd, "accuracy": acc}
-        print(f"student / {ref:<15} FD ratio {fd:5.2f}   accuracy ratio {acc:5.2f}")
-    for row in over_time:
-        print(f"student at step {row['step']:>5}: accuracy {row['accuracy']:.3f}  FD {row['frechet_distance']:.1f}")
-    print(f"wall time {minutes:.1f} min (training, validations, export)")
+    variants = parse_variants(args.variant)
+    results = {}
+    for i, (name, overrides) in enumerate(variants.items()):
+        runs = []
+        for j, seed in enumerate(args.seeds):
+            keep = args.keep_export if i == 0 and j == 0 else None
+            runs.append(one_run([*common, *overrides, f"seed={seed}"], keep))
+            last = runs[-1]["student_last_mean"]
+            print(f"{name} seed {seed}: student accuracy {last['accuracy']:.3f}, FD {last['frechet_distance']:.1f} "
+                  f"({runs[-1]['wall_time_min']:.1f} min)", flush=True)
+        results[name] = {"overrides": overrides, "runs": runs, "summary": summarise(runs)}
+    for name, result in results.items():
+        print_table(name, result["summary"])
     if args.record:
         record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **git_state(),
-                  "overrides": overrides, "final": m, "student_ratios": ratios, "student_over_time": over_time,
-                  "wall_time_min": round(minutes, 2)}
+                  "common_overrides": common, "seeds": args.seeds, "variants": results}
         args.record.parent.mkdir(parents=True, exist_ok=True)
         args.record.write_text(json.dumps(record, indent=1) + "\n")
         print(f"recorded in {args.record}")

@@ -140,8 +140,23 @@ def convert(module: nn.Module, cfg: RoleConfig, adapter, seed: int) -> nn.Module
     return module
 
 
+def attach(module: nn.Module, extras: Optional[Callable[[nn.Module], Dict[str, nn.Module]]], cfg: RoleConfig,
+           seed: int) -> List[str]:
+    """Add the method's extra modules for this role (fp32, seeded alike on every
+    rank, trained with the role); returns their names."""
+    if extras is None:
+        return []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        added = extras(module)
+    for name, extra in added.items():
+        module.add_module(name, extra.float().requires_grad_(cfg.trainable))
+    return list(added)
+
+
 def prepare(module: nn.Module, cfg: RoleConfig, adapter, seed: int) -> nn.Module:
-    """convert -> trainability -> activation checkpointing: everything before sharding."""
+    """convert -> trainability -> activation checkpointing: everything before
+    the method's extra modules and sharding."""
     module = convert(module, cfg, adapter, seed)
     if not cfg.trainable:
         return module.requires_grad_(False).eval()  # frozen: no grads, no optimizer
@@ -150,21 +165,28 @@ def prepare(module: nn.Module, cfg: RoleConfig, adapter, seed: int) -> nn.Module
     return module.train()
 
 
-def build_module(cfg: RoleConfig, path: Optional[str], seed: int, adapter, runtime: Runtime) -> nn.Module:
+def build_module(cfg: RoleConfig, path: Optional[str], seed: int, adapter, runtime: Runtime,
+                 extras: Optional[Callable[[nn.Module], Dict[str, nn.Module]]] = None) -> nn.Module:
     """load -> prepare -> shard: one pipeline for 1 and N ranks.
 
     With N ranks, every rank prepares the architecture on the meta device and
-    shards it; only rank 0 loads (and prepares alike) the full weights, which
-    are broadcast shard-wise.
+    shards it (each block, each extra module, the root); only rank 0 loads (and
+    prepares alike) the full weights, which are broadcast shard-wise.
     """
     dtype = storage_dtype(cfg)
-    load: Callable[[], nn.Module] = lambda: prepare(adapter.load(path, seed, dtype), cfg, adapter, seed)
+
+    def load() -> nn.Module:
+        module = prepare(adapter.load(path, seed, dtype), cfg, adapter, seed)
+        attach(module, extras, cfg, seed)
+        return module
+
     if not runtime.distributed:
         return load().to(runtime.device)
     full = load().state_dict() if runtime.is_main else {}
     with init_empty_weights(include_buffers=False):
         module = prepare(adapter.empty(path, dtype), cfg, adapter, seed)
-    shard(module, adapter.blocks(module), cfg, runtime)
+        added = attach(module, extras, cfg, seed)
+    shard(module, adapter.blocks(module) + [module.get_submodule(name) for name in added], cfg, runtime)
     return materialise(module, full, runtime)
 
 
@@ -182,6 +204,13 @@ def build_roles(config, adapter, runtime: Runtime) -> Dict[str, Role]:
 
     A LoRA role with lora.base_role is built together with that frozen role:
     one network, converted and sharded once, that both roles run."""
+    from distill.registry import method_class
+
+    method = method_class(config.method.name)
+
+    def extras(role: str):
+        return lambda network: method.role_modules(config.method, adapter, role, network)
+
     sharing = {cfg.lora.base_role: name for name, cfg in config.roles.items() if cfg.lora.base_role}
     roles = {}
     for name, cfg in config.roles.items():
@@ -189,11 +218,13 @@ def build_roles(config, adapter, runtime: Runtime) -> Dict[str, Role]:
             continue  # built with its base role
         if name in sharing:
             lora_name = sharing[name]
-            module = build_module(config.roles[lora_name], weights_path(config, name), config.seed, adapter, runtime)
+            module = build_module(config.roles[lora_name], weights_path(config, name), config.seed, adapter, runtime,
+                                  extras(lora_name))
             roles[name] = Role(name, cfg, module, adapters_off=True)
             roles[lora_name] = Role(lora_name, config.roles[lora_name], module)
         else:
-            roles[name] = Role(name, cfg, build_module(cfg, weights_path(config, name), config.seed, adapter, runtime))
+            module = build_module(cfg, weights_path(config, name), config.seed, adapter, runtime, extras(name))
+            roles[name] = Role(name, cfg, module)
     return {name: roles[name] for name in config.roles}
 
 

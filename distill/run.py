@@ -30,6 +30,7 @@ def fingerprint(config: Config, world_size: int) -> dict:
         "data.name": config.data.name.value,
         "data.batch_size": config.data.batch_size,
         "world_size": world_size,
+        **method_class(config.method.name).fingerprint(config.method),
     }
     for name, role in sorted(config.roles.items()):
         if role.trainable:

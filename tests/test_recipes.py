@@ -134,3 +134,24 @@ def test_ema_per_iteration_follows_a_hand_computed_sequence():
     stepwise = Role("student", RoleConfig(trainable=True, ema_decay=0.5), module, ema=EMA(module, 0.5))
     stepwise.end_iteration(0)
     assert float(stepwise.ema.state_dict()["weight"]) == 7.0  # step mode: iterations alone do not move it
+
+
+def test_fastgen_gan_recipe_holds_its_published_numbers(tmp_path):
+    """FastGen's Wan2.1-T2V-1.3B DMD2 + GAN (fastgen/configs/experiments/WanT2V/config_dmd2.py)."""
+    from distill.methods.dmd2 import student_sigmas
+    from distill.models import build_adapter
+
+    config = composed("wan21_t2v_1.3b_dmd2_gan_4step", tmp_path)
+    method, student, critic = config.method, config.roles["student"], config.roles["critic"]
+    used = student_sigmas(method, build_adapter(config.model)).tolist()
+    assert used == pytest.approx([0.999, 0.937, 0.833, 0.624], abs=1e-6)
+    assert (config.model.shift, method.guidance_scale, method.rollout.value) == (5.0, 5.0, "data")
+    assert (method.generator_lr, method.critic_lr, method.generator_update_interval) == (1e-5, 1e-5, 5)
+    assert (method.min_timestep_ratio, method.max_timestep_ratio) == (0.001, 0.999)
+    gan = method.gan
+    assert gan.enabled and gan.features == "teacher" and list(gan.blocks) == [15, 22, 29]
+    assert (gan.generator_weight, gan.discriminator_weight, gan.r1_weight, gan.trunk_grad) == (0.03, 1.0, 0.0, False)
+    assert list(student.optimizer.betas) == [0.9, 0.999] and student.optimizer.weight_decay == 0.01
+    assert student.max_grad_norm == 10.0
+    assert (config.training.global_batch_size, config.training.max_steps) == (64, 6000)
+    assert list(config.model.latent_shape) == [16, 21, 60, 104]

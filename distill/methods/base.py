@@ -47,6 +47,18 @@ class Method(ABC):
         return 1.0
 
     @classmethod
+    def role_modules(cls, cfg, adapter, role: str, network) -> Dict[str, Any]:
+        """Extra trainable modules the method attaches to a role's network (name ->
+        nn.Module, built from the seeded global RNG), e.g. a GAN head on the critic.
+        They shard, optimise, average and checkpoint with the role; export leaves them out."""
+        return {}
+
+    @classmethod
+    def fingerprint(cls, cfg) -> Dict[str, Any]:
+        """Config values that shape the tensors a checkpoint holds (a resume must match them)."""
+        return {}
+
+    @classmethod
     def sampler(cls, cfg, adapter, role: str) -> Sampler:
         """How a trained role samples, for validation and export: by default
         the flow-matching Euler ODE with the method's guidance."""

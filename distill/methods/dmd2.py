@@ -3,7 +3,9 @@
 Per iteration: a student sample x0_G; every `generator_update_interval`
 iterations the student descends the distribution-matching gradient
 (fake score - real score); every iteration the critic (fake score) fits the
-student's samples by flow matching.
+student's samples by flow matching. With `gan.enabled`, a head on the
+critic (distill/methods/gan.py) also learns to tell real latents from x0_G,
+and the student gets its non-saturating generator term.
 """
 
 from dataclasses import dataclass, field
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 
 from distill.config.schema import MethodConfig
 from distill.methods.base import TEXT_KEYS, Losses, Method, Metrics
+from distill.methods.gan import (GanConfig, GanHead, approximate_r1, check_gan, discriminator_loss, generator_gan_loss,
+                                 through_input_only)
 from distill.registry import register_method
 from distill.sampling import FewStepSampler, Sampler, rollout
 
@@ -40,7 +44,8 @@ class DMD2Config(MethodConfig):
     min_timestep_ratio: float = 0.02
     max_timestep_ratio: float = 0.98
     generator_lr: float = 2e-6  # the student's learning rate
-    critic_lr: float = 2e-6  # the critic's learning rate
+    critic_lr: float = 2e-6  # the critic's learning rate (its GAN head's too)
+    gan: GanConfig = field(default_factory=GanConfig)  # DMD2's GAN term (off by default)
 
 
 def dmd_gradient(x0: torch.Tensor, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -91,11 +96,25 @@ class DMD2(Method):
         for key in ("generator_lr", "critic_lr"):
             if not getattr(cfg, key) > 0:
                 errors.append(f"method.{key}={getattr(cfg, key)}: must be > 0")
-        return errors
+        return errors + check_gan(cfg.gan)
 
     @classmethod
     def batch_keys(cls, cfg: DMD2Config) -> Set[str]:
-        return set(TEXT_KEYS) | ({"latents"} if cfg.rollout == Rollout.data else set())
+        """Real latents for the data rollout, and for the GAN's real side (with
+        rollout=simulate they serve only the discriminator)."""
+        needs_latents = cfg.rollout == Rollout.data or cfg.gan.enabled
+        return set(TEXT_KEYS) | ({"latents"} if needs_latents else set())
+
+    @classmethod
+    def role_modules(cls, cfg: DMD2Config, adapter, role: str, network):
+        if role != "critic" or not cfg.gan.enabled:
+            return {}
+        return {"gan_head": GanHead(adapter.hidden_size(network), len(cfg.gan.blocks), cfg.gan.head_hidden)}
+
+    @classmethod
+    def fingerprint(cls, cfg: DMD2Config):
+        gan = cfg.gan
+        return {"method.gan": [list(gan.blocks), gan.head_hidden] if gan.enabled else None}
 
     @classmethod
     def lr_keys(cls, cfg: DMD2Config) -> Dict[str, str]:
@@ -132,9 +151,9 @@ class DMD2(Method):
         metrics = {"student_step": step, "sigma/student": float(self.student_sigmas[step])}
         losses = {}
         if train_student:
-            losses["student"], metrics["sigma/generator"] = self.generator_loss(x0, text, uncond, cond)
+            losses["student"] = self.generator_loss(x0, text, uncond, cond, metrics)
         # the same sample serves the critic: no second rollout
-        losses["critic"], metrics["sigma/critic"] = self.critic_loss(x0.detach(), text, cond)
+        losses["critic"] = self.critic_loss(x0.detach(), text, cond, metrics, batch.get("latents"))
         return losses, metrics
 
     def sample_sigma(self, n: int) -> torch.Tensor:
@@ -158,20 +177,75 @@ class DMD2(Method):
                 x = rollout(self.adapter, student, x, sigmas, text, self.randn, step, **cond)
         return self.adapter.predict_x0(student, x, sigmas[step].expand(n), text, **cond), step
 
-    def generator_loss(self, x0: torch.Tensor, text, uncond, cond) -> Tuple[torch.Tensor, float]:
+    def generator_loss(self, x0: torch.Tensor, text, uncond, cond, metrics: Metrics) -> torch.Tensor:
         sigma = self.sample_sigma(x0.shape[0])
+        noise = self.randn(x0.shape)
         with torch.no_grad():
-            x_s = self.adapter.add_noise(x0.detach(), self.randn(x0.shape), sigma)
+            x_s = self.adapter.add_noise(x0.detach(), noise, sigma)
             fake = self.adapter.predict_x0(self.roles["critic"], x_s, sigma, text, **cond)
             real = self.adapter.predict_x0_cfg(
                 self.roles["teacher"], x_s, sigma, text, uncond, self.cfg.guidance_scale, **cond
             )
             grad = dmd_gradient(x0.detach().float(), fake, real)
-        return generator_loss(x0, grad), float(sigma.mean())
+        metrics["sigma/generator"] = float(sigma.mean())
+        loss = generator_loss(x0, grad)
+        if self.cfg.gan.enabled:
+            gan = self.gan_generator_loss(self.adapter.add_noise(x0, noise, sigma), sigma, text, cond)
+            metrics["gan/generator"] = gan.detach()
+            loss = loss + self.cfg.gan.generator_weight * gan
+        return loss
 
-    def critic_loss(self, x0: torch.Tensor, text, cond) -> Tuple[torch.Tensor, float]:
+    def critic_loss(self, x0: torch.Tensor, text, cond, metrics: Metrics, real=None) -> torch.Tensor:
         sigma = self.sample_sigma(x0.shape[0])
         noise = self.randn(x0.shape)
         x_t = self.adapter.add_noise(x0, noise, sigma)
-        v = self.adapter.predict_velocity(self.roles["critic"], x_t, sigma, text, **cond)
-        return F.mse_loss(v, self.adapter.velocity_target(x0, noise).float()), float(sigma.mean())
+        critic = self.roles["critic"]
+        gan = self.cfg.gan
+        if gan.enabled and gan.features == "critic":
+            v, fake_features = self.adapter.predict_with_features(critic, x_t, sigma, text, gan.blocks, **cond)
+        else:
+            v, fake_features = self.adapter.predict_velocity(critic, x_t, sigma, text, **cond), None
+        metrics["sigma/critic"] = float(sigma.mean())
+        loss = F.mse_loss(v, self.adapter.velocity_target(x0, noise).float())
+        if gan.enabled:
+            real_t = self.adapter.add_noise(real, noise, sigma)  # the same sigma and noise as the fake side
+            loss = loss + self.gan_discriminator_loss(x_t, real_t, fake_features, sigma, text, cond, metrics)
+        return loss
+
+    # --- the GAN term ----------------------------------------------------------
+    @property
+    def head(self):
+        return self.roles["critic"].module.gan_head
+
+    def gan_features(self, x_t: torch.Tensor, sigma, text, cond) -> list:
+        role = self.roles[self.cfg.gan.features]
+        return self.adapter.predict_with_features(role, x_t, sigma, text, self.cfg.gan.blocks, **cond)[1]
+
+    def gan_generator_loss(self, x_g: torch.Tensor, sigma, text, cond) -> torch.Tensor:
+        """softplus(-D(x_g)); its gradient reaches the student through x_g only."""
+        leaf = x_g.detach().requires_grad_(True)
+        loss = generator_gan_loss(self.head(self.gan_features(leaf, sigma, text, cond)))
+        return through_input_only(loss, leaf, x_g)
+
+    def gan_discriminator_loss(self, fake_t, real_t, fake_features, sigma, text, cond, metrics: Metrics) -> torch.Tensor:
+        """The head's loss on real and fake (both detached from the student); the
+        trunk gets its gradient only with gan.trunk_grad (critic features)."""
+        gan = self.cfg.gan
+        with torch.set_grad_enabled(gan.trunk_grad):
+            if fake_features is None:
+                fake_features = self.gan_features(fake_t, sigma, text, cond)
+            real_features = self.gan_features(real_t, sigma, text, cond)
+        if not gan.trunk_grad:
+            fake_features = [f.detach() for f in fake_features]
+        real_logits, fake_logits = self.head(real_features), self.head(fake_features)
+        d_loss = discriminator_loss(real_logits, fake_logits)
+        metrics.update({"gan/discriminator": d_loss.detach(), "gan/real_logit": real_logits.detach().mean(),
+                        "gan/fake_logit": fake_logits.detach().mean()})
+        loss = gan.discriminator_weight * d_loss
+        if gan.r1_weight > 0:
+            with torch.no_grad():
+                perturbed = self.gan_features(real_t + gan.r1_alpha * self.randn(real_t.shape), sigma, text, cond)
+            r1 = approximate_r1(real_logits, self.head(perturbed))
+            metrics["gan/r1"] = r1.detach()
+            loss = loss + gan.r1_weight * r1
+        return loss

@@ -17,7 +17,7 @@ the export layout.
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar, Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -70,6 +70,27 @@ class FlowMatchingAdapter(ABC):
         with role.compute():
             v = self.forward(role.module, x_t, self.timestep(sigma), text, **cond)
         return v.float()
+
+    def predict_with_features(self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
+                              blocks: List[int], **cond) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The velocity (float32) and the outputs of the listed blocks of the role's
+        network ([B, tokens, hidden] each; negative indices count from the end),
+        caught by forward hooks on `blocks(module)` for the length of one forward."""
+        chosen = [self.blocks(role.module)[i] for i in blocks]
+        caught: Dict[int, torch.Tensor] = {}
+
+        def keeper(k):
+            def keep(module, args, output):
+                caught.setdefault(k, output[0] if isinstance(output, tuple) else output)
+            return keep
+
+        hooks = [block.register_forward_hook(keeper(k)) for k, block in enumerate(chosen)]
+        try:
+            v = self.predict_velocity(role, x_t, sigma, text, **cond)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return v, [caught[k] for k in range(len(chosen))]
 
     def predict_x0(self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, **cond) -> torch.Tensor:
         v = self.predict_velocity(role, x_t, sigma, text, **cond)
@@ -168,7 +189,12 @@ class FlowMatchingAdapter(ABC):
 
     @abstractmethod
     def blocks(self, module: nn.Module) -> list:
-        """The repeated blocks: the units of sharding and activation checkpointing."""
+        """The repeated blocks: the units of sharding and activation checkpointing,
+        and where `predict_with_features` reads features."""
+
+    def hidden_size(self, module: nn.Module) -> int:
+        """The width of a block's output (the features `predict_with_features` returns)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say its hidden size")
 
     @abstractmethod
     def save(self, module: nn.Module, folder: Path) -> None:

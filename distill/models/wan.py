@@ -78,6 +78,9 @@ class WanAdapter(FlowMatchingAdapter):
     def blocks(self, module: nn.Module) -> list:
         return list(module.blocks)
 
+    def hidden_size(self, module: nn.Module) -> int:
+        return module.config.num_attention_heads * module.config.attention_head_dim
+
     def save(self, module: nn.Module, folder: Path) -> None:
         module.save_pretrained(Path(folder) / self.cfg.subfolder)
 

@@ -110,5 +110,5 @@ def build_validator(config: Config, adapter, run_dir: Path, runtime) -> Validato
         from distill.validation.digit_metrics import DigitMetrics
 
         labels = torch.tensor([int(c.split()[2]) for c in captions])
-        metric = DigitMetrics(config.data.path, config.seed) if runtime.is_main else None
+        metric = DigitMetrics(config.data.path) if runtime.is_main else None  # one classifier for every run
     return Validator(config, adapter, batch, run_dir, runtime.is_main, metric, labels, captions)
