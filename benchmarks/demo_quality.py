@@ -12,8 +12,9 @@ validations (steps 1,250-2,000), then averaged over the seeds, with the
 spread (the sample standard deviation over seeds). The variants default to
 plain DMD2 (`method.gan.enabled=false`) and DMD2 + GAN (`method.gan.enabled=true`,
 with the demo's GAN settings), run side by side on the same seeds.
-`seed` moves the training noise and data order; the digits set, the
-validation prompts and the metric classifier stay fixed.
+`seed` moves the training noise, the data order and which training clips
+the digits set draws; the validation prompts (`validation.seed`) and the
+metric classifier stay fixed.
 
 --record writes every figure as JSON with the date and the git commit (and
 whether the tree was dirty); --keep-export copies the first variant's

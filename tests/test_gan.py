@@ -170,3 +170,33 @@ def test_gan_run_resumes_exactly_and_exports_no_head(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     exported = load_file(tmp_path / "resumed" / "export" / "critic" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert exported and not any("gan_head" in k for k in exported)
+
+
+def test_a_checkpoint_without_the_head_does_not_resume_a_gan_run(tmp_path):
+    from distill.checkpoint import CheckpointError
+
+    train(validate(compose_config(["training.max_steps=2"])), tmp_path / "plain")
+    resumed = _tiny([f"checkpoint.resume_from={tmp_path / 'plain' / 'checkpoint-2'}"], steps=4)
+    with pytest.raises(CheckpointError) as err:
+        train(resumed, tmp_path / "gan")
+    assert "method.gan: checkpoint has None, this run has [[0, -1], 16]" in str(err.value)
+
+
+def test_two_ranks_shard_the_head_and_match_one_rank(tmp_path):
+    """FSDP2 over 2 processes, the head its own shard unit: the losses of 1 rank."""
+    from conftest import read_metrics, run_launch
+
+    common = ["method.gan.enabled=true", "method.gan.blocks=[0,-1]", "method.gan.head_hidden=16",
+              "method.gan.trunk_grad=true", "method.gan.r1_weight=1.0", "training.max_steps=4",
+              "method.generator_update_interval=2"]
+    one = run_launch([*common, "data.batch_size=4", f"hydra.run.dir={tmp_path / 'one'}"])
+    two = run_launch([*common, "data.batch_size=2", "launcher.nproc_per_node=2", f"hydra.run.dir={tmp_path / 'two'}"])
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    keys = ("loss/student", "loss/critic", "gan/generator", "gan/discriminator", "gan/r1", "grad_norm/critic")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in keys:
+            if key in x:
+                assert abs(x[key] - y[key]) <= 1e-4 * abs(x[key]) + 1e-7, (x["step"], key, x[key], y[key])
