@@ -64,7 +64,8 @@ class GanHead(nn.Module):
 
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         """[B, tokens, hidden] per block -> logits [B]."""
-        x = self.norm(torch.cat([f.float() for f in features], dim=-1))
+        # at the head's own dtype: FSDP2's policy gives its weights (and inputs) the role's compute precision
+        x = self.norm(torch.cat(features, dim=-1).to(self.fc1.weight.dtype))
         return self.fc2(F.silu(self.fc1(x))).squeeze(-1).mean(dim=-1)
 
 
