@@ -122,11 +122,12 @@ def set_aside_records_after(metrics_file: Path, step: int) -> int:
     if not metrics_file.is_file():
         return 0
     lines = [line for line in metrics_file.read_text().splitlines() if line.strip()]
-    later = [line for line in lines if json.loads(line)["step"] > step]
+    steps = [json.loads(line)["step"] for line in lines]
+    later = [line for line, s in zip(lines, steps) if s > step]
     if later:
         with open(metrics_file.with_name("metrics.discarded.jsonl"), "a") as f:
             f.write("\n".join(later) + "\n")
-        metrics_file.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+        metrics_file.write_text("".join(line + "\n" for line, s in zip(lines, steps) if s <= step))
     return len(later)
 
 
