@@ -7,9 +7,10 @@ with the master address and port the SLURM launcher exports), or none: one
 process, no process group.
 
 The mesh has three named dimensions, outermost first: replicate, shard,
-context (config section `parallel`). Roles are sharded (FSDP2) over
-replicate x shard, HSDP when replicate > 1; the ranks of one context group
-hold the same batch, so the data is split by the data-parallel rank.
+context (config section `parallel`). The ranks of one context group hold
+the same batch and split its tokens (context parallelism), so the data is
+split by the data-parallel rank. Roles are sharded (FSDP2) over shard x
+context, flattened, and replicated over replicate (HSDP when replicate > 1).
 """
 
 import os
@@ -32,6 +33,7 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     mesh: Optional[DeviceMesh] = None  # None: one process, nothing sharded
     context: int = 1  # ranks per context group
+    fsdp_mesh: Optional[DeviceMesh] = None  # what roles are sharded over (`sharding_mesh`)
 
     @property
     def distributed(self) -> bool:
@@ -49,13 +51,6 @@ class Runtime:
     @property
     def dp_size(self) -> int:
         return self.world_size // self.context
-
-    @property
-    def fsdp_mesh(self) -> DeviceMesh:
-        """The mesh roles are sharded over: 1-D shard, or 2-D (replicate, shard) for HSDP."""
-        if self.mesh["replicate"].size() == 1:
-            return self.mesh["shard"]
-        return self.mesh["replicate", "shard"]
 
     def barrier(self) -> None:
         if self.distributed:
@@ -118,4 +113,18 @@ def init_runtime(device: str = "auto", parallel=None, timeout_s: int = 600) -> R
     )
     shape = mesh_shape(parallel, world_size) if parallel is not None else (1, world_size, 1)
     mesh = init_device_mesh(dev.type, shape, mesh_dim_names=MESH_DIMS)
-    return Runtime(rank, world_size, local_rank, dev, mesh, context=shape[2])
+    return Runtime(rank, world_size, local_rank, dev, mesh, context=shape[2], fsdp_mesh=sharding_mesh(mesh))
+
+
+def sharding_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """1-D over shard x context, or 2-D (replicate, shard x context) for HSDP.
+
+    The context ranks shard the weights too: they hold the same batch but
+    back-propagate different tokens, so their gradients are partial sums that
+    the reduce-scatter adds up (`distill.parallel.shard` sets the divisor)."""
+    inner = mesh["shard"] if mesh["context"].size() == 1 else mesh["shard", "context"]._flatten("shard_context")
+    if mesh["replicate"].size() == 1:
+        return inner
+    if mesh["context"].size() == 1:
+        return mesh["replicate", "shard"]
+    return mesh["replicate", "shard_context"]

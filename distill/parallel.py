@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from distill.config.schema import Precision, RoleConfig
 from distill.distributed import Runtime
@@ -26,12 +26,31 @@ def mixed_precision(cfg: RoleConfig) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()  # a frozen role is stored at its compute precision
 
 
-def shard(module: nn.Module, blocks, cfg: RoleConfig, runtime: Runtime) -> nn.Module:
-    """fully_shard per block and on the root; a 2-D (replicate, shard) mesh makes it HSDP."""
+def offload_policy(cfg: RoleConfig, runtime: Runtime) -> OffloadPolicy:
+    """roles.<r>.cpu_offload: the role's shards live in CPU memory and are copied
+    to the device block by block for each forward (frozen roles only)."""
+    if cfg.cpu_offload:
+        return CPUOffloadPolicy(pin_memory=runtime.device.type == "cuda")
+    return OffloadPolicy()
+
+
+def shard(module: nn.Module, blocks, cfg: RoleConfig, runtime: Runtime, extras=()) -> nn.Module:
+    """fully_shard per block, per extra module and on the root; a 2-D (replicate, shard)
+    mesh makes it HSDP.
+
+    Gradients reduce to their mean over the data-parallel ranks. FSDP divides the
+    sum over all ranks by their number, which is that mean when every rank of a
+    context group holds the whole gradient (the extra modules, which see gathered
+    features); the network's own units hold partial sums over their tokens, so
+    their sum is divided by the data-parallel size alone."""
     policy = mixed_precision(cfg)
-    for block in blocks:
-        fully_shard(block, mesh=runtime.fsdp_mesh, mp_policy=policy)
-    fully_shard(module, mesh=runtime.fsdp_mesh, mp_policy=policy)
+    network_units = list(blocks) + [module]
+    for unit in [*blocks, *extras, module]:
+        fully_shard(unit, mesh=runtime.fsdp_mesh, mp_policy=policy, offload_policy=offload_policy(cfg, runtime))
+    if runtime.context > 1:
+        for unit in network_units:
+            unit.set_gradient_divide_factor(float(runtime.dp_size))
+            unit.set_force_sum_reduction_for_comms(True)  # sum, then divide: gloo has no PREMUL_SUM
     return module
 
 

@@ -4,7 +4,8 @@ optimizer, LR schedule and EMA. The method decides what a role is for.
 Every role is built by one pipeline, the same on 1 and N ranks:
 
     load (at the role's precision) -> convert (LoRA) -> activation checkpointing
-      -> shard (FSDP2, N ranks) -> optimizer and LR schedule (trainable roles)
+      -> context parallelism (parallel.context > 1) -> shard (FSDP2, N ranks)
+      -> optimizer and LR schedule (trainable roles)
 """
 
 from contextlib import contextmanager, nullcontext
@@ -186,7 +187,9 @@ def build_module(cfg: RoleConfig, path: Optional[str], seed: int, adapter, runti
     with init_empty_weights(include_buffers=False):
         module = prepare(adapter.empty(path, dtype), cfg, adapter, seed)
         added = attach(module, extras, cfg, seed)
-    shard(module, adapter.blocks(module) + [module.get_submodule(name) for name in added], cfg, runtime)
+    if runtime.context > 1:
+        module = adapter.install_context_parallel(module, runtime)
+    shard(module, adapter.blocks(module), cfg, runtime, extras=[module.get_submodule(name) for name in added])
     return materialise(module, full, runtime)
 
 

@@ -115,6 +115,9 @@ class RoleConfig:
     ema_update: EmaUpdate = EmaUpdate.step
     # low-rank adapters on a trainable role: base weights frozen, adapters trained
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # keep this frozen role's FSDP shards in CPU memory, copied to the GPU a block
+    # at a time (FSDP2's CPUOffloadPolicy): for a large teacher on few GPUs
+    cpu_offload: bool = False
 
 
 @dataclass

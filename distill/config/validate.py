@@ -40,7 +40,7 @@ def validate(cfg: DictConfig) -> Config:
         _check_roles(config, method)
         + [*method.check(config.method)]
         + _check_training(config)
-        + _check_parallel(config)
+        + _check_parallel(config, family)
         + _derive_accumulation(config)
         + _check_data(config, method)
         + family.check(config)
@@ -88,6 +88,7 @@ def _check_roles(config: Config, method) -> List[str]:
         if role not in needed:
             errors.append(f"roles.{role} is not used by method {name} (its roles: {sorted(needed)})")
     method_lrs = method.lr_keys(config.method)
+    errors += _check_offload(config)
     for role, cfg in config.roles.items():
         if not cfg.trainable:
             if cfg.lora.rank:
@@ -96,6 +97,21 @@ def _check_roles(config: Config, method) -> List[str]:
         errors += _check_optimizer(role, cfg, method_lrs)
         errors += _check_lora(role, cfg.lora)
         errors += _check_shared_base(role, cfg, config.roles)
+    return errors
+
+
+def _check_offload(config: Config) -> List[str]:
+    errors = []
+    shared = {cfg.lora.base_role for cfg in config.roles.values() if cfg.lora.base_role}
+    for role, cfg in config.roles.items():
+        if not cfg.cpu_offload:
+            continue
+        key = f"roles.{role}.cpu_offload=true"
+        if cfg.trainable or role in shared:
+            errors.append(f"{key}: only a frozen role's weights are offloaded (this one trains)")
+        elif world_size(config.launcher) == 1:
+            errors.append(f"{key}: offloading goes through FSDP2, which needs 2 or more ranks "
+                          f"(the launcher gives 1)")
     return errors
 
 
@@ -216,7 +232,7 @@ def _derive_accumulation(config: Config) -> List[str]:
     return []
 
 
-def _check_parallel(config: Config) -> List[str]:
+def _check_parallel(config: Config, family) -> List[str]:
     p = config.parallel
     world = world_size(config.launcher)
     errors = [f"parallel.{key}={getattr(p, key)}: must be >= 1" for key in ("replicate", "context")
@@ -225,8 +241,9 @@ def _check_parallel(config: Config) -> List[str]:
         errors.append(f"parallel.shard={p.shard}: must be >= 1, or -1 for the ranks left over")
     if errors:
         return errors
-    if p.context != 1:
-        errors.append(f"parallel.context={p.context}: no model family supports context parallelism yet (allowed: 1)")
+    if p.context != 1 and not family.supports_context_parallel:
+        errors.append(f"parallel.context={p.context}: model.family={family.family} has no context parallelism "
+                      "(allowed: 1)")
     fixed = p.replicate * p.context * (p.shard if p.shard > 0 else 1)
     if world % fixed or (p.shard > 0 and fixed != world):
         errors.append(

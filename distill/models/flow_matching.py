@@ -11,8 +11,8 @@ A method reaches a network only through these functions, so it never sees a
 model family's input layout. A model family is one subclass, registered with
 `distill.registry.register_family`: it owns loading (at a role's precision),
 the forward with the family's extra conditioning inputs, the architecture
-check against a model folder, the encoders preprocessing uses, decoding and
-the export layout.
+check against a model folder, the encoders preprocessing uses, decoding,
+the export layout and, where it has one, context parallelism.
 """
 
 from abc import ABC, abstractmethod
@@ -35,6 +35,7 @@ def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class FlowMatchingAdapter(ABC):
     family: ClassVar[str]  # the model.family value that selects this adapter
     default_negative_prompt: ClassVar[str] = ""  # what preprocessing encodes as the negative prompt
+    supports_context_parallel: ClassVar[bool] = False  # parallel.context > 1 is allowed
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -90,7 +91,9 @@ class FlowMatchingAdapter(ABC):
         finally:
             for hook in hooks:
                 hook.remove()
-        return v, [caught[k] for k in range(len(chosen))]
+        # under context parallelism a block sees its rank's tokens; what a method computes
+        # from features sees all of them, the same on every rank of the group
+        return v, [self.gather_tokens(role.module, caught[k]) for k in range(len(chosen))]
 
     def predict_x0(self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, **cond) -> torch.Tensor:
         v = self.predict_velocity(role, x_t, sigma, text, **cond)
@@ -191,6 +194,16 @@ class FlowMatchingAdapter(ABC):
     def blocks(self, module: nn.Module) -> list:
         """The repeated blocks: the units of sharding and activation checkpointing,
         and where `predict_with_features` reads features."""
+
+    def install_context_parallel(self, module: nn.Module, runtime) -> nn.Module:
+        """Split the network's token sequence over the ranks of each context group
+        (before sharding): every rank of a group gets the same inputs and the same
+        full output, and back-propagates through its own tokens only."""
+        raise NotImplementedError(f"{type(self).__name__} has no context parallelism")
+
+    def gather_tokens(self, module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """A block's [B, tokens, D] features whole on every rank (the identity without context parallelism)."""
+        return tokens
 
     def hidden_size(self, module: nn.Module) -> int:
         """The width of a block's output (the features `predict_with_features` returns)."""

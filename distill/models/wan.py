@@ -7,6 +7,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 
+from distill.models import context_parallel
 from distill.models.flow_matching import FlowMatchingAdapter
 from distill.models.folders import read_component_config, resolve_model_folder
 from distill.registry import register_family
@@ -43,6 +44,7 @@ class WanAdapter(FlowMatchingAdapter):
     family = "wan"
     model_class = WanTransformer3DModel
     default_negative_prompt = WAN_NEGATIVE_PROMPT
+    supports_context_parallel = True
 
     def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 **cond) -> torch.Tensor:
@@ -80,6 +82,13 @@ class WanAdapter(FlowMatchingAdapter):
 
     def hidden_size(self, module: nn.Module) -> int:
         return module.config.num_attention_heads * module.config.attention_head_dim
+
+    def install_context_parallel(self, module: nn.Module, runtime) -> nn.Module:
+        """diffusers' own Wan plan and Ulysses attention (distill/models/context_parallel.py)."""
+        return context_parallel.install(module, runtime)
+
+    def gather_tokens(self, module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return context_parallel.gather_tokens(module, tokens)
 
     def save(self, module: nn.Module, folder: Path) -> None:
         module.save_pretrained(Path(folder) / self.cfg.subfolder)
@@ -123,7 +132,32 @@ class WanAdapter(FlowMatchingAdapter):
                     errors.append(error)
                     continue
             errors += cls.check_arch(arch, model, key)
+            source = key if path else "model.arch"
+            errors += cls.check_context_parallel(arch, model, config.parallel.context, source)
         return list(dict.fromkeys(errors))
+
+    @classmethod
+    def check_context_parallel(cls, arch: dict, model, cp: int, key: str) -> List[str]:
+        """Ulysses gives each rank heads/cp whole heads, and each rank tokens/cp tokens."""
+        if cp == 1:
+            return []
+        errors = []
+        heads = arch.get("num_attention_heads")
+        if heads is not None and heads % cp:
+            errors.append(f"parallel.context={cp} does not divide num_attention_heads={heads} of {key}: "
+                          "Ulysses gives each rank whole heads")
+        tokens = cls.tokens(model.latent_shape, arch.get("patch_size") or (1, 2, 2))
+        if tokens % cp:
+            errors.append(f"parallel.context={cp} does not divide the {tokens} tokens of "
+                          f"model.latent_shape={list(model.latent_shape)}")
+        return errors
+
+    @staticmethod
+    def tokens(latent_shape, patch_size) -> int:
+        """Tokens per sample after patch embedding."""
+        _, t, h, w = latent_shape
+        pt, ph, pw = patch_size
+        return (t // pt) * (h // ph) * (w // pw)
 
     @classmethod
     def check_arch(cls, arch: dict, model, key: str) -> List[str]:
