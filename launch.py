@@ -90,6 +90,13 @@ def main(cfg: DictConfig) -> None:
         remove_if_empty(run_dir)
         print(f"config error:\n{err}", file=sys.stderr)
         sys.exit(2)
+    if config.plan:
+        remove_if_empty(run_dir)  # a plan writes nothing
+        from distill.plan import report
+
+        code, text = report(config)
+        print(text, file=sys.stderr if code else sys.stdout)
+        sys.exit(code)
     write_hydra_record(run_dir, cfg)
     log_to_file(run_dir)
     from distill.launcher import launch, outcome

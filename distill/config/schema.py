@@ -254,6 +254,8 @@ class LauncherConfig:
     snapshot_code: bool = True  # the job imports a copy of distill/ made at submission
     wait: bool = False  # wait for the job(s) and exit with their result
     dry_run: bool = False  # print the sbatch script, submit nothing
+    # memory of each GPU, for the memory plan (plan=true); null: the local GPU's, else 80
+    gpu_memory_gib: Optional[float] = None
 
 
 @dataclass
@@ -269,6 +271,9 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     seed: int = 0
+    # print the memory each GPU needs (distill/plan.py) and exit: nothing is built
+    # on a device and the weights need not be on this machine
+    plan: bool = False
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

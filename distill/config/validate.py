@@ -260,9 +260,10 @@ def _check_data(config: Config, method) -> List[str]:
         errors.append(f"data.batch_size={data.batch_size}: must be >= 1")
     if data.name == "synthetic" and data.num_samples < 1:
         errors.append(f"data.num_samples={data.num_samples}: must be >= 1")
-    if data.name == "parquet" and not data.path:
+    reads_data = data.name == "parquet" and not config.plan  # a memory plan reads no data
+    if reads_data and not data.path:
         errors.append("data.path is null: data=parquet needs the dataset folder")
-    elif data.name == "parquet" and not os.path.isdir(data.path):
+    elif reads_data and not os.path.isdir(data.path):
         errors.append(f"data.path={data.path}: no such folder")
     if data.name == "digits" and data.split not in ("train", "val"):
         errors.append(f"data.split={data.split}: allowed values are train, val")

@@ -7,6 +7,7 @@ looks at a method's config type.
 """
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Set, Tuple
 
 import torch
@@ -18,6 +19,26 @@ Metrics = Dict[str, float]
 
 DEFAULT_SAMPLING_STEPS = 50
 TEXT_KEYS = frozenset({"text_embeds", "negative_text_embeds"})
+
+
+@dataclass
+class Forward:
+    """One forward of a role over `samples` x data.batch_size samples (CFG doubles it);
+    with `grad`, its activations stay until the backward."""
+
+    role: str
+    samples: int = 1
+    grad: bool = True
+
+
+@dataclass
+class MemoryPhase:
+    """What one kind of training iteration holds at once, for the memory plan:
+    the gradients of the roles it steps and the forwards it runs."""
+
+    name: str
+    stepping: List[str]
+    forwards: List[Forward] = field(default_factory=list)
 
 
 class Method(ABC):
@@ -57,6 +78,13 @@ class Method(ABC):
     def fingerprint(cls, cfg) -> Dict[str, Any]:
         """Config values that shape the tensors a checkpoint holds (a resume must match them)."""
         return {}
+
+    @classmethod
+    def memory_phases(cls, cfg) -> List[MemoryPhase]:
+        """The kinds of iteration and what each holds (distill/plan.py): by default
+        one, stepping every trained role after one forward each."""
+        trained = [name for name, trainable in cls.roles.items() if trainable]
+        return [MemoryPhase("step", trained, [Forward(name) for name in trained])]
 
     @classmethod
     def sampler(cls, cfg, adapter, role: str) -> Sampler:

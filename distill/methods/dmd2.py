@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.config.schema import MethodConfig
-from distill.methods.base import TEXT_KEYS, Losses, Method, Metrics
+from distill.methods.base import Forward, MemoryPhase, TEXT_KEYS, Losses, Method, Metrics
 from distill.methods.gan import (GanConfig, GanHead, approximate_r1, check_gan, discriminator_loss, generator_gan_loss,
                                  through_input_only)
 from distill.registry import register_method
@@ -119,6 +119,23 @@ class DMD2(Method):
     @classmethod
     def lr_keys(cls, cfg: DMD2Config) -> Dict[str, str]:
         return {"student": "generator_lr", "critic": "critic_lr"}
+
+    @classmethod
+    def memory_phases(cls, cfg: DMD2Config) -> List[MemoryPhase]:
+        """A generator iteration holds the student's and the critic's graphs at once
+        (both losses, one backward) beside the frozen scores; a critic iteration
+        only the critic's, after the student's rollout without gradient."""
+        gan = cfg.gan
+        cfg_samples = 1 if cfg.guidance_scale == 1 else 2
+        rollout = [Forward("student", 1, False)]
+        critic = [Forward("critic")]
+        if gan.enabled:
+            critic.append(Forward(gan.features, 1, gan.trunk_grad and gan.features == "critic"))  # real side
+        generator = [Forward("student"), *critic, Forward("teacher", cfg_samples, False), Forward("critic", 1, False)]
+        if gan.enabled:
+            generator.append(Forward(gan.features))  # the generator's GAN term, through its input
+        return [MemoryPhase("generator", ["student", "critic"], rollout + generator),
+                MemoryPhase("critic", ["critic"], rollout + critic)]
 
     @classmethod
     def guidance_scale(cls, cfg: DMD2Config) -> float:

@@ -205,6 +205,17 @@ class FlowMatchingAdapter(ABC):
         """A block's [B, tokens, D] features whole on every rank (the identity without context parallelism)."""
         return tokens
 
+    def tokens_per_sample(self, module: nn.Module) -> int:
+        """Tokens per sample in the network's blocks (for the memory plan)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot plan memory")
+
+    def activation_bytes(self, module: nn.Module, tokens: int, samples: int, element_bytes: int,
+                         checkpointing: bool, grad: bool) -> Tuple[float, float]:
+        """(kept, transient) activation bytes of one forward over `samples` samples of
+        `tokens` tokens (per rank) at `element_bytes` per compute element: what stays
+        for the backward (with `grad`), and the most one block adds while it runs."""
+        raise NotImplementedError(f"{type(self).__name__} cannot plan memory")
+
     def hidden_size(self, module: nn.Module) -> int:
         """The width of a block's output (the features `predict_with_features` returns)."""
         raise NotImplementedError(f"{type(self).__name__} does not say its hidden size")

@@ -1,7 +1,7 @@
 """Wan2.1 through diffusers' WanTransformer3DModel (text-to-video)."""
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -29,6 +29,24 @@ def cast_keeping_fp32(module: nn.Module, dtype: torch.dtype) -> nn.Module:
                 t.data = t.data.to(dtype)
     return module
 
+
+# The transformer/config.json of the public checkpoints, so that a memory plan
+# (plan=true) can be made where the weights are not
+_WAN21 = dict(patch_size=[1, 2, 2], attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+              freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+PUBLIC_ARCHITECTURES = {
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": dict(_WAN21, num_attention_heads=12, ffn_dim=8960, num_layers=30),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": dict(_WAN21, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+}
+
+# Activation memory of one Wan block, forward + backward, per token, measured with
+# torch's MemTracker on the CPU (diffusers 0.42): bytes per unit of hidden size and
+# per unit of FFN width, by compute precision (element bytes). The bf16 figures give
+# 5.04 GiB for a 1.3B block at 32,760 tokens; an H100 measured 5.0 GiB.
+BLOCK_BYTES = {4: (100.7, 11.9), 2: (84.7, 3.9)}
+STORED_FRACTION = 0.815  # of a block's peak, what stays for the backward (no checkpointing)
+NO_GRAD_FRACTION = 0.366  # of a block's peak, a forward without gradient (one block at a time)
+CHECKPOINT_ELEMENTS = 1.67  # per token and hidden unit, what a checkpointed block keeps (its input)
 
 # Wan's standard negative prompt (Wan2.1's sample_neg_prompt, as FastVideo and
 # Self-Forcing encode it for the real score's classifier-free guidance)
@@ -72,10 +90,30 @@ class WanAdapter(FlowMatchingAdapter):
     def empty(self, path: Optional[str], dtype: torch.dtype = torch.float32) -> nn.Module:
         if path is None:
             module = self.model_class(**self._arch())
+        elif resolve_model_folder(path, self.cfg.subfolder) is None and path in PUBLIC_ARCHITECTURES:
+            module = self.model_class(**self._arch(PUBLIC_ARCHITECTURES[path]))  # planning only
         else:
             folder = resolve_model_folder(path, self.cfg.subfolder)
             module = self.model_class.from_config(self.model_class.load_config(folder, subfolder=self.cfg.subfolder))
         return cast_keeping_fp32(module, dtype)
+
+    def tokens_per_sample(self, module: nn.Module) -> int:
+        return self.tokens(self.cfg.latent_shape, module.config.patch_size)
+
+    def activation_bytes(self, module: nn.Module, tokens: int, samples: int, element_bytes: int,
+                         checkpointing: bool, grad: bool) -> Tuple[float, float]:
+        """(kept, transient) activation bytes of one forward over `samples` samples of
+        `tokens` tokens each (per rank): kept until the backward (with `grad`), and
+        the most one block adds at a time (its forward, or its recompute and backward)."""
+        c = module.config
+        hidden = c.num_attention_heads * c.attention_head_dim
+        per_hidden, per_ffn = BLOCK_BYTES[element_bytes]
+        block = tokens * samples * (per_hidden * hidden + per_ffn * c.ffn_dim)
+        if not grad:
+            return 0.0, NO_GRAD_FRACTION * block
+        if checkpointing:
+            return c.num_layers * tokens * samples * hidden * CHECKPOINT_ELEMENTS * element_bytes, block
+        return c.num_layers * STORED_FRACTION * block, (1 - STORED_FRACTION) * block
 
     def blocks(self, module: nn.Module) -> list:
         return list(module.blocks)
@@ -126,6 +164,8 @@ class WanAdapter(FlowMatchingAdapter):
                     errors.append(f"{key} is null and model.arch is empty: give a model folder or an architecture")
                     continue
                 arch = dict(model.arch)
+            elif config.plan and path in PUBLIC_ARCHITECTURES and resolve_model_folder(path, model.subfolder) is None:
+                arch = dict(PUBLIC_ARCHITECTURES[path])  # a plan needs the shapes, not the weights
             else:
                 arch, error = read_component_config(path, model.subfolder, key)
                 if error:
@@ -199,8 +239,8 @@ class WanAdapter(FlowMatchingAdapter):
             self._vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae").to(latents.device).eval()
         return self._vae.decode(latents.to(self._vae.dtype)).sample.float().clamp(-1, 1)
 
-    def _arch(self) -> dict:
-        arch = dict(self.cfg.arch)
+    def _arch(self, arch: Optional[dict] = None) -> dict:
+        arch = dict(self.cfg.arch if arch is None else arch)
         if "patch_size" in arch:
             arch["patch_size"] = tuple(arch["patch_size"])
         return arch
