@@ -96,6 +96,22 @@ def mesh_shape(parallel, world_size: int) -> tuple:
     return shape
 
 
+def describe_layout(parallel, nodes: int, tasks_per_node: int) -> str:
+    """Which ranks run where and how they split the work (for dry runs and logs)."""
+    world = nodes * tasks_per_node
+    replicate, shard, context = mesh_shape(parallel, world)
+    lines = [f"{world} ranks = {nodes} node(s) x {tasks_per_node} tasks; mesh replicate {replicate} x shard {shard} "
+             f"x context {context}: weights sharded over {shard * context} ranks"
+             + (f", replicated {replicate} times" if replicate > 1 else "")
+             + f"; {world // context} data-parallel group(s) of {context} rank(s)"]
+    for group in range(world // context):
+        ranks = list(range(group * context, (group + 1) * context))
+        where = sorted({r // tasks_per_node for r in ranks})
+        lines.append(f"  data rank {group}: ranks {ranks[0]}-{ranks[-1]} on node {','.join(map(str, where))}"
+                     if context > 1 else f"  data rank {group}: rank {ranks[0]} on node {where[0]}")
+    return "\n".join(lines)
+
+
 def init_runtime(device: str = "auto", parallel=None, timeout_s: int = 600) -> Runtime:
     rank, world_size, local_rank = rank_env()
     if device == "auto":

@@ -74,6 +74,11 @@ def launch(config: Config) -> None:
         if missing_slurm():
             raise LaunchError(missing_slurm())
     save_config(config, run_dir / CONFIG_FILE)
+    if config.launcher.name == "slurm" and config.launcher.dry_run:
+        from distill.distributed import describe_layout
+
+        launcher = config.launcher
+        print(describe_layout(config.parallel, launcher.nodes, launcher.tasks_per_node or max(launcher.gpus_per_node, 1)))
     if config.launcher.name == "slurm":
         if hydra.mode == RunMode.MULTIRUN:
             PENDING_ARRAY.append((config.launcher, run_dir))
