@@ -40,6 +40,10 @@ from distill.distributed import mesh_shape
 
 GiB = 2**30
 USABLE_FRACTION = 0.9
+# fp32 latent-sized tensors a forward with gradient keeps beside its blocks' activations
+# (input, noise, target, the output gathered whole on every rank of a context group):
+# not split by context parallelism; fitted on the CPU tiny runs (benchmarks/context_parallel.py)
+LATENT_COPIES = 4
 DEFAULT_GPU_GIB = 80.0
 
 
@@ -151,15 +155,14 @@ def make_plan(config: Config, adapter, layout: Layout, gpu_gib: float) -> Plan:
     phases = {}
     resident = sum(r.resident for r in roles.values())
     for phase in method_class(config.method.name).memory_phases(config.method):
-        graphs, transient = [], 0.0  # (role, kept, transient) of each forward with gradient
+        graphs, steps = [], []  # (role, kept, transient) of each forward with gradient; (graphs before, its peak)
         for fwd in phase.forwards:
             kept, peak = forward_bytes(config, adapter, built[fwd.role], fwd, per_rank, layout)
             roles[fwd.role].activations[phase.name] = roles[fwd.role].activations.get(phase.name, 0.0) + kept + peak
+            steps.append((len(graphs), kept + peak if fwd.grad else peak))  # a forward without gradient keeps nothing
             if fwd.grad:
                 graphs.append((fwd.role, kept, peak))
-            else:
-                transient = max(transient, peak)  # freed before the next forward
-        forward_peak = sum(kept for _, kept, _ in graphs) + max([transient] + [p for _, _, p in graphs])
+        forward_peak = max(sum(k for _, k, _ in graphs[:i]) + now for i, now in steps)
         phases[phase.name] = resident + max(forward_peak, backward_peak(graphs, roles, phase.stepping))
     return Plan(layout, tokens, roles, phases, gpu_gib)
 
@@ -171,6 +174,11 @@ def forward_bytes(config: Config, adapter, module: nn.Module, fwd, tokens: int, 
     checkpointing = cfg.activation_checkpointing and cfg.trainable
     kept, peak = adapter.activation_bytes(module, tokens, fwd.samples * config.data.batch_size, compute_bytes(cfg),
                                           checkpointing, fwd.grad)
+    if fwd.grad:
+        elements = 1
+        for size in adapter.latent_shape:
+            elements *= size
+        kept += LATENT_COPIES * 4.0 * elements * fwd.samples * config.data.batch_size
     if fwd.grad and layout.world == 1 and cfg.trainable and cfg.precision == Precision.bf16 and not checkpointing:
         kept += 2.0 * sum(p.numel() for p in module.parameters())
     return kept, peak

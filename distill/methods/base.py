@@ -34,7 +34,7 @@ class Forward:
 @dataclass
 class MemoryPhase:
     """What one kind of training iteration holds at once, for the memory plan:
-    the gradients of the roles it steps and the forwards it runs."""
+    the gradients of the roles it steps and the forwards it runs, in order."""
 
     name: str
     stepping: List[str]

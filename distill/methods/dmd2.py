@@ -127,14 +127,13 @@ class DMD2(Method):
         only the critic's, after the student's rollout without gradient."""
         gan = cfg.gan
         cfg_samples = 1 if cfg.guidance_scale == 1 else 2
-        rollout = [Forward("student", 1, False)]
+        rollout = [Forward("student", 1, False)]  # in the order they run
         critic = [Forward("critic")]
         if gan.enabled:
             critic.append(Forward(gan.features, 1, gan.trunk_grad and gan.features == "critic"))  # real side
-        generator = [Forward("student"), *critic, Forward("teacher", cfg_samples, False), Forward("critic", 1, False)]
-        if gan.enabled:
-            generator.append(Forward(gan.features))  # the generator's GAN term, through its input
-        return [MemoryPhase("generator", ["student", "critic"], rollout + generator),
+        scores = [Forward("critic", 1, False), Forward("teacher", cfg_samples, False)]
+        gan_term = [Forward(gan.features)] if gan.enabled else []  # the generator's, through its input
+        return [MemoryPhase("generator", ["student", "critic"], rollout + [Forward("student")] + scores + gan_term + critic),
                 MemoryPhase("critic", ["critic"], rollout + critic)]
 
     @classmethod
