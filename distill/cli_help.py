@@ -24,11 +24,15 @@ Common commands:
   python launch.py -m +sweep=digits_lr              a sweep: one run folder per point
   python launch.py hydra.run.dir=RUN                continue RUN with its own config (training.max_steps=N extends it)
   python launch.py launcher.nproc_per_node=2        two local processes, FSDP2
+  python launch.py experiment=tiny launcher.nproc_per_node=2 parallel.context=2
+                                                    context parallelism: the ranks split each sample's tokens
+  python launch.py experiment=wan21_t2v_14b_dmd2_4step_cp4 plan=true
+                                                    memory per GPU and what fits; builds nothing (exit 2: does not fit)
   python launch.py --cfg job                        print the composed config and stop
   python -m distill.export RUN                      export the newest checkpoint in diffusers format
   python -m distill.sample RUN/export/student --prompt "the digit 7 moving left" --out clip.gif
 
-Exit codes: 0 done or already finished, 1 failed, 2 config refused, 3 bad data,
+Exit codes: 0 done or already finished, 1 failed, 2 config refused (or plan does not fit), 3 bad data,
 4 bad checkpoint, 128+N stopped by signal N (checkpoint written; resume command printed).
 Every key and its default: distill/config/schema.py. Hydra's own help: --hydra-help."""
 

@@ -54,14 +54,20 @@ def shard(module: nn.Module, blocks, cfg: RoleConfig, runtime: Runtime, extras=(
     return module
 
 
-def materialise(module: nn.Module, full: dict, runtime: Runtime) -> nn.Module:
+def materialise(module: nn.Module, full: dict, runtime: Runtime, offloaded: bool = False) -> nn.Module:
     """Allocate a sharded meta-device module's shards and fill them from rank 0's
     full state dict (`full` is empty on the other ranks). Buffers, which stay
-    real on the meta device, are kept."""
+    real on the meta device, are kept on the compute device. An offloaded role's
+    shards are allocated in CPU memory, where FSDP2's CPUOffloadPolicy wants them."""
     buffers = {name: b.clone() for name, b in module.named_buffers()}
-    module.to_empty(device=runtime.device)
+    module.to_empty(device="cpu" if offloaded else runtime.device)
     with torch.no_grad():
         for name, b in module.named_buffers():
             b.copy_(buffers[name])
+    if offloaded:
+        for sub in module.modules():
+            for key, b in sub._buffers.items():
+                if b is not None:
+                    sub._buffers[key] = b.to(runtime.device)
     set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return module

@@ -190,7 +190,7 @@ def build_module(cfg: RoleConfig, path: Optional[str], seed: int, adapter, runti
     if runtime.context > 1:
         module = adapter.install_context_parallel(module, runtime)
     shard(module, adapter.blocks(module), cfg, runtime, extras=[module.get_submodule(name) for name in added])
-    return materialise(module, full, runtime)
+    return materialise(module, full, runtime, offloaded=cfg.cpu_offload)
 
 
 def weights_path(config, name: str) -> Optional[str]:

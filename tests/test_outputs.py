@@ -132,5 +132,5 @@ def test_help_is_the_projects_own_page():
     for group in sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir()):
         assert f"  {group}:" in page, group
     for option in ("digits_demo", "wan21_t2v_1.3b_dmd2_3step", "dmd2_digits", "+sweep:", "digits_lr",
-                   "python launch.py hydra.run.dir=RUN", "Exit codes"):
+                   "python launch.py hydra.run.dir=RUN", "Exit codes", "plan=true", "parallel.context=2"):
         assert option in page, option
