@@ -67,6 +67,8 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
     sampler = method_class(config.method.name).sampler(config.method, adapter, role)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=config.model.shift)
     scheduler.register_to_config(few_step_sigmas=list(sampler.sigmas))
+    if cfg.causal:  # generated chunk by chunk: how many latent frames a chunk holds
+        scheduler.register_to_config(chunk_frames=config.model.chunk_frames)
     scheduler.save_config(out / "scheduler")
     info = {
         "family": config.model.family,
@@ -74,6 +76,7 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
         "arch": dict(config.model.arch),
         "shift": config.model.shift,
         "latent_shape": list(config.model.latent_shape),
+        "chunk_frames": config.model.chunk_frames if cfg.causal else None,  # block-causal network
         "text_len": config.model.text_len,
         "text_dim": config.model.text_dim,
         "text_encoder": config.model.text_encoder.value,

@@ -156,8 +156,10 @@ def attach(module: nn.Module, extras: Optional[Callable[[nn.Module], Dict[str, n
 
 
 def prepare(module: nn.Module, cfg: RoleConfig, adapter, seed: int) -> nn.Module:
-    """convert -> trainability -> activation checkpointing: everything before
-    the method's extra modules and sharding."""
+    """causal variant -> convert -> trainability -> activation checkpointing:
+    everything before the method's extra modules and sharding."""
+    if cfg.causal:
+        module = adapter.make_causal(module)
     module = convert(module, cfg, adapter, seed)
     if not cfg.trainable:
         return module.requires_grad_(False).eval()  # frozen: no grads, no optimizer

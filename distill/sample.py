@@ -47,6 +47,7 @@ def load_exported(folder: Path, lora: bool = False, base=None, model: Optional[s
         arch=info.get("arch", {}),
         shift=info["shift"],
         latent_shape=info["latent_shape"],
+        chunk_frames=info.get("chunk_frames"),
         text_len=info["text_len"],
         text_dim=info["text_dim"],
         latents_mean=info.get("latents_mean"),
@@ -62,6 +63,8 @@ def load_exported(folder: Path, lora: bool = False, base=None, model: Optional[s
         module = adapter.load_lora(module, folder / info["lora"]["folder"])
     else:
         module = adapter.load(str(folder), seed=0)
+    if info.get("chunk_frames"):
+        module = adapter.make_causal(module)  # generated chunk by chunk over its KV cache
     return adapter, Role("sampler", RoleConfig(), module.eval().requires_grad_(False)), Sampler.from_json(info["sampler"])
 
 

@@ -31,6 +31,38 @@ def sample(adapter, role, sigmas: torch.Tensor, text: torch.Tensor, randn: Calla
     return adapter.predict_x0(role, x, sigmas[-1].expand(x.shape[0]), text, **cond)
 
 
+def causal_rollout(adapter, role, noise: torch.Tensor, sigmas: torch.Tensor, text: torch.Tensor, randn: Callable,
+                   exits: Sequence[int], context_sigma: float = 0.0, **cond) -> torch.Tensor:
+    """A block-causal role's video, chunk by chunk over its KV cache (Self-Forcing).
+
+    Chunk k starts from its slice of `noise` and runs the listed sigmas as the
+    few-step sampler does, stopping at step exits[k]: its x0 there is the
+    chunk. Only that forward keeps a gradient (when gradients are on). The
+    chunk, re-noised to `context_sigma` (0: clean), is then run once more
+    without gradient to write its keys and values for the chunks after it."""
+    n, frames, size = noise.shape[0], noise.shape[2], adapter.cfg.chunk_frames
+    grad = torch.is_grad_enabled()
+    chunks = []
+    with adapter.generation_cache(role) as cache:
+        for k, start in enumerate(range(0, frames, size)):
+            cache.frame_offset, cache.write = start, False
+            x = noise[:, :, start:start + size]
+            for step in range(exits[k] + 1):
+                with torch.set_grad_enabled(grad and step == exits[k]):
+                    x0 = adapter.predict_x0(role, x, sigmas[step].expand(n), text, **cond)
+                if step < exits[k]:
+                    x = adapter.add_noise(x0, randn(x0.shape), sigmas[step + 1].expand(n))
+            chunks.append(x0)
+            if start + size < frames:
+                cache.write = True
+                with torch.no_grad():
+                    context = x0.detach()
+                    if context_sigma > 0:
+                        context = adapter.add_noise(context, randn(context.shape), context.new_full((n,), context_sigma))
+                    adapter.predict_x0(role, context, context.new_full((n,), context_sigma), text, **cond)
+    return torch.cat(chunks, dim=2)
+
+
 @torch.no_grad()
 def euler_sample(adapter, role, sigmas: torch.Tensor, text, uncond, scale: float, noise: torch.Tensor,
                  **cond) -> torch.Tensor:
@@ -66,7 +98,7 @@ class Sampler:
 
     @staticmethod
     def from_json(info: Dict) -> "Sampler":
-        kinds = {"few_step": FewStepSampler, "euler": EulerSampler}
+        kinds = {"few_step": FewStepSampler, "euler": EulerSampler, "causal_few_step": CausalSampler}
         kind = dict(info)
         return kinds[kind.pop("kind")](**kind)
 
@@ -98,3 +130,25 @@ class EulerSampler(Sampler):
 
     def to_json(self) -> Dict:
         return {"kind": "euler", "sigmas": list(self.sigmas), "guidance_scale": self.guidance_scale}
+
+
+@dataclass
+class CausalSampler(Sampler):
+    """A block-causal student: the few-step sampler chunk by chunk over the KV cache,
+    every chunk to the last listed sigma, the cache written from clean chunks."""
+
+    sigmas: List[float]
+    chunk_frames: int
+    context_sigma: float = 0.0
+
+    @torch.no_grad()
+    def __call__(self, adapter, role, text, uncond, randn, **cond):
+        noise = randn((text.shape[0], *adapter.latent_shape))
+        chunks = -(-noise.shape[2] // self.chunk_frames)
+        sigmas = torch.tensor(self.sigmas, device=text.device)
+        return causal_rollout(adapter, role, noise, sigmas, text, randn, [len(self.sigmas) - 1] * chunks,
+                              self.context_sigma, **cond)
+
+    def to_json(self) -> Dict:
+        return {"kind": "causal_few_step", "sigmas": list(self.sigmas), "chunk_frames": self.chunk_frames,
+                "context_sigma": self.context_sigma}

@@ -133,8 +133,9 @@ def test_backward_simulation_stops_at_the_target_step():
     roles["student"].module = CountingStudent([0.0] * 4, trainable=True)
     for _ in range(20):
         CountingStudent.calls = 0
-        _, step = method.student_sample(batch(), {})
-        assert CountingStudent.calls == step + 1
+        metrics = {}
+        method.student_sample(batch(), {}, metrics)
+        assert CountingStudent.calls == metrics["student_step"] + 1
 
 
 def test_data_rollout_noises_the_batch_latent_at_the_listed_step():
@@ -146,7 +147,7 @@ def test_data_rollout_noises_the_batch_latent_at_the_listed_step():
     roles["student"].module.parameters = module.parameters
     method.randn = lambda shape: torch.full(shape, 4.0)
     b = dict(batch(), latents=torch.full(SHAPE, 2.0))
-    method.student_sample(b, {})
+    method.student_sample(b, {}, {})
     x_t, t = seen[0]
     assert torch.allclose(x_t, torch.full(SHAPE, 3.0))  # 0.5 * 2 + 0.5 * 4
     assert torch.allclose(t, torch.tensor([500.0]))

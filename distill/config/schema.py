@@ -51,6 +51,9 @@ class ModelConfig:
     arch: Dict[str, Any] = field(default_factory=dict)
     shift: float = 3.0  # flow shift: sigma' = s*sigma / (1 + (s-1)*sigma)
     latent_shape: List[int] = field(default_factory=lambda: [16, 21, 60, 104])  # C, T, H, W
+    # latent frames per chunk of a block-causal role (roles.<r>.causal): the
+    # autoregressive student of CausVid / Self-Forcing; null: no chunking
+    chunk_frames: Optional[int] = None
     text_len: int = 512
     text_dim: int = 4096
     # per-channel statistics of the VAE's latents: data latents are
@@ -118,6 +121,9 @@ class RoleConfig:
     # keep this frozen role's FSDP shards in CPU memory, copied to the GPU a block
     # at a time (FSDP2's CPUOffloadPolicy): for a large teacher on few GPUs
     cpu_offload: bool = False
+    # run this role's network block-causally over chunks of model.chunk_frames
+    # latent frames, with a KV cache for generation (Self-Forcing's student)
+    causal: bool = False
 
 
 @dataclass

@@ -89,6 +89,7 @@ def _check_roles(config: Config, method) -> List[str]:
             errors.append(f"roles.{role} is not used by method {name} (its roles: {sorted(needed)})")
     method_lrs = method.lr_keys(config.method)
     errors += _check_offload(config)
+    errors += method.check_roles(config.roles)
     for role, cfg in config.roles.items():
         if not cfg.trainable:
             if cfg.lora.rank:

@@ -52,6 +52,11 @@ class Method(ABC):
         return []
 
     @classmethod
+    def check_roles(cls, roles) -> List[str]:
+        """Errors of the roles section (name -> RoleConfig) for this method, each naming its key."""
+        return []
+
+    @classmethod
     def batch_keys(cls, cfg) -> Set[str]:
         """The batch entries the losses read ("latents" needs a dataset with latents)."""
         return set(TEXT_KEYS)

@@ -162,9 +162,9 @@ class DMD2(Method):
         text, uncond = batch["text_embeds"], batch["negative_text_embeds"]
         cond = self.adapter.conditioning(batch)
         train_student = self.is_generator_iteration(iteration)
+        metrics: Metrics = {}
         with torch.set_grad_enabled(train_student):
-            x0, step = self.student_sample(batch, cond)
-        metrics = {"student_step": step, "sigma/student": float(self.student_sigmas[step])}
+            x0 = self.student_sample(batch, cond, metrics)
         losses = {}
         if train_student:
             losses["student"] = self.generator_loss(x0, text, uncond, cond, metrics)
@@ -177,10 +177,15 @@ class DMD2(Method):
         sigma = self.adapter.shift_sigma(self.rand(n))
         return sigma.clamp(self.cfg.min_timestep_ratio, self.cfg.max_timestep_ratio)
 
-    def student_sample(self, batch, cond) -> Tuple[torch.Tensor, int]:
+    def exit_step(self) -> int:
+        """A random listed step, the same on every rank."""
+        return int(torch.randint(len(self.student_sigmas), (1,), generator=self.shared_rng))
+
+    def student_sample(self, batch, cond, metrics: Metrics) -> torch.Tensor:
         """x0 from the student at a random listed step; grad flows only through that last step."""
         sigmas = self.student_sigmas.to(self.device)
-        step = int(torch.randint(len(sigmas), (1,), generator=self.shared_rng))
+        step = self.exit_step()
+        metrics.update({"student_step": step, "sigma/student": float(sigmas[step])})
         n = batch["text_embeds"].shape[0]
         student, text = self.roles["student"], batch["text_embeds"]
         if self.cfg.rollout.value == "data":
@@ -191,7 +196,7 @@ class DMD2(Method):
             x = self.randn((n, *self.adapter.latent_shape))
             with torch.no_grad():
                 x = rollout(self.adapter, student, x, sigmas, text, self.randn, step, **cond)
-        return self.adapter.predict_x0(student, x, sigmas[step].expand(n), text, **cond), step
+        return self.adapter.predict_x0(student, x, sigmas[step].expand(n), text, **cond)
 
     def generator_loss(self, x0: torch.Tensor, text, uncond, cond, metrics: Metrics) -> torch.Tensor:
         sigma = self.sample_sigma(x0.shape[0])

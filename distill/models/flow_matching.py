@@ -195,6 +195,17 @@ class FlowMatchingAdapter(ABC):
         """The repeated blocks: the units of sharding and activation checkpointing,
         and where `predict_with_features` reads features."""
 
+    def make_causal(self, module: nn.Module) -> nn.Module:
+        """Block-causal self-attention over chunks of model.chunk_frames latent frames,
+        with a KV cache for chunk-by-chunk generation (roles.<r>.causal)."""
+        raise NotImplementedError(f"{type(self).__name__} has no block-causal variant")
+
+    def generation_cache(self, role):
+        """A context manager over a causal role's KV cache for chunk-by-chunk generation;
+        it yields a handle with `frame_offset` (latent frames before the chunk run next)
+        and `write` (whether that forward's keys and values join the cache)."""
+        raise NotImplementedError(f"{type(self).__name__} has no block-causal variant")
+
     def install_context_parallel(self, module: nn.Module, runtime) -> nn.Module:
         """Split the network's token sequence over the ranks of each context group
         (before sharding): every rank of a group gets the same inputs and the same

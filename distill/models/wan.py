@@ -8,6 +8,7 @@ from diffusers import WanTransformer3DModel
 from torch import nn
 
 from distill.models import context_parallel
+from distill.models.causal_wan import KVCache, frame_timesteps, kv_cache, make_causal
 from distill.models.flow_matching import FlowMatchingAdapter
 from distill.models.folders import read_component_config, resolve_model_folder
 from distill.registry import register_family
@@ -69,7 +70,7 @@ class WanAdapter(FlowMatchingAdapter):
         dtype = module.patch_embedding.weight.dtype
         return module(
             hidden_states=x_t.to(dtype),
-            timestep=timestep,
+            timestep=frame_timesteps(timestep, x_t, module.config.patch_size),  # [B] or one per latent frame
             encoder_hidden_states=text.to(dtype),
             return_dict=False,
             **cond,
@@ -121,6 +122,14 @@ class WanAdapter(FlowMatchingAdapter):
     def hidden_size(self, module: nn.Module) -> int:
         return module.config.num_attention_heads * module.config.attention_head_dim
 
+    def make_causal(self, module: nn.Module) -> nn.Module:
+        """Block-causal self-attention over chunks of model.chunk_frames latent frames
+        (distill/models/causal_wan.py), with a KV cache for generation."""
+        return make_causal(module, self.cfg.chunk_frames)
+
+    def generation_cache(self, role):
+        return kv_cache(role.module, KVCache())
+
     def install_context_parallel(self, module: nn.Module, runtime) -> nn.Module:
         """diffusers' own Wan plan and Ulysses attention (distill/models/context_parallel.py)."""
         return context_parallel.install(module, runtime)
@@ -156,6 +165,13 @@ class WanAdapter(FlowMatchingAdapter):
         if len(model.latent_shape) != 4:
             return [f"model.latent_shape={list(model.latent_shape)}: must be [C, T, H, W]"]
         errors = []
+        causal = [name for name, role in config.roles.items() if role.causal]
+        if causal and not model.chunk_frames:
+            errors.append(f"roles.{causal[0]}.causal=true needs model.chunk_frames (latent frames per chunk), "
+                          f"got {model.chunk_frames}")
+        if causal and config.parallel.context > 1:
+            errors.append(f"roles.{causal[0]}.causal=true with parallel.context={config.parallel.context}: "
+                          "the block-causal Wan has no context parallelism")
         for name, role in config.roles.items():
             key = f"roles.{name}.path" if role.path else "model.path"
             path = role.path or model.path
