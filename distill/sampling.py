@@ -68,16 +68,22 @@ def euler_sample(adapter, role, sigmas: torch.Tensor, text, uncond, scale: float
                  **cond) -> torch.Tensor:
     """Integrate dx/dsigma = v from sigmas[0] down to 0 with guided velocities
     v = v_uncond + scale * (v_cond - v_uncond)."""
-    x = noise
+    grid = torch.cat([sigmas.to(noise.device), torch.zeros(1, device=noise.device)])
+    return guided_euler(adapter, role, noise, grid, text, uncond, scale, **cond)
+
+
+@torch.no_grad()
+def guided_euler(adapter, role, x: torch.Tensor, grid: torch.Tensor, text, uncond, scale: float,
+                 **cond) -> torch.Tensor:
+    """Euler steps of the guided flow ODE from grid[0] to grid[-1]."""
     n = x.shape[0]
     doubled = {k: torch.cat([v, v]) for k, v in cond.items()}
-    steps = torch.cat([sigmas.to(x.device), torch.zeros(1, device=x.device)])
-    for k in range(len(sigmas)):
-        sigma = steps[k].expand(n)
+    for k in range(len(grid) - 1):
+        sigma = grid[k].expand(n)
         v = adapter.predict_velocity(role, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([text, uncond]),
                                      **doubled)
         cond_v, unc = v.chunk(2)
-        x = x + (steps[k + 1] - steps[k]) * (unc + scale * (cond_v - unc))
+        x = x + (grid[k + 1] - grid[k]) * (unc + scale * (cond_v - unc))
     return x
 
 

@@ -31,7 +31,9 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
             path = box[0]
     else:
         path = data.path
-    shapes = Shapes(None if data.text_only else tuple(model.latent_shape), model.text_len, model.text_dim)
+    ode = reads_ode_pairs(config)  # ODE pairs carry their own clean latents
+    shapes = Shapes(None if data.text_only or ode else tuple(model.latent_shape), model.text_len, model.text_dim,
+                    ode=tuple(model.latent_shape) if ode else None)
     dataset = ParquetLatents(
         ParquetIndex(str(path), shapes),
         shapes,
@@ -67,6 +69,13 @@ def negative_embedding_file(data):
             "writes the model's default negative prompt)", data.path, NEGATIVE_FILE,
         )
     return None
+
+
+def reads_ode_pairs(config) -> bool:
+    """Whether the method trains on the teacher's ODE pairs (the `ode_trajectory` batch key)."""
+    from distill.registry import method_class
+
+    return "ode_trajectory" in method_class(config.method.name).batch_keys(config.method)
 
 
 def _negative(path, shapes: Shapes):

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distill.data.schema import DTYPES, LATENT, TEXT, decode, required_columns
+from distill.data.schema import DTYPES, LATENT, ODE, ODE_SIGMAS, TEXT, decode, required_columns
 
 
 class DataError(ValueError):
@@ -34,6 +34,7 @@ class Shapes:
     latent: Optional[Tuple[int, ...]]  # [C, T, H, W] the model expects; None: text-only
     text_len: int
     text_dim: int
+    ode: Optional[Tuple[int, ...]] = None  # [C, T, H, W] of the ODE pairs' states; None: not read
 
 
 @dataclass
@@ -56,6 +57,7 @@ class ParquetIndex:
         if not files:
             raise DataError(f"data.path={path}: no parquet shards (*.parquet) in the folder")
         self.with_latents = shapes.latent is not None
+        self.with_ode = shapes.ode is not None
         self.groups: List[RowGroup] = []
         self.num_rows = 0
         for file in files:
@@ -70,11 +72,11 @@ class ParquetIndex:
             names = set(pf.schema_arrow.names)
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise DataError(f"{file}: corrupt parquet shard ({err})") from None
-        missing = [c for c in required_columns(self.with_latents) if c not in names]
+        missing = [c for c in required_columns(self.with_latents, self.with_ode) if c not in names]
         if missing:
-            raise DataError(f"{file}: missing columns {missing}")
-        prefixes = [TEXT] + ([LATENT] if self.with_latents else [])
-        columns = ["id"] + [f"{p}_{part}" for p in prefixes for part in ("shape", "dtype")]
+            hint = " (ODE pairs come from python -m distill.ode_pairs)" if self.with_ode and ODE_SIGMAS in missing else ""
+            raise DataError(f"{file}: missing columns {missing}{hint}")
+        columns = ["id"] + [f"{p}_{part}" for p in self.prefixes for part in ("shape", "dtype")]
         try:
             meta = pf.read(columns=columns).to_pydict()
         except Exception as err:
@@ -88,9 +90,14 @@ class ParquetIndex:
             self.num_rows += n
             file_row += n
 
+    @property
+    def prefixes(self) -> List[str]:
+        """The tensor columns read."""
+        return [TEXT] + ([LATENT] if self.with_latents else []) + ([ODE] if self.with_ode else [])
+
     def _check_row(self, file, row, sample_id, meta, shapes: Shapes) -> None:
         where = f"{file} row {row} (id {sample_id})"
-        for prefix in (TEXT, LATENT) if self.with_latents else (TEXT,):
+        for prefix in self.prefixes:
             dtype = meta[f"{prefix}_dtype"][row]
             if dtype not in DTYPES:
                 raise DataError(f"{where}: {prefix}_dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -107,6 +114,11 @@ class ParquetIndex:
                 )
             if latent != tuple(shapes.latent):
                 raise DataError(f"{where}: latent shape {list(latent)} differs from model.latent_shape={list(shapes.latent)}")
+        if self.with_ode:
+            states = list(meta[f"{ODE}_shape"][row])
+            if len(states) != 5 or tuple(states[1:]) != tuple(shapes.ode):
+                raise DataError(f"{where}: ODE trajectory shape {states} is not [states, *model.latent_shape="
+                                f"{list(shapes.ode)}]")
 
     def locate(self, row: int) -> Tuple[RowGroup, int]:
         g = int(torch.searchsorted(self._starts, torch.tensor(row), right=True)) - 1
@@ -191,9 +203,9 @@ class ParquetLatents(IterableDataset):
     def _row_group(self, group: RowGroup) -> Dict[str, list]:
         key = (group.file, group.index)
         if key not in self._cache:
-            columns = ["id"] + [f"{TEXT}_{s}" for s in ("bytes", "shape", "dtype")]
-            if self.shapes.latent is not None:
-                columns += [f"{LATENT}_{s}" for s in ("bytes", "shape", "dtype")]
+            columns = ["id"] + [f"{p}_{s}" for p in self.index.prefixes for s in ("bytes", "shape", "dtype")]
+            if self.index.with_ode:
+                columns.append(ODE_SIGMAS)
             self._cache[key] = pq.ParquetFile(group.file).read_row_group(group.index, columns=columns).to_pydict()
             while len(self._cache) > self.shuffle_window:
                 self._cache.popitem(last=False)
@@ -204,7 +216,8 @@ class ParquetLatents(IterableDataset):
         group, offset = self.index.locate(row)
         data = self._row_group(group)
         where = f"{group.file} row {group.file_row + offset} (id {data['id'][offset]})"
-        prefixes = {"text": TEXT, **({"latent": LATENT} if self.shapes.latent is not None else {})}
+        prefixes = {"text": TEXT, **({"latent": LATENT} if self.shapes.latent is not None else {}),
+                    **({"ode": ODE} if self.index.with_ode else {})}
         sample = {}
         for name, prefix in prefixes.items():
             try:
@@ -213,6 +226,11 @@ class ParquetLatents(IterableDataset):
                 raise DataError(f"{where}: {prefix} cannot be decoded ({err})") from None
             if not torch.isfinite(sample[name]).all():
                 raise DataError(f"{where}: {name} holds NaN or inf")
+        if self.index.with_ode:
+            sample["ode_sigmas"] = torch.tensor(data[ODE_SIGMAS][offset], dtype=torch.float32)
+            if len(sample["ode_sigmas"]) != sample["ode"].shape[0] - 1:
+                raise DataError(f"{where}: {len(sample['ode_sigmas'])} ODE sigmas for {sample['ode'].shape[0]} states "
+                                "(needs one fewer: the last state is the clean end)")
         return sample
 
     def captions(self, rows: List[int]) -> List[str]:
@@ -226,7 +244,7 @@ class ParquetLatents(IterableDataset):
         return out
 
     def make_batch(self, batch: int) -> Dict[str, torch.Tensor]:
-        texts, masks, latents, ids = [], [], [], []
+        texts, masks, latents, ids, odes, ode_sigmas = [], [], [], [], [], []
         for epoch, row in self.rows_of_batch(batch):
             sample = self.read_row(row)
             text = sample["text"]
@@ -239,6 +257,9 @@ class ParquetLatents(IterableDataset):
             ids.append(epoch * self.index.num_rows + row)  # unique per draw: seeds the sample's noise
             if "latent" in sample:
                 latents.append(self._normalise(sample["latent"]))
+            if "ode" in sample:  # stored in model space: not normalised again
+                odes.append(sample["ode"])
+                ode_sigmas.append(sample["ode_sigmas"])
         out = {
             "sample_id": torch.tensor(ids),
             "text_embeds": torch.stack(texts),
@@ -247,6 +268,8 @@ class ParquetLatents(IterableDataset):
         }
         if latents:
             out["latents"] = torch.stack(latents)
+        if odes:
+            out["ode_trajectory"], out["ode_sigmas"] = torch.stack(odes), torch.stack(ode_sigmas)
         return out
 
     def _normalise(self, latent: torch.Tensor) -> torch.Tensor:

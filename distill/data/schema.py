@@ -14,6 +14,10 @@ import torch
 
 LATENT = "vae_latent"
 TEXT = "text_embedding"
+# ODE pairs (python -m distill.ode_pairs): the teacher's ODE states at the student's
+# sigmas and its clean end, [S + 1, C, T, H, W] in model space, and those S sigmas
+ODE = "ode_trajectory"
+ODE_SIGMAS = "ode_sigmas"
 META_FIELDS = [
     ("id", pa.string()),
     ("file_name", pa.string()),
@@ -35,15 +39,19 @@ def tensor_fields(prefix: str) -> List[tuple]:
     ]
 
 
-def schema(with_latents: bool = True) -> pa.Schema:
+def schema(with_latents: bool = True, with_ode: bool = False) -> pa.Schema:
     fields = [META_FIELDS[0]] + (tensor_fields(LATENT) if with_latents else []) + tensor_fields(TEXT) + META_FIELDS[1:]
+    if with_ode:
+        fields += tensor_fields(ODE) + [(ODE_SIGMAS, pa.list_(pa.float64()))]
     return pa.schema(fields)
 
 
-def required_columns(with_latents: bool) -> List[str]:
+def required_columns(with_latents: bool, with_ode: bool = False) -> List[str]:
     cols = ["id"] + [name for name, _ in tensor_fields(TEXT)]
     if with_latents:
         cols += [name for name, _ in tensor_fields(LATENT)]
+    if with_ode:
+        cols += [name for name, _ in tensor_fields(ODE)] + [ODE_SIGMAS]
     return cols
 
 
@@ -69,11 +77,14 @@ def decode(raw: bytes, shape: List[int], dtype: str) -> torch.Tensor:
 
 
 def make_row(
-    sample_id: str, text: torch.Tensor, caption: str, latent: Optional[torch.Tensor] = None, **meta
+    sample_id: str, text: torch.Tensor, caption: str, latent: Optional[torch.Tensor] = None,
+    ode: Optional[torch.Tensor] = None, ode_sigmas: Optional[List[float]] = None, **meta
 ) -> Dict[str, object]:
     """One row in the schema's column names."""
     row = {"id": sample_id, "caption": caption}
-    for prefix, tensor in ((TEXT, text), (LATENT, latent)):
+    if ode is not None:
+        row[ODE_SIGMAS] = [float(s) for s in ode_sigmas]
+    for prefix, tensor in ((TEXT, text), (LATENT, latent), (ODE, ode)):
         if tensor is not None:
             for key, value in encode(tensor).items():
                 row[f"{prefix}_{key}"] = value

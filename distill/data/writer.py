@@ -14,8 +14,8 @@ SHARD = "shard-{:05d}.parquet"
 
 def write_shard(rows: Sequence[Dict[str, object]], path: Path, row_group_size: int = 8) -> Path:
     """Write rows to `path` through a temporary file and an atomic rename."""
-    with_latents = "vae_latent_bytes" in rows[0]
-    table = pa.Table.from_pylist(list(rows), schema=schema(with_latents))
+    with_latents, with_ode = "vae_latent_bytes" in rows[0], "ode_trajectory_bytes" in rows[0]
+    table = pa.Table.from_pylist(list(rows), schema=schema(with_latents, with_ode))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -28,7 +28,10 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 
 def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a [B] sigma over the other dimensions of `like`."""
+    """Broadcast a [B] sigma over the other dimensions of `like` [B, C, T, ...];
+    a [B, T] sigma (one per latent frame) over C and the spatial dimensions."""
+    if sigma.dim() == 2:
+        return sigma.to(like.dtype).reshape(sigma.shape[0], 1, sigma.shape[1], *([1] * (like.dim() - 3)))
     return sigma.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 

@@ -166,6 +166,11 @@ class WanAdapter(FlowMatchingAdapter):
             return [f"model.latent_shape={list(model.latent_shape)}: must be [C, T, H, W]"]
         errors = []
         causal = [name for name, role in config.roles.items() if role.causal]
+        if model.chunk_frames and not causal:
+            errors.append(f"model.chunk_frames={model.chunk_frames}: no role is causal (set roles.<r>.causal=true, "
+                          "or model.chunk_frames=null)")
+        if model.chunk_frames is not None and model.chunk_frames < 1:
+            errors.append(f"model.chunk_frames={model.chunk_frames}: must be >= 1")
         if causal and not model.chunk_frames:
             errors.append(f"roles.{causal[0]}.causal=true needs model.chunk_frames (latent frames per chunk), "
                           f"got {model.chunk_frames}")

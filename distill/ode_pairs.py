@@ -1,0 +1,163 @@
+"""The teacher's ODE pairs for method=ode_init, from the same config it trains with.
+
+    python -m distill.ode_pairs OUT experiment=... data.path=PROMPTS [overrides]
+    torchrun --nproc-per-node 8 -m distill.ode_pairs OUT ...    # each rank takes every 8th prompt
+
+For every row of the prompt dataset (data=parquet, text embeddings; latents
+are not needed) the teacher (method.teacher_path, else model.path) runs the
+flow ODE by Euler steps with classifier-free guidance
+(method.guidance_scale, the dataset's negative embedding) from noise seeded
+by (seed, row id). The Euler grid passes through every listed student sigma
+(method.teacher_steps split evenly over the segments between them, and 0),
+so the states stored there lie on the trajectory exactly. Each output row
+holds the prompt's columns, `ode_trajectory` [S + 1, C, T, H, W] (the states
+at the S listed sigmas, then the clean end, in model space) and
+`ode_sigmas`.
+
+Ids already in OUT are skipped, so a rerun finishes an interrupted job;
+shards are written under a temporary name and renamed.
+"""
+
+import hashlib
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import pyarrow.parquet as pq
+import torch
+
+from distill.data.schema import TEXT, decode, make_row
+from distill.data.writer import write_shard
+from distill.distributed import rank_env
+
+log = logging.getLogger("distill.ode_pairs")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def row_seed(seed: int, sample_id: str) -> int:
+    """A 63-bit seed from the run seed and a row id: the same noise on any rank and any rerun."""
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def euler_grid(listed: torch.Tensor, steps: int) -> List[torch.Tensor]:
+    """The Euler grid of each segment [listed[k], listed[k+1]] (the last ends at 0):
+    `steps` split as evenly as they go, each segment's end included."""
+    ends = torch.cat([listed, torch.zeros(1)])
+    segments = len(listed)
+    counts = [steps // segments + (1 if k < steps % segments else 0) for k in range(segments)]
+    return [torch.linspace(float(ends[k]), float(ends[k + 1]), counts[k] + 1) for k in range(segments)]
+
+
+@torch.no_grad()
+def trajectory(adapter, teacher, noise: torch.Tensor, text, uncond, listed: torch.Tensor, steps: int,
+               scale: float) -> torch.Tensor:
+    """[B, S + 1, C, T, H, W]: the states at the listed sigmas and the clean end."""
+    from distill.sampling import guided_euler
+
+    states, x = [noise], noise
+    for grid in euler_grid(listed, steps):
+        x = guided_euler(adapter, teacher, x, grid.to(x.device), text, uncond, scale)
+        states.append(x)
+    return torch.stack(states, dim=1).float()
+
+
+def prompts(folder: Path):
+    """(id, caption, text embedding) of every row of a dataset, in shard order."""
+    for shard in sorted(folder.glob("*.parquet")):
+        cols = ["id", "caption", f"{TEXT}_bytes", f"{TEXT}_shape", f"{TEXT}_dtype"]
+        table = pq.read_table(shard, columns=cols).to_pydict()
+        for i, sample_id in enumerate(table["id"]):
+            text = decode(table[f"{TEXT}_bytes"][i], table[f"{TEXT}_shape"][i], table[f"{TEXT}_dtype"][i])
+            yield sample_id, table["caption"][i], text.float()
+
+
+def done_ids(out: Path) -> set:
+    ids = set()
+    for shard in out.glob("*.parquet"):
+        ids.update(pq.read_table(shard, columns=["id"]).column("id").to_pylist())
+    return ids
+
+
+def make_pairs(config, out: Path, batch_size: int = 4, rows_per_shard: int = 256) -> int:
+    """Write this rank's share of the ODE pairs; returns the rows written."""
+    from distill.config.schema import RoleConfig
+    from distill.data import NEGATIVE_FILE, _negative, negative_embedding_file
+    from distill.data.parquet import Shapes
+    from distill.methods.ode_init import listed_sigmas
+    from distill.models import build_adapter
+    from distill.parallel import DTYPES
+    from distill.roles import Role
+
+    rank, world, _ = rank_env()
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, method = config.model, config.method
+    adapter = build_adapter(model)
+    shapes = Shapes(None, model.text_len, model.text_dim)
+    negative_file = negative_embedding_file(config.data)
+    uncond = _negative(negative_file, shapes)
+    uncond = torch.zeros(model.text_len, model.text_dim) if uncond is None else uncond
+    if rank == 0 and negative_file and not (out / NEGATIVE_FILE).exists():
+        shutil.copyfile(negative_file, out / NEGATIVE_FILE)
+    teacher_cfg = RoleConfig(precision=config.roles["student"].precision)  # computes at the student's precision
+    network = adapter.load(method.teacher_path or model.path, config.seed, DTYPES[teacher_cfg.precision])
+    teacher = Role("teacher", teacher_cfg, network.to(device).eval().requires_grad_(False))
+    listed = listed_sigmas(method, adapter)
+    done = done_ids(out)
+    mine = [row for i, row in enumerate(prompts(Path(config.data.path))) if i % world == rank and row[0] not in done]
+    shard_index = len(list(out.glob(f"shard-r{rank:03d}-*.parquet")))
+    pending, written = [], 0
+    for start in range(0, len(mine), batch_size):
+        rows = mine[start:start + batch_size]
+        texts = torch.zeros(len(rows), model.text_len, model.text_dim)
+        for i, (_, _, text) in enumerate(rows):
+            texts[i, : min(len(text), model.text_len)] = text[: model.text_len]
+        noise = torch.stack([torch.randn(adapter.latent_shape, generator=torch.Generator().manual_seed(
+            row_seed(config.seed, sample_id))) for sample_id, _, _ in rows])
+        states = trajectory(adapter, teacher, noise.to(device), texts.to(device),
+                            uncond.expand(len(rows), -1, -1).to(device), listed.to(device), method.teacher_steps,
+                            method.guidance_scale).cpu()
+        for (sample_id, caption, text), trajectory_states in zip(rows, states):
+            pending.append(make_row(sample_id, text, caption, ode=trajectory_states, ode_sigmas=listed.tolist()))
+        written += len(rows)
+        log.info("rank %d: %d of %d prompts", rank, written, len(mine))
+        while len(pending) >= rows_per_shard:
+            write_shard(pending[:rows_per_shard], out / f"shard-r{rank:03d}-{shard_index:05d}.parquet")
+            pending, shard_index = pending[rows_per_shard:], shard_index + 1
+    if pending:
+        write_shard(pending, out / f"shard-r{rank:03d}-{shard_index:05d}.parquet")
+    return written
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        print(__doc__.strip().splitlines()[2], file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from hydra import compose, initialize_config_dir
+
+    from distill.config import ConfigError, register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=argv[1:])
+    try:
+        config = validate(cfg)
+    except ConfigError as err:
+        print(f"config error:\n{err}", file=sys.stderr)
+        return 2
+    if config.method.name != "ode_init":
+        print(f"config error:\nmethod.name={config.method.name}: ODE pairs are made for method=ode_init",
+              file=sys.stderr)
+        return 2
+    written = make_pairs(config, Path(argv[0]))
+    print(f"{written} ODE pairs written to {argv[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
