@@ -156,16 +156,16 @@ def attach(module: nn.Module, extras: Optional[Callable[[nn.Module], Dict[str, n
 
 
 def prepare(module: nn.Module, cfg: RoleConfig, adapter, seed: int) -> nn.Module:
-    """causal variant -> convert -> trainability -> activation checkpointing:
+    """convert -> trainability -> activation checkpointing -> causal variant:
     everything before the method's extra modules and sharding."""
-    if cfg.causal:
-        module = adapter.make_causal(module)
     module = convert(module, cfg, adapter, seed)
     if not cfg.trainable:
-        return module.requires_grad_(False).eval()  # frozen: no grads, no optimizer
-    if cfg.activation_checkpointing:
-        module.enable_gradient_checkpointing()
-    return module.train()
+        module = module.requires_grad_(False).eval()  # frozen: no grads, no optimizer
+    else:
+        if cfg.activation_checkpointing:
+            module.enable_gradient_checkpointing()
+        module = module.train()
+    return adapter.make_causal(module) if cfg.causal else module
 
 
 def build_module(cfg: RoleConfig, path: Optional[str], seed: int, adapter, runtime: Runtime,

@@ -20,7 +20,7 @@ from distill.methods.base import Forward, MemoryPhase, TEXT_KEYS, Losses, Method
 from distill.methods.gan import (GanConfig, GanHead, approximate_r1, check_gan, discriminator_loss, generator_gan_loss,
                                  through_input_only)
 from distill.registry import register_method
-from distill.sampling import FewStepSampler, Sampler, rollout
+from distill.sampling import CausalSampler, FewStepSampler, Sampler, rollout
 
 
 class Rollout(str, Enum):
@@ -141,9 +141,17 @@ class DMD2(Method):
         return cfg.guidance_scale
 
     @classmethod
+    def check_roles(cls, roles) -> List[str]:
+        """A block-causal student is allowed (CausVid); the scores see the whole video."""
+        return [f"roles.{name}.causal=true: the real and fake scores see the whole video (allowed: false)"
+                for name in ("teacher", "critic") if name in roles and roles[name].causal]
+
+    @classmethod
     def sampler(cls, cfg: DMD2Config, adapter, role: str) -> Sampler:
         """The student samples in its listed steps; the critic, a flow-matching model
         of the student's outputs, by the unguided ODE."""
+        if role == "student" and adapter.cfg.chunk_frames:  # a block-causal student: chunk by chunk
+            return CausalSampler(student_sigmas(cfg, adapter).tolist(), adapter.cfg.chunk_frames)
         if role == "student":
             return FewStepSampler(student_sigmas(cfg, adapter).tolist())
         return super().sampler(cfg, adapter, role)

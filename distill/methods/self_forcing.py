@@ -53,17 +53,10 @@ class SelfForcing(DMD2):
 
     @classmethod
     def check_roles(cls, roles) -> List[str]:
-        errors = []
+        errors = super().check_roles(roles)
         student = roles.get("student")
         if student is not None and not student.causal:
             errors.append("roles.student.causal=false: self_forcing trains a block-causal student (set it to true)")
-        if student is not None and student.causal and student.activation_checkpointing:
-            errors.append("roles.student.activation_checkpointing=true: not with the KV cache of a causal student "
-                          "(a recomputed chunk would not see the cache it saw)")
-        for name in ("teacher", "critic"):
-            if name in roles and roles[name].causal:
-                errors.append(f"roles.{name}.causal=true: the real and fake scores see the whole video "
-                              "(allowed: false)")
         return errors
 
     @classmethod

@@ -13,7 +13,8 @@ network is called on one chunk's latents only; its tokens get their RoPE
 positions at the chunk's frame offset and attend over the cached keys and
 values of the chunks before it plus their own. A forward with
 `cache.write = True` appends its keys and values (the pass that encodes a
-finished chunk as context for the next ones).
+finished chunk as context for the next ones). With activation checkpointing,
+a block's recompute in the backward sees the cache as its forward saw it.
 
 Timesteps may be given per frame ([B, frames]): they are spread over the
 frame's tokens, as diffusers' Wan accepts per-token timesteps.
@@ -119,12 +120,38 @@ def make_causal(module: nn.Module, chunk_frames: int) -> nn.Module:
         start = (cache.frame_offset // pt) * state.tokens_per_frame
         return tuple(table[:, start:start + state.frames * state.tokens_per_frame] for table in whole)
 
+    if getattr(module, "gradient_checkpointing", False):
+        module._gradient_checkpointing_func = replaying_cache(module._gradient_checkpointing_func, state)
     module.register_forward_pre_hook(record_layout, with_kwargs=True)
     module.rope.register_forward_hook(offset_positions)
     for layer, block in enumerate(module.blocks):
         block.attn1.set_processor(BlockCausalAttnProcessor(state, layer))
     module.causal_state = state
     return module
+
+
+def replaying_cache(checkpoint_fn, state: CausalState):
+    """Activation checkpointing that recomputes a block over the cache as it was:
+    the backward runs after the whole rollout, when the cache holds later chunks
+    too, so each checkpointed call keeps a view of the entries it saw."""
+
+    def run(block, *args):
+        cache = state.cache
+        if cache is None or cache.write:
+            return checkpoint_fn(block, *args)
+        seen = KVCache(cache.frame_offset, False, {k: list(v) for k, v in cache.keys.items()},
+                       {k: list(v) for k, v in cache.values.items()})
+
+        def replay(*inputs):
+            outer, state.cache = state.cache, seen
+            try:
+                return block(*inputs)
+            finally:
+                state.cache = outer
+
+        return checkpoint_fn(replay, *args)
+
+    return run
 
 
 @contextmanager
