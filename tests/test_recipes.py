@@ -155,3 +155,44 @@ def test_fastgen_gan_recipe_holds_its_published_numbers(tmp_path):
     assert student.max_grad_norm == 10.0
     assert (config.training.global_batch_size, config.training.max_steps) == (64, 6000)
     assert list(config.model.latent_shape) == [16, 21, 60, 104]
+
+
+def test_self_forcing_recipe_holds_its_published_numbers(tmp_path):
+    """Self-Forcing's DMD (configs/self_forcing_dmd.yaml over default_config.yaml)."""
+    from distill.methods.dmd2 import student_sigmas
+    from distill.models import build_adapter
+
+    config = composed("wan21_t2v_1.3b_self_forcing_dmd_4step", tmp_path)
+    method, student, critic = config.method, config.roles["student"], config.roles["critic"]
+    used = student_sigmas(method, build_adapter(config.model)).tolist()
+    # [1000, 750, 500, 250] warped with shift 5: 5s / (1 + 4s)
+    assert used == pytest.approx([1.0, 15 / 16, 5 / 6, 0.625], abs=1e-6)
+    assert (method.name, config.model.shift, config.model.chunk_frames, student.causal) == ("self_forcing", 5.0, 3, True)
+    assert method.guidance_scale == 3.0 + 1  # their cond + 3 (cond - uncond)
+    assert (method.generator_lr, method.critic_lr, method.generator_update_interval) == (2e-6, 4e-7, 5)
+    assert (method.min_timestep_ratio, method.max_timestep_ratio) == (0.02, 0.98)
+    assert (method.exit_per_chunk, method.context_timestep, method.rollout.value) == (False, 0, "simulate")
+    assert list(student.optimizer.betas) == list(critic.optimizer.betas) == [0.0, 0.999]
+    assert student.optimizer.weight_decay == critic.optimizer.weight_decay == 0.01
+    assert (student.max_grad_norm, critic.max_grad_norm) == (10.0, 10.0)
+    assert (student.ema_decay, student.ema_start_step) == (0.99, 200)
+    assert config.roles["teacher"].path == "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+    assert config.data.text_only and config.training.global_batch_size == 64
+    assert list(config.model.latent_shape) == [16, 21, 60, 104]
+
+
+def test_causvid_recipes_hold_their_published_numbers(tmp_path):
+    """CausVid's ODE init (configs/wan_causal_ode.yaml, generate_ode_pairs.py) and DMD
+    (configs/wan_causal_dmd.yaml)."""
+    ode = composed("wan21_t2v_1.3b_ode_init_causal", tmp_path)
+    assert (ode.method.name, list(ode.method.student_steps), ode.method.warp_steps) == ("ode_init", [1000, 757, 522], False)
+    assert (ode.method.teacher_steps, ode.method.guidance_scale, ode.method.lr) == (50, 6.0, 2e-6)
+    assert (ode.model.shift, ode.model.chunk_frames, ode.roles["student"].causal) == (8.0, 3, True)
+    assert list(ode.roles["student"].optimizer.betas) == [0.9, 0.999] and ode.data.batch_size == 2
+    dmd = composed("wan21_t2v_1.3b_causvid_dmd_3step", tmp_path)
+    method, student = dmd.method, dmd.roles["student"]
+    assert (method.name, list(method.student_steps), method.warp_steps, method.rollout.value) == (
+        "dmd2", [1000, 757, 522], False, "data")
+    assert method.guidance_scale == 3.5 + 1 and (method.generator_lr, method.critic_lr) == (2e-6, 2e-6)
+    assert (dmd.model.shift, dmd.model.chunk_frames, student.causal, dmd.roles["critic"].causal) == (8.0, 3, True, False)
+    assert list(student.optimizer.betas) == [0.9, 0.999] and student.max_grad_norm == 10.0
