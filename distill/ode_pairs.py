@@ -3,8 +3,8 @@
     python -m distill.ode_pairs OUT experiment=... data.path=PROMPTS [overrides]
     torchrun --nproc-per-node 8 -m distill.ode_pairs OUT ...    # each rank takes every 8th prompt
 
-For every row of the prompt dataset (data=parquet, text embeddings; latents
-are not needed) the teacher (method.teacher_path, else model.path) runs the
+For every row of the prompt dataset (data=parquet, or data=digits; only the
+text embeddings are read) the teacher (method.teacher_path, else model.path) runs the
 flow ODE by Euler steps with classifier-free guidance
 (method.guidance_scale, the dataset's negative embedding) from noise seeded
 by (seed, row id). The Euler grid passes through every listed student sigma
@@ -74,6 +74,15 @@ def prompts(folder: Path):
             yield sample_id, table["caption"][i], text.float()
 
 
+def prompt_folder(data, seed: int) -> Path:
+    """The parquet folder holding the prompts: data.path, or the digits set's (built on first use)."""
+    if data.name == "digits":
+        from distill.data.digits import ensure_digits
+
+        return Path(ensure_digits(data.split, data.path, seed))
+    return Path(data.path)
+
+
 def done_ids(out: Path) -> set:
     ids = set()
     for shard in out.glob("*.parquet"):
@@ -107,7 +116,8 @@ def make_pairs(config, out: Path, batch_size: int = 4, rows_per_shard: int = 256
     teacher = Role("teacher", teacher_cfg, network.to(device).eval().requires_grad_(False))
     listed = listed_sigmas(method, adapter)
     done = done_ids(out)
-    mine = [row for i, row in enumerate(prompts(Path(config.data.path))) if i % world == rank and row[0] not in done]
+    mine = [row for i, row in enumerate(prompts(prompt_folder(config.data, config.seed)))
+            if i % world == rank and row[0] not in done]
     shard_index = len(list(out.glob(f"shard-r{rank:03d}-*.parquet")))
     pending, written = [], 0
     for start in range(0, len(mine), batch_size):

@@ -44,6 +44,11 @@ USABLE_FRACTION = 0.9
 # (input, noise, target, the output gathered whole on every rank of a context group):
 # not split by context parallelism; fitted on the CPU tiny runs (benchmarks/context_parallel.py)
 LATENT_COPIES = 4
+# with context parallelism, full-sequence [tokens, hidden] fp32 tensors a forward with
+# gradient keeps on every rank of the group (the patch-embedded input the split takes
+# a view of, and what the gather and its backward hold); fitted on the CPU runs of
+# benchmarks/context_parallel.py at context 2 and 4
+FULL_SEQUENCE_COPIES = 4
 DEFAULT_GPU_GIB = 80.0
 
 
@@ -179,6 +184,9 @@ def forward_bytes(config: Config, adapter, module: nn.Module, fwd, tokens: int, 
         for size in adapter.latent_shape:
             elements *= size
         kept += LATENT_COPIES * 4.0 * elements * fwd.samples * config.data.batch_size
+        if layout.context > 1:
+            full = tokens * layout.context * adapter.hidden_size(module)
+            kept += FULL_SEQUENCE_COPIES * 4.0 * full * fwd.samples * config.data.batch_size
     if fwd.grad and layout.world == 1 and cfg.trainable and cfg.precision == Precision.bf16 and not checkpointing:
         kept += 2.0 * sum(p.numel() for p in module.parameters())
     return kept, peak
