@@ -1,6 +1,6 @@
 """The teacher's ODE pairs for method=ode_init, from the same config it trains with.
 
-    python -m distill.ode_pairs OUT experiment=... data.path=PROMPTS [overrides]
+    python -m distill.ode_pairs OUT [--batch-size 16] experiment=... data.path=PROMPTS [overrides]
     torchrun --nproc-per-node 8 -m distill.ode_pairs OUT ...    # each rank takes every 8th prompt
 
 For every row of the prompt dataset (data=parquet, or data=digits; only the
@@ -147,6 +147,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
         print(__doc__.strip().splitlines()[2], file=sys.stderr)
         return 2
+    batch_size = 16
+    if len(argv) > 2 and argv[1] == "--batch-size":
+        batch_size, argv = int(argv[2]), [argv[0], *argv[3:]]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from hydra import compose, initialize_config_dir
 
@@ -164,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"config error:\nmethod.name={config.method.name}: ODE pairs are made for method=ode_init",
               file=sys.stderr)
         return 2
-    written = make_pairs(config, Path(argv[0]))
+    written = make_pairs(config, Path(argv[0]), batch_size=batch_size)
     print(f"{written} ODE pairs written to {argv[0]}")
     return 0
 

@@ -96,10 +96,6 @@ class Sampler:
     def num_steps(self) -> int:
         return len(self.sigmas)
 
-    def evaluations(self, frames: int) -> int:
-        """Network evaluations per sample of `frames` latent frames (chunk by chunk: per chunk)."""
-        return self.num_steps
-
     def __call__(self, adapter, role, text, uncond, randn: Callable, **cond) -> torch.Tensor:
         raise NotImplementedError
 
@@ -158,11 +154,6 @@ class CausalSampler(Sampler):
         sigmas = torch.tensor(self.sigmas, device=text.device)
         return causal_rollout(adapter, role, noise, sigmas, text, randn, [len(self.sigmas) - 1] * chunks,
                               self.context_sigma, **cond)
-
-    def evaluations(self, frames: int) -> int:
-        """Denoising evaluations over all chunks (the cache passes, one per chunk but the
-        last, are not counted)."""
-        return self.num_steps * -(-frames // self.chunk_frames)
 
     def to_json(self) -> Dict:
         return {"kind": "causal_few_step", "sigmas": list(self.sigmas), "chunk_frames": self.chunk_frames,

@@ -270,9 +270,6 @@ def _check_data(config: Config, method) -> List[str]:
         errors.append(f"data.split={data.split}: allowed values are train, val")
     if data.num_workers < 0:
         errors.append(f"data.num_workers={data.num_workers}: must be >= 0")
-    if "ode_trajectory" in method.batch_keys(config.method) and data.name != "parquet":
-        errors.append(f"data={data.name}: method {config.method.name} trains on ODE pairs: data=parquet "
-                      "data.path=<a folder python -m distill.ode_pairs wrote>")
     if "latents" in method.batch_keys(config.method) and data.text_only:
         errors.append(f"data.text_only=true: method {config.method.name} with this config needs latents in the data")
     return errors

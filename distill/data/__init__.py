@@ -17,6 +17,9 @@ _warned = set()
 def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "cpu"):
     """The loader a config names; datasets are checked here, before any model is built."""
     data, model = config.data, config.model
+    if reads_ode_pairs(config) and data.name != "parquet":  # data=digits names the prompts of the ODE pairs
+        raise DataError(f"data={data.name.value}: method {config.method.name} trains on ODE pairs: data=parquet "
+                        "data.path=<a folder python -m distill.ode_pairs wrote>")
     if data.name == "synthetic":
         return SyntheticLatents(model, data, seed=config.seed, rank=rank, world_size=world_size)
     if data.name == "digits":

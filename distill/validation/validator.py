@@ -61,9 +61,7 @@ class Validator:
         student_steps = self.student_sampler.num_steps
         results[f"student_{student_steps}step"] = self.sample_role(roles["student"], self.student_sampler)
         if "teacher" in roles and not self.teacher_done:
-            # the teacher at its reference steps and at the student's number of evaluations
-            same_cost = self.student_sampler.evaluations(self.adapter.latent_shape[1])
-            for n in dict.fromkeys((self.cfg.teacher_steps, same_cost)):
+            for n in dict.fromkeys((self.cfg.teacher_steps, student_steps)):
                 teacher = EulerSampler(self.adapter.euler_sigmas(n), self.guidance)
                 results[f"teacher_{n}step"] = self.sample_role(roles["teacher"], teacher)
             if "latents" in self.batch:
