@@ -176,7 +176,7 @@ def forward_bytes(config: Config, adapter, module: nn.Module, fwd, tokens: int, 
     """(kept, transient) of one forward; unsharded bf16 over fp32 masters without
     checkpointing also keeps autocast's bf16 weight copies for the backward."""
     cfg = config.roles[fwd.role]
-    checkpointing = cfg.activation_checkpointing and cfg.trainable
+    checkpointing = cfg.activation_checkpointing
     kept, peak = adapter.activation_bytes(module, tokens, fwd.samples * config.data.batch_size, compute_bytes(cfg),
                                           checkpointing, fwd.grad)
     if fwd.grad:

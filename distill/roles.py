@@ -159,12 +159,11 @@ def prepare(module: nn.Module, cfg: RoleConfig, adapter, seed: int) -> nn.Module
     """convert -> trainability -> activation checkpointing -> causal variant:
     everything before the method's extra modules and sharding."""
     module = convert(module, cfg, adapter, seed)
-    if not cfg.trainable:
-        module = module.requires_grad_(False).eval()  # frozen: no grads, no optimizer
-    else:
-        if cfg.activation_checkpointing:
-            module.enable_gradient_checkpointing()
-        module = module.train()
+    # frozen: no grads, no optimizer; its checkpointing matters when a loss back-propagates
+    # through it to its input (a GAN term on the teacher's features)
+    module = module.train() if cfg.trainable else module.requires_grad_(False).eval()
+    if cfg.activation_checkpointing:
+        module.enable_gradient_checkpointing()
     return adapter.make_causal(module) if cfg.causal else module
 
 

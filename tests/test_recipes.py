@@ -196,3 +196,17 @@ def test_causvid_recipes_hold_their_published_numbers(tmp_path):
     assert method.guidance_scale == 3.5 + 1 and (method.generator_lr, method.critic_lr) == (2e-6, 2e-6)
     assert (dmd.model.shift, dmd.model.chunk_frames, student.causal, dmd.roles["critic"].causal) == (8.0, 3, True, False)
     assert list(student.optimizer.betas) == [0.9, 0.999] and student.max_grad_norm == 10.0
+
+
+def test_fastgen_self_forcing_14b_recipe_holds_its_published_numbers(tmp_path):
+    """FastGen's Self-Forcing on Wan2.1-T2V-14B (WanT2V/config_sf_14b.py)."""
+    config = composed("wan21_t2v_14b_self_forcing_dmd_gan_4step", tmp_path)
+    method, student = config.method, config.roles["student"]
+    assert (method.name, list(method.student_steps), method.warp_steps) == ("self_forcing", [999, 937, 833, 624], False)
+    assert (config.model.path, config.model.shift, config.model.chunk_frames) == ("Wan-AI/Wan2.1-T2V-14B-Diffusers", 5.0, 3)
+    assert (method.guidance_scale, method.generator_lr, method.critic_lr) == (5.0, 5e-6, 5e-6)
+    assert (method.min_timestep_ratio, method.max_timestep_ratio, method.exit_per_chunk) == (0.001, 0.999, False)
+    gan = method.gan
+    assert gan.enabled and gan.features == "teacher" and list(gan.blocks) == [21, 30, 39]
+    assert gan.generator_weight == 0.003 and config.roles["teacher"].activation_checkpointing
+    assert student.causal and list(student.optimizer.betas) == [0.9, 0.999] and config.training.max_steps == 5000
