@@ -31,6 +31,7 @@ import torch
 from distill.data.schema import TEXT, decode, make_row
 from distill.data.writer import write_shard
 from distill.distributed import rank_env
+from distill.preprocess import done_ids  # ids already written: the same resume rule as preprocessing
 
 log = logging.getLogger("distill.ode_pairs")
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,19 +84,12 @@ def prompt_folder(data, seed: int) -> Path:
     return Path(data.path)
 
 
-def done_ids(out: Path) -> set:
-    ids = set()
-    for shard in out.glob("*.parquet"):
-        ids.update(pq.read_table(shard, columns=["id"]).column("id").to_pylist())
-    return ids
-
-
 def make_pairs(config, out: Path, batch_size: int = 4, rows_per_shard: int = 256) -> int:
     """Write this rank's share of the ODE pairs; returns the rows written."""
     from distill.config.schema import RoleConfig
     from distill.data import NEGATIVE_FILE, _negative, negative_embedding_file
     from distill.data.parquet import Shapes
-    from distill.methods.ode_init import listed_sigmas
+    from distill.methods.dmd2 import student_sigmas
     from distill.models import build_adapter
     from distill.parallel import DTYPES
     from distill.roles import Role
@@ -114,7 +108,7 @@ def make_pairs(config, out: Path, batch_size: int = 4, rows_per_shard: int = 256
     teacher_cfg = RoleConfig(precision=config.roles["student"].precision)  # computes at the student's precision
     network = adapter.load(method.teacher_path or model.path, config.seed, DTYPES[teacher_cfg.precision])
     teacher = Role("teacher", teacher_cfg, network.to(device).eval().requires_grad_(False))
-    listed = listed_sigmas(method, adapter)
+    listed = student_sigmas(method, adapter)
     done = done_ids(out)
     mine = [row for i, row in enumerate(prompts(prompt_folder(config.data, config.seed)))
             if i % world == rank and row[0] not in done]

@@ -62,8 +62,9 @@ def generator_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.mse_loss(x0, target)
 
 
-def student_sigmas(cfg: DMD2Config, adapter) -> torch.Tensor:
-    """The student's listed steps as sigmas, passed through the shift when warp_steps."""
+def student_sigmas(cfg, adapter) -> torch.Tensor:
+    """The student's listed steps (cfg.student_steps) as sigmas, passed through the
+    shift when cfg.warp_steps (DMD2's, Self-Forcing's and ODE init's configs)."""
     sigmas = torch.tensor(list(cfg.student_steps), dtype=torch.float32) / 1000
     return adapter.shift_sigma(sigmas) if cfg.warp_steps else sigmas
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from distill.config.schema import MethodConfig
 from distill.data import DataError
 from distill.methods.base import Losses, Method, Metrics
+from distill.methods.dmd2 import student_sigmas  # the same steps -> sigmas rule as DMD2's student
 from distill.registry import register_method
 from distill.sampling import CausalSampler, FewStepSampler, Sampler
 
@@ -34,11 +35,6 @@ class OdeInitConfig(MethodConfig):
     guidance_scale: float = 6.0  # the teacher's CFG, uncond + w * (cond - uncond)
     teacher_path: Optional[str] = None  # the teacher of the ODE pairs; null: model.path
     lr: float = 2e-6  # the student's learning rate
-
-
-def listed_sigmas(cfg, adapter) -> torch.Tensor:
-    sigmas = torch.tensor(list(cfg.student_steps), dtype=torch.float32) / 1000
-    return adapter.shift_sigma(sigmas) if cfg.warp_steps else sigmas
 
 
 @register_method
@@ -75,14 +71,14 @@ class OdeInit(Method):
 
     @classmethod
     def sampler(cls, cfg: OdeInitConfig, adapter, role: str) -> Sampler:
-        sigmas = listed_sigmas(cfg, adapter).tolist()
+        sigmas = student_sigmas(cfg, adapter).tolist()
         if adapter.cfg.chunk_frames:  # the student is block-causal (the model family checks it)
             return CausalSampler(sigmas, adapter.cfg.chunk_frames)
         return FewStepSampler(sigmas)
 
     def __init__(self, cfg, adapter, roles, seed, device):
         super().__init__(cfg, adapter, roles, seed, device)
-        self.sigmas = listed_sigmas(cfg, adapter)
+        self.sigmas = student_sigmas(cfg, adapter)
         self.causal = roles["student"].cfg.causal
 
     def roles_to_step(self, iteration: int) -> List[str]:
