@@ -23,6 +23,7 @@ allocator's fragmentation take the rest).
 """
 
 import copy
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -180,10 +181,7 @@ def forward_bytes(config: Config, adapter, module: nn.Module, fwd, tokens: int, 
     kept, peak = adapter.activation_bytes(module, tokens, fwd.samples * config.data.batch_size, compute_bytes(cfg),
                                           checkpointing, fwd.grad)
     if fwd.grad:
-        elements = 1
-        for size in adapter.latent_shape:
-            elements *= size
-        kept += LATENT_COPIES * 4.0 * elements * fwd.samples * config.data.batch_size
+        kept += LATENT_COPIES * 4.0 * math.prod(adapter.latent_shape) * fwd.samples * config.data.batch_size
         if layout.context > 1:
             full = tokens * layout.context * adapter.hidden_size(module)
             kept += FULL_SEQUENCE_COPIES * 4.0 * full * fwd.samples * config.data.batch_size

@@ -17,7 +17,8 @@ _warned = set()
 def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "cpu"):
     """The loader a config names; datasets are checked here, before any model is built."""
     data, model = config.data, config.model
-    if reads_ode_pairs(config) and data.name != "parquet":  # data=digits names the prompts of the ODE pairs
+    ode = reads_ode_pairs(config)  # ODE pairs carry their own clean latents
+    if ode and data.name != "parquet":  # data=digits names the prompts of the ODE pairs
         raise DataError(f"data={data.name.value}: method {config.method.name} trains on ODE pairs: data=parquet "
                         "data.path=<a folder python -m distill.ode_pairs wrote>")
     if data.name == "synthetic":
@@ -34,7 +35,6 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
             path = box[0]
     else:
         path = data.path
-    ode = reads_ode_pairs(config)  # ODE pairs carry their own clean latents
     shapes = Shapes(None if data.text_only or ode else tuple(model.latent_shape), model.text_len, model.text_dim,
                     ode=tuple(model.latent_shape) if ode else None)
     dataset = ParquetLatents(
