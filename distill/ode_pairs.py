@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from distill.data.schema import TEXT, decode, make_row
-from distill.data.writer import write_shard
+from distill.data.writer import RankShards
 from distill.distributed import rank_env
 from distill.preprocess import done_ids  # ids already written: the same resume rule as preprocessing
 
@@ -112,8 +112,7 @@ def make_pairs(config, out: Path, batch_size: int = 4, rows_per_shard: int = 256
     done = done_ids(out)
     mine = [row for i, row in enumerate(prompts(prompt_folder(config.data, config.seed)))
             if i % world == rank and row[0] not in done]
-    shard_index = len(list(out.glob(f"shard-r{rank:03d}-*.parquet")))
-    pending, written = [], 0
+    shards, written = RankShards(out, rank, rows_per_shard), 0
     for start in range(0, len(mine), batch_size):
         rows = mine[start:start + batch_size]
         texts = torch.zeros(len(rows), model.text_len, model.text_dim)
@@ -125,14 +124,10 @@ def make_pairs(config, out: Path, batch_size: int = 4, rows_per_shard: int = 256
                             uncond.expand(len(rows), -1, -1).to(device), listed.to(device), method.teacher_steps,
                             method.guidance_scale).cpu()
         for (sample_id, caption, text), trajectory_states in zip(rows, states):
-            pending.append(make_row(sample_id, text, caption, ode=trajectory_states, ode_sigmas=listed.tolist()))
+            shards.add(make_row(sample_id, text, caption, ode=trajectory_states, ode_sigmas=listed.tolist()))
         written += len(rows)
         log.info("rank %d: %d of %d prompts", rank, written, len(mine))
-        while len(pending) >= rows_per_shard:
-            write_shard(pending[:rows_per_shard], out / f"shard-r{rank:03d}-{shard_index:05d}.parquet")
-            pending, shard_index = pending[rows_per_shard:], shard_index + 1
-    if pending:
-        write_shard(pending, out / f"shard-r{rank:03d}-{shard_index:05d}.parquet")
+    shards.close()
     return written
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.data.schema import make_row
-from distill.data.writer import write_shard
+from distill.data.writer import RankShards
 from distill.distributed import rank_env
 
 log = logging.getLogger("distill.preprocess")
@@ -125,8 +125,7 @@ def preprocess(args) -> Counter:
     if rank == 0:
         prompt = adapter.default_negative_prompt if args.negative_prompt is None else args.negative_prompt
         write_negative_embedding(encoders, prompt, out)
-    shard_index = len(list(out.glob(f"shard-r{rank:03d}-*.parquet")))
-    pending: List[Dict[str, object]] = []
+    shards = RankShards(out, rank, args.rows_per_shard, args.row_group_size)
     for chunk in batched(mine, args.batch_size):
         clips, kept = [], []
         for row in chunk:
@@ -148,13 +147,9 @@ def preprocess(args) -> Counter:
                 width=args.width, height=args.height, num_frames=args.frames, fps=args.fps,
                 duration_sec=args.frames / args.fps, media_type="video",
             )
-            pending.append(make_row(row["file_name"], text, row["caption"], latent, file_name=row["file_name"], **meta))
+            shards.add(make_row(row["file_name"], text, row["caption"], latent, file_name=row["file_name"], **meta))
         counts["written"] += len(kept)
-        while len(pending) >= args.rows_per_shard:
-            write_shard(pending[: args.rows_per_shard], out / f"shard-r{rank:03d}-{shard_index:05d}.parquet", args.row_group_size)
-            pending, shard_index = pending[args.rows_per_shard :], shard_index + 1
-    if pending:
-        write_shard(pending, out / f"shard-r{rank:03d}-{shard_index:05d}.parquet", args.row_group_size)
+    shards.close()
     return counts
 
 

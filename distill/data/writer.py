@@ -30,3 +30,30 @@ def write_dataset(rows: List[Dict[str, object]], folder: Path, rows_per_shard: i
     for i, start in enumerate(range(0, len(rows), rows_per_shard)):
         paths.append(write_shard(rows[start : start + rows_per_shard], Path(folder) / SHARD.format(i), row_group_size))
     return paths
+
+
+class RankShards:
+    """One rank's rows into `shard-r<rank>-<n>.parquet` of a folder, `rows_per_shard` at a
+    time, numbered on after the shards a previous run of this rank left (resumable jobs)."""
+
+    def __init__(self, folder: Path, rank: int, rows_per_shard: int = 256, row_group_size: int = 8):
+        self.folder, self.rank = Path(folder), rank
+        self.rows_per_shard, self.row_group_size = rows_per_shard, row_group_size
+        self.index = len(list(self.folder.glob(f"shard-r{rank:03d}-*.parquet")))
+        self.pending: List[Dict[str, object]] = []
+
+    def add(self, row: Dict[str, object]) -> None:
+        self.pending.append(row)
+        while len(self.pending) >= self.rows_per_shard:
+            self._write(self.pending[: self.rows_per_shard])
+            self.pending = self.pending[self.rows_per_shard :]
+
+    def close(self) -> None:
+        if self.pending:
+            self._write(self.pending)
+            self.pending = []
+
+    def _write(self, rows) -> None:
+        write_shard(rows, self.folder / f"shard-r{self.rank:03d}-{self.index:05d}.parquet", self.row_group_size)
+        self.index += 1
+
