@@ -119,3 +119,21 @@ def slurm(tmp_path_factory):
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
     yield cluster
     cluster.stop()
+
+
+TIMING_KEYS = {"step_time", "samples_per_s", "peak_memory_gb"}
+
+
+def assert_bit_identical_runs(a: Path, b: Path, roles=("student", "critic", "student_ema")) -> None:
+    """Two runs' records equal step for step (timings aside) and their exported roles bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    x, y = read_metrics(a), read_metrics(b)
+    assert [r["step"] for r in x] == [r["step"] for r in y]
+    for r, s in zip(x, y):
+        assert {k: v for k, v in r.items() if k not in TIMING_KEYS} == {k: v for k, v in s.items() if k not in TIMING_KEYS}
+    for role in roles:
+        file = Path("export") / role / "transformer" / "diffusion_pytorch_model.safetensors"
+        wa, wb = load_file(a / file), load_file(b / file)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), role

@@ -4,11 +4,10 @@ head, teacher offload; and resume under it is bit-exact (CPU, gloo)."""
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_launch
+from conftest import assert_bit_identical_runs, read_metrics, run_launch
 
 # DMD2 on the tiny Wan (2 heads, 192 tokens) with the GAN head on the critic, so
 # that gathered block features and the head's gradients are exercised too
@@ -65,11 +64,5 @@ def test_context_parallel_resume_is_bit_identical(tmp_path):
     second = run_launch([*common, "training.max_steps=6", f"hydra.run.dir={resumed}"])
     assert second.returncode == 0, second.stderr
     assert "resumed from" in (resumed / "launch.log").read_text()
-    a, b = read_metrics(straight), read_metrics(resumed)
-    assert [r["step"] for r in b] == list(range(1, 7))
-    timing = {"step_time", "samples_per_s", "peak_memory_gb"}
-    for x, y in zip(a, b):
-        assert {k: v for k, v in x.items() if k not in timing} == {k: v for k, v in y.items() if k not in timing}
-    for role in ("student", "critic", "student_ema"):
-        mine, theirs = weights(resumed, role), weights(straight, role)
-        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), role
+    assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 7))
+    assert_bit_identical_runs(resumed, straight)
