@@ -9,6 +9,13 @@ from safetensors.torch import load_file
 
 from conftest import assert_bit_identical_runs, read_metrics, run_launch
 
+# One CI run saw a rank of the 4-process HSDP run abort in glibc ("malloc(): unaligned
+# tcache chunk detected": heap corruption in native code, gloo's CPU transport) at its
+# third iteration; 11 local runs, 3 of them under glibc's malloc checks, never did.
+# A run whose rank dies by SIGABRT, SIGBUS or SIGSEGV is run once more; any Python error,
+# or a second crash, fails the test.
+pytestmark = pytest.mark.flaky(reruns=1, only_rerun=[r"failed with exit code -(6|7|11)\b"])
+
 # DMD2 on the tiny Wan (2 heads, 192 tokens) with the GAN head on the critic, so
 # that gathered block features and the head's gradients are exercised too
 COMMON = ["training.max_steps=4", "method.generator_update_interval=2", "method.gan.enabled=true",
