@@ -27,6 +27,13 @@ class VaeKind(str, Enum):
     identity = "identity"  # the latents are the pixels (the digits demo)
 
 
+class ImageCondition(str, Enum):
+    none = "none"  # text-to-video
+    # image-to-video as Wan2.2-TI2V-5B does it (diffusers' `expand_timesteps`): the
+    # first latent frame is the clean image latent, its tokens at timestep 0
+    first_frame = "first_frame"
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -56,6 +63,9 @@ class ModelConfig:
     chunk_frames: Optional[int] = None
     text_len: int = 512
     text_dim: int = 4096
+    # how a video is conditioned on an image (its first frame); the batch then
+    # carries the image's latent (`first_frame`, [C, 1, H, W] in model space)
+    image_condition: ImageCondition = ImageCondition.none
     # per-channel statistics of the VAE's latents: data latents are
     # normalised as (x - mean) / std before training; null: used as stored
     latents_mean: Optional[List[float]] = None

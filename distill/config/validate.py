@@ -245,6 +245,10 @@ def _check_parallel(config: Config, family) -> List[str]:
     if p.context != 1 and not family.supports_context_parallel:
         errors.append(f"parallel.context={p.context}: model.family={family.family} has no context parallelism "
                       "(allowed: 1)")
+    image = config.model.image_condition.value
+    if image not in family.image_conditions:
+        errors.append(f"model.image_condition={image}: model.family={family.family} takes "
+                      f"{', '.join(family.image_conditions)}")
     fixed = p.replicate * p.context * (p.shard if p.shard > 0 else 1)
     if world % fixed or (p.shard > 0 and fixed != world):
         errors.append(

@@ -14,6 +14,15 @@ import torch
 
 LATENT = "vae_latent"
 TEXT = "text_embedding"
+# image-to-video (FastVideo's i2v schema): the image encoder's features
+# [tokens, D] (empty where the model has none), the VAE latent of the first
+# frame followed by black frames [C, T, H, W] (un-normalised, as vae_latent;
+# its first latent frame is the image's own latent: the Wan VAEs are causal in
+# time), and the first frame's pixels [H, W, 3] uint8 for validation
+CLIP = "clip_feature"
+FIRST_FRAME = "first_frame_latent"
+IMAGE = "pil_image"
+I2V_PREFIXES = (CLIP, FIRST_FRAME, IMAGE)
 # ODE pairs (python -m distill.ode_pairs): the teacher's ODE states at the student's
 # sigmas and its clean end, [S + 1, C, T, H, W] in model space, and those S sigmas
 ODE = "ode_trajectory"
@@ -39,8 +48,11 @@ def tensor_fields(prefix: str) -> List[tuple]:
     ]
 
 
-def schema(with_latents: bool = True, with_ode: bool = False) -> pa.Schema:
-    fields = [META_FIELDS[0]] + (tensor_fields(LATENT) if with_latents else []) + tensor_fields(TEXT) + META_FIELDS[1:]
+def schema(with_latents: bool = True, with_ode: bool = False, i2v: bool = False) -> pa.Schema:
+    fields = [META_FIELDS[0]] + (tensor_fields(LATENT) if with_latents else []) + tensor_fields(TEXT)
+    if i2v:
+        fields += [f for prefix in I2V_PREFIXES for f in tensor_fields(prefix)]
+    fields += META_FIELDS[1:]
     if with_ode:
         fields += tensor_fields(ODE) + [(ODE_SIGMAS, pa.list_(pa.float64()))]
     return pa.schema(fields)
@@ -55,7 +67,8 @@ def required_columns(with_latents: bool, with_ode: bool = False) -> List[str]:
     return cols
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+          "uint8": torch.uint8}
 
 
 def encode(t: torch.Tensor) -> Dict[str, object]:
@@ -78,9 +91,11 @@ def decode(raw: bytes, shape: List[int], dtype: str) -> torch.Tensor:
 
 def make_row(
     sample_id: str, text: torch.Tensor, caption: str, latent: Optional[torch.Tensor] = None,
-    ode: Optional[torch.Tensor] = None, ode_sigmas: Optional[List[float]] = None, **meta
+    ode: Optional[torch.Tensor] = None, ode_sigmas: Optional[List[float]] = None,
+    i2v: Optional[Dict[str, Optional[torch.Tensor]]] = None, **meta
 ) -> Dict[str, object]:
-    """One row in the schema's column names."""
+    """One row in the schema's column names; `i2v` maps CLIP, FIRST_FRAME and IMAGE
+    to tensors (None: the empty bytes, shape and dtype FastVideo writes)."""
     row = {"id": sample_id, "caption": caption}
     if ode is not None:
         row[ODE_SIGMAS] = [float(s) for s in ode_sigmas]
@@ -88,6 +103,9 @@ def make_row(
         if tensor is not None:
             for key, value in encode(tensor).items():
                 row[f"{prefix}_{key}"] = value
+    for prefix, tensor in (i2v or {}).items():
+        stored = encode(tensor) if tensor is not None else {"bytes": b"", "shape": [], "dtype": ""}
+        row.update({f"{prefix}_{key}": value for key, value in stored.items()})
     defaults = {"file_name": "", "media_type": "video" if latent is not None else "text", "width": 0, "height": 0,
                 "num_frames": 0, "duration_sec": 0.0, "fps": 0.0}
     row.update({k: meta.get(k, v) for k, v in defaults.items()})

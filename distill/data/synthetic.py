@@ -18,6 +18,7 @@ class SyntheticLatents:
         self.latents = torch.randn((n, *model_cfg.latent_shape), generator=g)
         self.text = torch.randn((n, model_cfg.text_len, model_cfg.text_dim), generator=g)
         self.negative_text = torch.zeros((model_cfg.text_len, model_cfg.text_dim))
+        self.image_conditioned = model_cfg.image_condition.value != "none"
         self.batch_size = data_cfg.batch_size
         self.position = rank * self.batch_size
         self.stride = world_size * self.batch_size
@@ -29,12 +30,15 @@ class SyntheticLatents:
         sample_id = torch.arange(self.position, self.position + self.batch_size)
         index = sample_id % len(self.latents)
         self.position += self.stride
-        return {
+        batch = {
             "sample_id": sample_id,
             "latents": self.latents[index],
             "text_embeds": self.text[index],
             "negative_text_embeds": self.negative_text.expand(self.batch_size, -1, -1),
         }
+        if self.image_conditioned:  # the video's own first latent frame is its image
+            batch["first_frame"] = self.latents[index][:, :, :1]
+        return batch
 
     def state_dict(self) -> dict:
         return {"position": self.position}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from distill.config.schema import ModelConfig
+from distill.models import image_condition
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -39,6 +40,7 @@ class FlowMatchingAdapter(ABC):
     family: ClassVar[str]  # the model.family value that selects this adapter
     default_negative_prompt: ClassVar[str] = ""  # what preprocessing encodes as the negative prompt
     supports_context_parallel: ClassVar[bool] = False  # parallel.context > 1 is allowed
+    image_conditions: ClassVar[Tuple[str, ...]] = ("none",)  # model.image_condition values its forward takes
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -73,6 +75,8 @@ class FlowMatchingAdapter(ABC):
         """The role's velocity prediction, in float32."""
         with role.compute():
             v = self.forward(role.module, x_t, self.timestep(sigma), text, **cond)
+        if image_condition.KEY in cond:  # the first frame's x0 is the image latent
+            return image_condition.first_frame_velocity(v.float(), x_t, cond[image_condition.KEY], sigma)
         return v.float()
 
     def predict_with_features(self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
@@ -113,7 +117,10 @@ class FlowMatchingAdapter(ABC):
         return unc + scale * (cond_x0 - unc)
 
     def conditioning(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The family's extra forward inputs taken from a batch (none for text-to-video)."""
+        """The extra forward inputs taken from a batch: none for text-to-video; the
+        image latent for first-frame image-to-video (distill/models/image_condition.py)."""
+        if self.cfg.image_condition.value == "first_frame":
+            return {image_condition.KEY: batch[image_condition.KEY]}
         return {}
 
     def denormalise(self, latents: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 
-from distill.models import context_parallel
+from distill.models import context_parallel, image_condition
 from distill.models.causal_wan import KVCache, frame_timesteps, kv_cache, make_causal
 from distill.models.flow_matching import FlowMatchingAdapter
 from distill.models.folders import read_component_config, resolve_model_folder
@@ -38,6 +38,8 @@ _WAN21 = dict(patch_size=[1, 2, 2], attention_head_dim=128, in_channels=16, out_
 PUBLIC_ARCHITECTURES = {
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": dict(_WAN21, num_attention_heads=12, ffn_dim=8960, num_layers=30),
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": dict(_WAN21, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": dict(_WAN21, num_attention_heads=24, ffn_dim=14336, num_layers=30,
+                                            in_channels=48, out_channels=48),
 }
 
 # Activation memory of one Wan block, forward + backward, per token, measured with
@@ -64,10 +66,15 @@ class WanAdapter(FlowMatchingAdapter):
     model_class = WanTransformer3DModel
     default_negative_prompt = WAN_NEGATIVE_PROMPT
     supports_context_parallel = True
+    image_conditions = ("none", "first_frame")
 
     def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 **cond) -> torch.Tensor:
         dtype = module.patch_embedding.weight.dtype
+        first_frame = cond.pop(image_condition.KEY, None)
+        if first_frame is not None:  # as diffusers' pipelines with expand_timesteps (Wan2.2 TI2V)
+            x_t = image_condition.hold_first_frame(x_t, first_frame)
+            timestep = image_condition.first_frame_timesteps(timestep, x_t.shape[2])
         return module(
             hidden_states=x_t.to(dtype),
             timestep=frame_timesteps(timestep, x_t, module.config.patch_size),  # [B] or one per latent frame
@@ -174,6 +181,12 @@ class WanAdapter(FlowMatchingAdapter):
         if causal and not model.chunk_frames:
             errors.append(f"roles.{causal[0]}.causal=true needs model.chunk_frames (latent frames per chunk), "
                           f"got {model.chunk_frames}")
+        if model.image_condition.value == "first_frame" and model.latent_shape[1] < 2:
+            errors.append(f"model.image_condition=first_frame with model.latent_shape={list(model.latent_shape)}: "
+                          "the video needs latent frames after the image's")
+        if causal and model.image_condition.value != "none":
+            errors.append(f"roles.{causal[0]}.causal=true with model.image_condition={model.image_condition.value}: "
+                          "the block-causal Wan is text-to-video only")
         if causal and config.parallel.context > 1:
             errors.append(f"roles.{causal[0]}.causal=true with parallel.context={config.parallel.context}: "
                           "the block-causal Wan has no context parallelism")
