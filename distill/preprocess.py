@@ -3,6 +3,7 @@
     python -m distill.preprocess --model PATH --captions captions.jsonl --videos DIR --out DIR \\
         [--height 480 --width 832 --frames 81] [--batch-size 4] [--rows-per-shard 256]
     python -m distill.preprocess --model PATH --captions captions.jsonl --out DIR --text-only
+    python -m distill.preprocess --task i2v ...                # image-to-video: FastVideo's i2v schema
     torchrun --nproc-per-node 8 -m distill.preprocess ...      # each rank takes every 8th clip
 
 The captions file is JSON lines ({"file_name": ..., "caption": ...}) or a CSV
@@ -11,8 +12,16 @@ diffusers folder of the model family (`--family`, default wan) whose
 encoders are used: for Wan `vae/` (AutoencoderKLWan), `text_encoder/`
 (UMT5EncoderModel) and `tokenizer/`. Frames are resized to cover
 height x width, centre-cropped, and the first `frames` are kept; the latent
-is the VAE posterior mean, un-normalised, [C, T, H/8, W/8]; the text
+is the VAE posterior mean, un-normalised, [C, T, H/s, W/s] (s = 8 for the Wan2.1
+VAE, 16 for Wan2.2's); the text
 embedding is the encoder output with padding removed [L, D].
+
+`--task i2v` writes FastVideo's image-to-video schema: besides the above, the
+VAE latent of the clip's first frame followed by black frames
+(`first_frame_latent`, [C, T, H/s, W/s], un-normalised; its first latent frame
+is the image's own), the first frame's pixels (`pil_image`, [H, W, 3] uint8,
+for validation) and empty `clip_feature` columns (the image encoder's
+features belong to models that read them).
 
 The negative prompt (`--negative-prompt`, default the family's standard one)
 is encoded to OUT/negative_embedding.safetensors, which `data=parquet` uses
@@ -36,7 +45,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from distill.data.schema import make_row
+from distill.data.schema import CLIP, FIRST_FRAME, IMAGE, make_row
 from distill.data.writer import RankShards
 from distill.distributed import rank_env
 
@@ -87,6 +96,17 @@ def load_clip(path: Path, frames: int, height: int, width: int) -> torch.Tensor:
     video = F.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
     top, left = (size[0] - height) // 2, (size[1] - width) // 2
     return video[:, :, top : top + height, left : left + width].permute(1, 0, 2, 3).clamp(-1, 1)
+
+
+def image_condition_clip(clip: torch.Tensor) -> torch.Tensor:
+    """[3, F, H, W] -> its first frame followed by F - 1 black (zero) frames, as the
+    Wan image-to-video pipelines encode the conditioning image."""
+    return torch.cat([clip[:, :1], torch.zeros_like(clip[:, 1:])], dim=1)
+
+
+def first_frame_pixels(clip: torch.Tensor) -> torch.Tensor:
+    """[3, F, H, W] in [-1, 1] -> the first frame as [H, W, 3] uint8."""
+    return ((clip[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
 
 
 def write_negative_embedding(encoders, prompt: str, out: Path) -> Path:
@@ -142,12 +162,17 @@ def preprocess(args) -> Counter:
             continue
         texts = encoders.text([row["caption"] for row in kept])
         latents = encoders.video(torch.stack(clips)) if clips else [None] * len(kept)
-        for row, text, latent in zip(kept, texts, latents):
+        images = [None] * len(kept)
+        if args.task == "i2v":
+            firsts = encoders.video(torch.stack([image_condition_clip(c) for c in clips]))
+            images = [{CLIP: None, FIRST_FRAME: f, IMAGE: first_frame_pixels(c)} for f, c in zip(firsts, clips)]
+        for row, text, latent, image in zip(kept, texts, latents, images):
             meta = {} if args.text_only else dict(
                 width=args.width, height=args.height, num_frames=args.frames, fps=args.fps,
                 duration_sec=args.frames / args.fps, media_type="video",
             )
-            shards.add(make_row(row["file_name"], text, row["caption"], latent, file_name=row["file_name"], **meta))
+            shards.add(make_row(row["file_name"], text, row["caption"], latent, i2v=image, file_name=row["file_name"],
+                                **meta))
         counts["written"] += len(kept)
     shards.close()
     return counts
@@ -161,6 +186,8 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--videos", help="folder the file names are relative to")
     p.add_argument("--out", required=True)
     p.add_argument("--text-only", action="store_true", help="captions only: a dataset for data-free DMD")
+    p.add_argument("--task", choices=["t2v", "i2v"], default="t2v",
+                   help="i2v: also the first frame's latent and pixels (FastVideo's image-to-video schema)")
     p.add_argument("--negative-prompt", help="the prompt CFG guides away from (default: the model family's, "
                    "for Wan its standard negative prompt); written to DIR/negative_embedding.safetensors")
     p.add_argument("--height", type=int, default=480)
@@ -174,6 +201,8 @@ def parse_args(argv: Optional[List[str]] = None):
     args = p.parse_args(argv)
     if not args.text_only and not args.videos:
         p.error("--videos is required unless --text-only")
+    if args.task == "i2v" and args.text_only:
+        p.error("--task i2v needs the videos (the first frame is the condition): drop --text-only")
     return args
 
 

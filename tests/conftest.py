@@ -87,16 +87,19 @@ def tiny_model_dir(tmp_path):
 WORDS = ["<pad>", "<unk>", "a", "red", "blue", "square", "moves", "left", "right"]
 
 
-def write_tiny_pipeline_parts(folder: Path) -> Path:
-    """A tiny Wan VAE (16 latent channels), umT5 encoder (width 32) and word-level
-    tokenizer, saved as the vae/, text_encoder/ and tokenizer/ of a diffusers folder."""
+def write_tiny_pipeline_parts(folder: Path, wan22: bool = False) -> Path:
+    """A tiny Wan VAE (16 latent channels, 8x spatial; with `wan22` the Wan2.2 layout:
+    48 channels, 16x spatial, residual, patchified), umT5 encoder (width 32) and
+    word-level tokenizer, saved as the vae/, text_encoder/ and tokenizer/ of a diffusers folder."""
     import torch
     from diffusers import AutoencoderKLWan
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(0)
-    AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1).save_pretrained(folder / "vae")
+    vae = dict(z_dim=48, is_residual=True, in_channels=12, out_channels=12, patch_size=2, decoder_base_dim=8,
+               scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48) if wan22 else dict(z_dim=16)
+    AutoencoderKLWan(base_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1, **vae).save_pretrained(folder / "vae")
     UMT5EncoderModel(
         UMT5Config(vocab_size=len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
     ).save_pretrained(folder / "text_encoder")

@@ -198,7 +198,7 @@ class ParquetLatents(IterableDataset):
         for start in range(0, len(mine), self.shuffle_window):
             window = torch.cat([torch.arange(groups[i].num_rows) + groups[i].first_row for i in mine[start : start + self.shuffle_window]])
             rows.append(window[torch.randperm(len(window), generator=g)])
-        return torch.cat(rows)[:length]
+        return torch.cat(rows)[:length] if rows else torch.zeros(0, dtype=torch.long)  # no row group for this rank
 
     def _epoch_length(self, epoch: int) -> int:
         while len(self._lengths) <= epoch:

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distill.data.schema import schema
+from distill.data.schema import FIRST_FRAME, schema
 
 SHARD = "shard-{:05d}.parquet"
 
@@ -15,7 +15,8 @@ SHARD = "shard-{:05d}.parquet"
 def write_shard(rows: Sequence[Dict[str, object]], path: Path, row_group_size: int = 8) -> Path:
     """Write rows to `path` through a temporary file and an atomic rename."""
     with_latents, with_ode = "vae_latent_bytes" in rows[0], "ode_trajectory_bytes" in rows[0]
-    table = pa.Table.from_pylist(list(rows), schema=schema(with_latents, with_ode))
+    i2v = f"{FIRST_FRAME}_bytes" in rows[0]
+    table = pa.Table.from_pylist(list(rows), schema=schema(with_latents, with_ode, i2v))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

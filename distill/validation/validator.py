@@ -9,6 +9,9 @@ each with its own fixed noise seed, is sampled with
 Samples are decoded by the adapter (identity for digits, the Wan VAE for
 Wan), saved under <run>/samples/ as PNG grids and GIFs, and scored when the
 data has metrics (digits: conditional accuracy and Frechet distance).
+An image-conditioned model samples from the validation rows' first frames;
+its grids show that image as each clip's first tile and its GIFs beside each
+clip.
 """
 
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from distill.config.schema import Config
+from distill.models.image_condition import KEY as FIRST_FRAME
 from distill.registry import method_class
 from distill.sampling import EulerSampler
 from distill.validation.media import save_gif, save_grid
@@ -76,11 +80,17 @@ class Validator:
     def _report(self, results, step):
         self.out.mkdir(parents=True, exist_ok=True)
         metrics, images, videos = {}, {}, {}
+        image = self.adapter.conditioning(self.batch).get(FIRST_FRAME)
+        image = None if image is None else self.adapter.decode(image)  # [N, C, 1, H, W] pixels
         for name, latents in results.items():
             pixels = self.adapter.decode(latents)
             stem = name if name.startswith(("teacher", "real")) else f"{name}-step{step:06d}"
-            images[f"samples/{name}"] = save_grid(pixels, self.out / f"{stem}.png", self.captions)
-            videos[f"videos/{name}"] = save_gif(pixels, self.out / f"{stem}.gif", self.captions, fps=self.cfg.fps)
+            grid, clip = pixels, pixels
+            if image is not None:
+                grid = torch.cat([image, pixels], dim=2)  # the image as the first tile
+                clip = torch.cat([image.expand(-1, -1, pixels.shape[2], -1, -1), pixels], dim=4)  # beside each frame
+            images[f"samples/{name}"] = save_grid(grid, self.out / f"{stem}.png", self.captions)
+            videos[f"videos/{name}"] = save_gif(clip, self.out / f"{stem}.gif", self.captions, fps=self.cfg.fps)
             if self.metric is not None and self.cfg.metrics:
                 for key, value in self.metric(pixels, self.labels).items():
                     metrics[f"val/{name}/{key}"] = value
