@@ -210,3 +210,28 @@ def test_fastgen_self_forcing_14b_recipe_holds_its_published_numbers(tmp_path):
     assert gan.enabled and gan.features == "teacher" and list(gan.blocks) == [21, 30, 39]
     assert gan.generator_weight == 0.003 and config.roles["teacher"].activation_checkpointing
     assert student.causal and list(student.optimizer.betas) == [0.9, 0.999] and config.training.max_steps == 5000
+
+
+def test_ti2v_5b_i2v_recipe_holds_fastgens_numbers_and_fits_one_node(tmp_path):
+    """FastGen's Wan2.2-5B I2V DMD2 (fastgen/configs/experiments/WanI2V/config_dmd2_wan22_5b.py),
+    at 4 steps with FastVideo's warped schedule; the plan fits 8 x 80 GB."""
+    from distill.methods.dmd2 import student_sigmas
+    from distill.models import build_adapter
+    from distill.plan import Layout, make_plan
+
+    config = composed("wan22_ti2v_5b_i2v_dmd2_4step", tmp_path)
+    method, model = config.method, config.model
+    adapter = build_adapter(model)
+    # [1000, 750, 500, 250] / 1000 shifted by 5: 5s / (1 + 4s)
+    assert student_sigmas(method, adapter).tolist() == pytest.approx([1.0, 15 / 16, 5 / 6, 0.625], abs=1e-6)
+    assert (model.path, model.shift, model.image_condition.value) == ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", 5.0,
+                                                                      "first_frame")
+    assert list(model.latent_shape) == [48, 21, 44, 80] and len(model.latents_mean) == len(model.latents_std) == 48
+    assert (method.guidance_scale, method.generator_lr, method.critic_lr) == (5.0, 1e-5, 1e-5)
+    assert (method.min_timestep_ratio, method.max_timestep_ratio) == (0.001, 0.999)
+    assert list(method.gan.blocks) == [15, 22, 29] and method.gan.generator_weight == 0.03
+    assert config.data.batch_size == 2
+    planned = validate(compose_config(["experiment=wan22_ti2v_5b_i2v_dmd2_4step", "plan=true"]))
+    plan = make_plan(planned, build_adapter(planned.model), Layout(8, 1, 1), 80)  # 1 node x 8 GPUs
+    assert plan.tokens == 21 * 22 * 40
+    assert plan.peak / 2**30 == pytest.approx(60.0, abs=0.1) and plan.peak / 2**30 < 72
