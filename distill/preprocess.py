@@ -20,8 +20,9 @@ embedding is the encoder output with padding removed [L, D].
 VAE latent of the clip's first frame followed by black frames
 (`first_frame_latent`, [C, T, H/s, W/s], un-normalised; its first latent frame
 is the image's own), the first frame's pixels (`pil_image`, [H, W, 3] uint8,
-for validation) and empty `clip_feature` columns (the image encoder's
-features belong to models that read them).
+for validation) and, where the model folder has `image_encoder/` and
+`image_processor/` (Wan2.1 I2V), the CLIP encoder's penultimate hidden states
+of that frame (`clip_feature`, [tokens, D]); empty columns otherwise.
 
 The negative prompt (`--negative-prompt`, default the family's standard one)
 is encoded to OUT/negative_embedding.safetensors, which `data=parquet` uses
@@ -141,7 +142,7 @@ def preprocess(args) -> Counter:
     from distill.models import build_adapter
 
     adapter = build_adapter(ModelConfig(family=args.family, path=str(args.model)))
-    encoders = adapter.encoders(Path(args.model), args.text_only, args.max_text_len, device)
+    encoders = adapter.encoders(Path(args.model), args.text_only, args.max_text_len, device, image=args.task == "i2v")
     if rank == 0:
         prompt = adapter.default_negative_prompt if args.negative_prompt is None else args.negative_prompt
         write_negative_embedding(encoders, prompt, out)
@@ -165,7 +166,9 @@ def preprocess(args) -> Counter:
         images = [None] * len(kept)
         if args.task == "i2v":
             firsts = encoders.video(torch.stack([image_condition_clip(c) for c in clips]))
-            images = [{CLIP: None, FIRST_FRAME: f, IMAGE: first_frame_pixels(c)} for f, c in zip(firsts, clips)]
+            pixels = [first_frame_pixels(c) for c in clips]
+            features = encoders.image(torch.stack(pixels)) if encoders.image_encoder else [None] * len(clips)
+            images = [{CLIP: c, FIRST_FRAME: f, IMAGE: p} for c, f, p in zip(features, firsts, pixels)]
         for row, text, latent, image in zip(kept, texts, latents, images):
             meta = {} if args.text_only else dict(
                 width=args.width, height=args.height, num_frames=args.frames, fps=args.fps,

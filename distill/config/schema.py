@@ -32,6 +32,10 @@ class ImageCondition(str, Enum):
     # image-to-video as Wan2.2-TI2V-5B does it (diffusers' `expand_timesteps`): the
     # first latent frame is the clean image latent, its tokens at timestep 0
     first_frame = "first_frame"
+    # image-to-video as Wan2.1-I2V-14B does it: the latent of the image followed by
+    # black frames and a first-frame mask concatenated to the input on channels,
+    # and the image's CLIP embeddings through the transformer's image projection
+    concat = "concat"
 
 
 class Precision(str, Enum):
@@ -64,7 +68,9 @@ class ModelConfig:
     text_len: int = 512
     text_dim: int = 4096
     # how a video is conditioned on an image (its first frame); the batch then
-    # carries the image's latent (`first_frame`, [C, 1, H, W] in model space)
+    # carries the image's latent (first_frame: `first_frame` [C, 1, H, W]; concat:
+    # `image_latent` [C, T, H, W], in model space) and for concat its CLIP
+    # embeddings (`image_embeds` [tokens, D])
     image_condition: ImageCondition = ImageCondition.none
     # per-channel statistics of the VAE's latents: data latents are
     # normalised as (x - mean) / std before training; null: used as stored

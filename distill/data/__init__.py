@@ -35,10 +35,9 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
             path = box[0]
     else:
         path = data.path
-    c, _, h, w = model.latent_shape
     shapes = Shapes(None if data.text_only or ode else tuple(model.latent_shape), model.text_len, model.text_dim,
-                    ode=tuple(model.latent_shape) if ode else None,
-                    first_frame=(c, 1, h, w) if model.image_condition.value != "none" else None)
+                    ode=tuple(model.latent_shape) if ode else None, image_condition=model.image_condition.value,
+                    image_latent=tuple(model.latent_shape))
     dataset = ParquetLatents(
         ParquetIndex(str(path), shapes),
         shapes,

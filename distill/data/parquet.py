@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distill.data.schema import DTYPES, FIRST_FRAME, LATENT, ODE, ODE_SIGMAS, TEXT, decode, required_columns
+from distill.data.schema import CLIP, DTYPES, FIRST_FRAME, LATENT, ODE, ODE_SIGMAS, TEXT, decode, required_columns
 
 
 class DataError(ValueError):
@@ -35,9 +35,12 @@ class Shapes:
     text_len: int
     text_dim: int
     ode: Optional[Tuple[int, ...]] = None  # [C, T, H, W] of the ODE pairs' states; None: not read
-    # [C, 1, H, W] of the image latent an image-conditioned model needs; None: not read.
-    # From the first_frame_latent column where the shards have it, else the video's first latent frame
-    first_frame: Optional[Tuple[int, ...]] = None
+    # image-to-video: model.image_condition and the [C, T, H, W] of the image latent
+    # (first_frame_latent). first_frame reads only its first latent frame, from the
+    # column where the shards have it, else the clip's; concat reads all of it and
+    # the CLIP features (clip_feature)
+    image_condition: str = "none"
+    image_latent: Optional[Tuple[int, ...]] = None
 
 
 @dataclass
@@ -61,7 +64,10 @@ class ParquetIndex:
             raise DataError(f"data.path={path}: no parquet shards (*.parquet) in the folder")
         self.with_latents = shapes.latent is not None
         self.with_ode = shapes.ode is not None
+        self.image = shapes.image_condition
         self.with_first_frame_column: Optional[bool] = None  # decided by the first shard
+        self.with_clip = self.image == "concat"
+        self.clip_shape: Optional[List[int]] = None  # every row's must be the first row's
         self.groups: List[RowGroup] = []
         self.num_rows = 0
         for file in files:
@@ -76,15 +82,17 @@ class ParquetIndex:
             names = set(pf.schema_arrow.names)
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise DataError(f"{file}: corrupt parquet shard ({err})") from None
-        if shapes.first_frame is not None and self.with_first_frame_column is None:
-            self.with_first_frame_column = f"{FIRST_FRAME}_bytes" in names or not self.with_latents
+        if self.image != "none" and self.with_first_frame_column is None:
+            self.with_first_frame_column = (f"{FIRST_FRAME}_bytes" in names or not self.with_latents
+                                            or self.image == "concat")
         missing = [c for c in required_columns(self.with_latents, self.with_ode) if c not in names]
-        if self.with_first_frame_column:
-            missing += [f"{FIRST_FRAME}_{part}" for part in ("bytes", "shape", "dtype") if f"{FIRST_FRAME}_{part}" not in names]
+        for prefix in (p for p in self.prefixes if p in (FIRST_FRAME, CLIP)):  # the image's columns
+            missing += [f"{prefix}_{part}" for part in ("bytes", "shape", "dtype") if f"{prefix}_{part}" not in names]
         if missing:
             hint = " (ODE pairs come from python -m distill.ode_pairs)" if self.with_ode and ODE_SIGMAS in missing else ""
-            if any(c.startswith(FIRST_FRAME) for c in missing):
-                hint = " (model.image_condition needs the image latent: python -m distill.preprocess --task i2v)"
+            if any(c.startswith((FIRST_FRAME, CLIP)) for c in missing):
+                hint = (f" (model.image_condition={self.image} needs the image's columns: "
+                        "python -m distill.preprocess --task i2v)")
             raise DataError(f"{file}: missing columns {missing}{hint}")
         columns = ["id"] + [f"{p}_{part}" for p in self.prefixes for part in ("shape", "dtype")]
         try:
@@ -104,7 +112,7 @@ class ParquetIndex:
     def prefixes(self) -> List[str]:
         """The tensor columns read."""
         return ([TEXT] + ([LATENT] if self.with_latents else []) + ([ODE] if self.with_ode else [])
-                + ([FIRST_FRAME] if self.with_first_frame_column else []))
+                + ([FIRST_FRAME] if self.with_first_frame_column else []) + ([CLIP] if self.with_clip else []))
 
     def _check_row(self, file, row, sample_id, meta, shapes: Shapes) -> None:
         where = f"{file} row {row} (id {sample_id})"
@@ -127,10 +135,20 @@ class ParquetIndex:
                 raise DataError(f"{where}: latent shape {list(latent)} differs from model.latent_shape={list(shapes.latent)}")
         if self.with_first_frame_column:
             image = list(meta[f"{FIRST_FRAME}_shape"][row])
-            c, _, h, w = shapes.first_frame
+            c, t, h, w = shapes.image_latent
+            if self.image == "concat" and image != [c, t, h, w]:
+                raise DataError(f"{where}: {FIRST_FRAME} shape {image} differs from model.latent_shape={[c, t, h, w]}")
             if len(image) != 4 or image[0] != c or image[2:] != [h, w] or image[1] < 1:
                 raise DataError(f"{where}: {FIRST_FRAME} shape {image} is not [{c}, frames, {h}, {w}] "
                                 "(the model's latent channels and size)")
+        if self.with_clip:
+            clip = list(meta[f"{CLIP}_shape"][row])
+            if len(clip) != 2 or 0 in clip:
+                raise DataError(f"{where}: {CLIP} shape {clip} is not [tokens, dim] (model.image_condition=concat "
+                                "needs the image encoder's features: a model folder with image_encoder/)")
+            self.clip_shape = self.clip_shape or clip
+            if clip != self.clip_shape:
+                raise DataError(f"{where}: {CLIP} shape {clip} differs from the first row's {self.clip_shape}")
         if self.with_ode:
             states = list(meta[f"{ODE}_shape"][row])
             if len(states) != 5 or tuple(states[1:]) != tuple(shapes.ode):
@@ -235,7 +253,8 @@ class ParquetLatents(IterableDataset):
         where = f"{group.file} row {group.file_row + offset} (id {data['id'][offset]})"
         prefixes = {"text": TEXT, **({"latent": LATENT} if self.shapes.latent is not None else {}),
                     **({"ode": ODE} if self.index.with_ode else {}),
-                    **({"first_frame": FIRST_FRAME} if self.index.with_first_frame_column else {})}
+                    **({"image_latent": FIRST_FRAME} if self.index.with_first_frame_column else {}),
+                    **({"clip": CLIP} if self.index.with_clip else {})}
         sample = {}
         for name, prefix in prefixes.items():
             try:
@@ -244,8 +263,6 @@ class ParquetLatents(IterableDataset):
                 raise DataError(f"{where}: {prefix} cannot be decoded ({err})") from None
             if not torch.isfinite(sample[name]).all():
                 raise DataError(f"{where}: {name} holds NaN or inf")
-        if "first_frame" in sample:
-            sample["first_frame"] = sample["first_frame"][:, :1]  # the image's own latent frame
         if self.index.with_ode:
             sample["ode_sigmas"] = torch.tensor(data[ODE_SIGMAS][offset], dtype=torch.float32)
             if len(sample["ode_sigmas"]) != sample["ode"].shape[0] - 1:
@@ -264,7 +281,7 @@ class ParquetLatents(IterableDataset):
         return out
 
     def make_batch(self, batch: int) -> Dict[str, torch.Tensor]:
-        texts, masks, latents, ids, odes, ode_sigmas, images = [], [], [], [], [], [], []
+        texts, masks, latents, ids, odes, ode_sigmas, images, clips = [], [], [], [], [], [], [], []
         for epoch, row in self.rows_of_batch(batch):
             sample = self.read_row(row)
             text = sample["text"]
@@ -277,8 +294,10 @@ class ParquetLatents(IterableDataset):
             ids.append(epoch * self.index.num_rows + row)  # unique per draw: seeds the sample's noise
             if "latent" in sample:
                 latents.append(self._normalise(sample["latent"]))
-            if "first_frame" in sample:
-                images.append(self._normalise(sample["first_frame"]))
+            if "image_latent" in sample:
+                images.append(self._normalise(sample["image_latent"]))
+            if "clip" in sample:
+                clips.append(sample["clip"])
             if "ode" in sample:  # stored in model space: not normalised again
                 odes.append(sample["ode"])
                 ode_sigmas.append(sample["ode_sigmas"])
@@ -290,8 +309,10 @@ class ParquetLatents(IterableDataset):
         }
         if latents:
             out["latents"] = torch.stack(latents)
-        if self.shapes.first_frame is not None:
-            out["first_frame"] = torch.stack(images) if images else out["latents"][:, :, :1].clone()
+        if self.shapes.image_condition == "first_frame":  # the image's own latent frame
+            out["first_frame"] = (torch.stack(images) if images else out["latents"])[:, :, :1].clone()
+        elif self.shapes.image_condition == "concat":
+            out["image_latent"], out["image_embeds"] = torch.stack(images), torch.stack(clips)
         if odes:
             out["ode_trajectory"], out["ode_sigmas"] = torch.stack(odes), torch.stack(ode_sigmas)
         return out

@@ -119,8 +119,11 @@ class FlowMatchingAdapter(ABC):
     def conditioning(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The extra forward inputs taken from a batch: none for text-to-video; the
         image latent for first-frame image-to-video (distill/models/image_condition.py)."""
-        if self.cfg.image_condition.value == "first_frame":
+        mode = self.cfg.image_condition.value
+        if mode == "first_frame":
             return {image_condition.KEY: batch[image_condition.KEY]}
+        if mode == "concat":
+            return {k: batch[k] for k in (image_condition.IMAGE_LATENT, image_condition.IMAGE_EMBEDS)}
         return {}
 
     def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
@@ -181,8 +184,9 @@ class FlowMatchingAdapter(ABC):
         """Add the adapters `save_lora` wrote to a base network."""
         raise NotImplementedError(f"{type(self).__name__} cannot load LoRA weights")
 
-    def encoders(self, folder: Path, text_only: bool, max_text_len: int, device: torch.device):
-        """The text encoder and VAE preprocessing uses (`.text(captions)`, `.video(clips)`)."""
+    def encoders(self, folder: Path, text_only: bool, max_text_len: int, device: torch.device, image: bool = False):
+        """The text encoder and VAE preprocessing uses (`.text(captions)`, `.video(clips)`), and
+        with `image` the image encoder where the model has one (`.image_encoder`, `.image(frames)`)."""
         raise NotImplementedError(f"{type(self).__name__} has no preprocessing encoders")
 
     @abstractmethod

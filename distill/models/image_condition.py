@@ -37,3 +37,27 @@ def first_frame_velocity(v: torch.Tensor, x_t: torch.Tensor, first_frame: torch.
     held = torch.where(s > 0, (x_t[:, :, :1].to(v.dtype) - first_frame.to(v.dtype)) / s.clamp_min(1e-12),
                        torch.zeros_like(v[:, :, :1]))
     return torch.cat([held, v[:, :, 1:]], dim=2)
+
+
+# --- concat (Wan2.1-I2V-14B, as diffusers' WanImageToVideoPipeline) -------------
+IMAGE_LATENT = "image_latent"  # [B, C, T, H, W]: the image then black frames through the VAE, model space
+IMAGE_EMBEDS = "image_embeds"  # [B, tokens, D]: the image encoder's penultimate hidden states
+MASK_CHANNELS = 4  # the first-frame mask, one channel per pixel frame of a latent frame (Wan's 4x in time)
+
+
+def concat_inputs(x_t: torch.Tensor, image_latent: torch.Tensor) -> torch.Tensor:
+    """[x_t, mask, image latent] on channels: the mask is 1 over the first latent frame
+    (the image's four pixel frames) and 0 after, as the pipeline builds it."""
+    b, _, t, h, w = x_t.shape
+    mask = torch.zeros(b, MASK_CHANNELS, t, h, w, dtype=x_t.dtype, device=x_t.device)
+    mask[:, :, 0] = 1
+    return torch.cat([x_t, mask, image_latent.to(x_t.dtype)], dim=1)
+
+
+def image_of(cond: dict):
+    """The conditioning image's latent [B, C, 1, H, W] among a forward's inputs, or None."""
+    if KEY in cond:
+        return cond[KEY]
+    if IMAGE_LATENT in cond:
+        return cond[IMAGE_LATENT][:, :, :1]
+    return None

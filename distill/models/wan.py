@@ -40,6 +40,9 @@ PUBLIC_ARCHITECTURES = {
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": dict(_WAN21, num_attention_heads=40, ffn_dim=13824, num_layers=40),
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": dict(_WAN21, num_attention_heads=24, ffn_dim=14336, num_layers=30,
                                             in_channels=48, out_channels=48),
+    **{f"Wan-AI/Wan2.1-I2V-14B-{p}-Diffusers": dict(_WAN21, num_attention_heads=40, ffn_dim=13824, num_layers=40,
+                                                    in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
+       for p in ("480P", "720P")},
 }
 
 # Activation memory of one Wan block, forward + backward, per token, measured with
@@ -66,7 +69,7 @@ class WanAdapter(FlowMatchingAdapter):
     model_class = WanTransformer3DModel
     default_negative_prompt = WAN_NEGATIVE_PROMPT
     supports_context_parallel = True
-    image_conditions = ("none", "first_frame")
+    image_conditions = ("none", "first_frame", "concat")
 
     def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 **cond) -> torch.Tensor:
@@ -75,6 +78,10 @@ class WanAdapter(FlowMatchingAdapter):
         if first_frame is not None:  # as diffusers' pipelines with expand_timesteps (Wan2.2 TI2V)
             x_t = image_condition.hold_first_frame(x_t, first_frame)
             timestep = image_condition.first_frame_timesteps(timestep, x_t.shape[2])
+        image_latent = cond.pop(image_condition.IMAGE_LATENT, None)
+        if image_latent is not None:  # as WanImageToVideoPipeline (Wan2.1 I2V)
+            x_t = image_condition.concat_inputs(x_t, image_latent)
+            cond["encoder_hidden_states_image"] = cond.pop(image_condition.IMAGE_EMBEDS).to(dtype)
         return module(
             hidden_states=x_t.to(dtype),
             timestep=frame_timesteps(timestep, x_t, module.config.patch_size),  # [B] or one per latent frame
@@ -238,6 +245,9 @@ class WanAdapter(FlowMatchingAdapter):
         errors = []
         if "text_dim" in arch and arch["text_dim"] != model.text_dim:
             errors.append(f"model.text_dim={model.text_dim} does not match text_dim={arch['text_dim']} of {key}")
+        if model.image_condition.value == "concat" and not arch.get("image_dim"):
+            errors.append(f"model.image_condition=concat: {key} has no image projection (image_dim is null); "
+                          "Wan2.1-I2V checkpoints have one")
         if "in_channels" in arch and arch["in_channels"] != cls.in_channels(model):
             errors.append(
                 f"in_channels={arch['in_channels']} of {key} does not fit model.latent_shape[0]="
@@ -247,11 +257,13 @@ class WanAdapter(FlowMatchingAdapter):
 
     @classmethod
     def in_channels(cls, model) -> int:
-        """The transformer's input channels for the model's latents."""
-        return model.latent_shape[0]
+        """The transformer's input channels for the model's latents (concat image
+        conditioning adds the mask and the image latent)."""
+        c = model.latent_shape[0]
+        return 2 * c + image_condition.MASK_CHANNELS if model.image_condition.value == "concat" else c
 
-    def encoders(self, folder: Path, text_only: bool, max_text_len: int, device: torch.device):
-        return WanEncoders(Path(folder), text_only, max_text_len, device)
+    def encoders(self, folder: Path, text_only: bool, max_text_len: int, device: torch.device, image: bool = False):
+        return WanEncoders(Path(folder), text_only, max_text_len, device, image)
 
     @torch.no_grad()
     def text_encoder(self, device: torch.device) -> "WanEncoders":
@@ -281,9 +293,10 @@ class WanAdapter(FlowMatchingAdapter):
 
 
 class WanEncoders:
-    """umT5 (with its tokenizer) and the Wan VAE from a diffusers Wan folder."""
+    """umT5 (with its tokenizer) and the Wan VAE from a diffusers Wan folder; with
+    `image`, its CLIP image encoder and processor where the folder has them (Wan2.1 I2V)."""
 
-    def __init__(self, model: Path, text_only: bool, max_text_len: int, device: torch.device):
+    def __init__(self, model: Path, text_only: bool, max_text_len: int, device: torch.device, image: bool = False):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         self.device = device
@@ -295,6 +308,12 @@ class WanEncoders:
             from diffusers import AutoencoderKLWan
 
             self.vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae").to(device).eval()
+        self.image_encoder = None
+        if image and (model / "image_encoder").is_dir():
+            from transformers import CLIPImageProcessor, CLIPVisionModel
+
+            self.image_encoder = CLIPVisionModel.from_pretrained(model / "image_encoder").to(device).eval()
+            self.image_processor = CLIPImageProcessor.from_pretrained(model / "image_processor")
 
     @torch.no_grad()
     def text(self, captions: List[str]) -> List[torch.Tensor]:
@@ -305,6 +324,16 @@ class WanEncoders:
         hidden = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
         lengths = tokens.attention_mask.sum(dim=1).tolist()
         return [h[:n].float().cpu() for h, n in zip(hidden, lengths)]
+
+    @torch.no_grad()
+    def image(self, frames: torch.Tensor) -> List[torch.Tensor]:
+        """Frames [N, H, W, 3] uint8 -> the CLIP encoder's penultimate hidden states [tokens, D]
+        each, what WanImageToVideoPipeline feeds the transformer's image projection."""
+        from PIL import Image
+
+        pixels = self.image_processor(images=[Image.fromarray(f.numpy()) for f in frames], return_tensors="pt")
+        hidden = self.image_encoder(pixel_values=pixels.pixel_values.to(self.device), output_hidden_states=True)
+        return [h.float().cpu() for h in hidden.hidden_states[-2]]
 
     @torch.no_grad()
     def video(self, clips: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from distill.config.schema import Config
-from distill.models.image_condition import KEY as FIRST_FRAME
+from distill.models.image_condition import image_of
 from distill.registry import method_class
 from distill.sampling import EulerSampler
 from distill.validation.media import save_gif, save_grid
@@ -80,7 +80,7 @@ class Validator:
     def _report(self, results, step):
         self.out.mkdir(parents=True, exist_ok=True)
         metrics, images, videos = {}, {}, {}
-        image = self.adapter.conditioning(self.batch).get(FIRST_FRAME)
+        image = image_of(self.adapter.conditioning(self.batch))
         image = None if image is None else self.adapter.decode(image)  # [N, C, 1, H, W] pixels
         for name, latents in results.items():
             pixels = self.adapter.decode(latents)
