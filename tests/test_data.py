@@ -207,3 +207,58 @@ def test_parquet_run_trains_and_bad_data_stops_before_models(tmp_path):
     (tmp_path / "bad").mkdir()
     with pytest.raises(DataError, match="no parquet shards"):
         train(validate(compose_config([*common, f"data.path={tmp_path / 'bad'}"])), tmp_path / "run2")
+
+
+def i2v_rows(n, clip=(5, 7), first_frames=2):
+    """FastVideo i2v rows: the image latent (then black frames), CLIP features, first-frame pixels."""
+    from distill.data.schema import CLIP, FIRST_FRAME, IMAGE
+
+    g = torch.Generator().manual_seed(9)
+    out = rows(n)
+    for row in out:
+        image = {CLIP: torch.randn(*clip, generator=g) if clip else None,
+                 FIRST_FRAME: torch.randn(4, first_frames, 3, 3, generator=g),
+                 IMAGE: torch.randint(0, 255, (3, 3, 3), dtype=torch.uint8)}
+        row.update(make_row(row["id"], torch.zeros(3, 5), row["caption"], i2v=image))
+        row["vae_latent_bytes"] = row.pop("vae_latent_bytes")
+    return out
+
+
+def test_image_columns_are_read_normalised_and_checked(tmp_path):
+    """first_frame: the image latent's first frame (or the clip's); concat: the whole image
+    latent and the CLIP features; a missing column or a wrong shape is named."""
+    from distill.data.schema import FIRST_FRAME, decode
+
+    folder = tmp_path / "i2v"
+    written = i2v_rows(2)
+    write_dataset(written, folder)
+    mean, std = torch.arange(4.0), torch.full((4,), 2.0)
+    stats = dict(latents_mean=mean, latents_std=std)
+
+    def image_latent(row):
+        return (decode(row[f"{FIRST_FRAME}_bytes"], [4, 2, 3, 3], "float32") - mean.reshape(-1, 1, 1, 1)) / 2
+
+    concat = dataset(folder, Shapes((4, 2, 3, 3), 6, 5, image_condition="concat", image_latent=(4, 2, 3, 3)), **stats)
+    batch = concat.make_batch(0)
+    order = [int(i) for i in batch["sample_id"]]
+    assert torch.allclose(batch["image_latent"], torch.stack([image_latent(written[i]) for i in order]))
+    assert batch["image_embeds"].shape == (2, 5, 7)
+    first = dataset(folder, Shapes((4, 2, 3, 3), 6, 5, image_condition="first_frame", image_latent=(4, 2, 3, 3)), **stats)
+    assert torch.allclose(first.make_batch(0)["first_frame"], batch["image_latent"][:, :, :1])
+
+    plain = tmp_path / "plain"  # no image columns: first_frame takes the clip's first latent frame
+    write_dataset(rows(2), plain)
+    b = dataset(plain, Shapes((4, 2, 3, 3), 6, 5, image_condition="first_frame", image_latent=(4, 2, 3, 3))).make_batch(0)
+    assert torch.equal(b["first_frame"], b["latents"][:, :, :1])
+    _expect(plain, "missing columns ['first_frame_latent_bytes', 'first_frame_latent_shape', 'first_frame_latent_dtype', "
+            "'clip_feature_bytes'", Shapes((4, 2, 3, 3), 6, 5, image_condition="concat", image_latent=(4, 2, 3, 3)))
+    _expect(plain, "python -m distill.preprocess --task i2v",
+            Shapes(None, 6, 5, image_condition="first_frame", image_latent=(4, 2, 3, 3)))
+    no_clip = tmp_path / "no_clip"
+    write_dataset(i2v_rows(2, clip=None), no_clip)
+    _expect(no_clip, "row 0 (id clip-0): clip_feature shape [] is not [tokens, dim]",
+            Shapes((4, 2, 3, 3), 6, 5, image_condition="concat", image_latent=(4, 2, 3, 3)))
+    short = tmp_path / "short"
+    write_dataset(i2v_rows(2, first_frames=1), short)
+    _expect(short, "first_frame_latent shape [4, 1, 3, 3] differs from model.latent_shape=[4, 2, 3, 3]",
+            Shapes((4, 2, 3, 3), 6, 5, image_condition="concat", image_latent=(4, 2, 3, 3)))

@@ -63,7 +63,7 @@ def test_extra_family_refuses_a_model_without_room_for_the_frame(tmp_path, monke
     result = launch_with_plugins(["model=wan_first_frame_tiny", "model.arch.in_channels=16",
                                   f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch)
     assert result.returncode == 2
-    assert ("in_channels=16 of model.path does not fit model.latent_shape[0]=16: "
+    assert ("in_channels=16 of model.arch does not fit model.latent_shape[0]=16: "
             "model.family=wan_first_frame needs in_channels=32") in result.stderr
 
 

@@ -92,3 +92,38 @@ def test_wan_forward_gives_the_network_what_diffusers_ti2v_pipeline_gives_it():
         plain = adapter.forward(module, latents, t.expand(2), text)
     assert torch.allclose(got, want, atol=1e-6)
     assert not torch.allclose(plain, want, atol=1e-3)  # the conditioning changes what the network sees
+
+
+def refusal(overrides):
+    from conftest import compose_config
+    from distill.config import validate
+    from distill.config.validate import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(overrides))
+    return str(err.value)
+
+
+def test_image_conditioning_refusals_name_the_key():
+    assert ("model.image_condition=concat: model.arch has no image projection (image_dim is null)"
+            in refusal(["model.image_condition=concat"]))
+    assert "in_channels=16 of model.arch does not fit" in refusal(["model.image_condition=concat",
+                                                                    "+model.arch.image_dim=8"])
+    assert ("roles.student.causal=true with model.image_condition=first_frame: the block-causal Wan is text-to-video"
+            in refusal(["model.image_condition=first_frame", "roles.student.causal=true", "model.chunk_frames=1"]))
+    assert "the video needs latent frames after the image's" in refusal(["model.image_condition=first_frame",
+                                                                          "model.latent_shape=[16,1,16,16]"])
+
+
+def test_synthetic_data_has_no_image_embeddings_for_concat():
+    from conftest import compose_config
+    from distill.config import validate
+    from distill.data import DataError, build_data
+
+    config = validate(compose_config(["model.image_condition=concat", "+model.arch.image_dim=8",
+                                      "model.arch.in_channels=36"]))
+    with pytest.raises(DataError, match="data=synthetic has no image embeddings for model.image_condition=concat"):
+        build_data(config)
+    first = validate(compose_config(["model.image_condition=first_frame"]))
+    batch = next(build_data(first))
+    assert torch.equal(batch["first_frame"], batch["latents"][:, :, :1])

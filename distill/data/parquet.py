@@ -116,6 +116,14 @@ class ParquetIndex:
 
     def _check_row(self, file, row, sample_id, meta, shapes: Shapes) -> None:
         where = f"{file} row {row} (id {sample_id})"
+        if self.with_clip:
+            clip = list(meta[f"{CLIP}_shape"][row])
+            if len(clip) != 2 or 0 in clip:
+                raise DataError(f"{where}: {CLIP} shape {clip} is not [tokens, dim] (model.image_condition=concat "
+                                "needs the image encoder's features: a model folder with image_encoder/)")
+            self.clip_shape = self.clip_shape or clip
+            if clip != self.clip_shape:
+                raise DataError(f"{where}: {CLIP} shape {clip} differs from the first row's {self.clip_shape}")
         for prefix in self.prefixes:
             dtype = meta[f"{prefix}_dtype"][row]
             if dtype not in DTYPES:
@@ -141,14 +149,6 @@ class ParquetIndex:
             if len(image) != 4 or image[0] != c or image[2:] != [h, w] or image[1] < 1:
                 raise DataError(f"{where}: {FIRST_FRAME} shape {image} is not [{c}, frames, {h}, {w}] "
                                 "(the model's latent channels and size)")
-        if self.with_clip:
-            clip = list(meta[f"{CLIP}_shape"][row])
-            if len(clip) != 2 or 0 in clip:
-                raise DataError(f"{where}: {CLIP} shape {clip} is not [tokens, dim] (model.image_condition=concat "
-                                "needs the image encoder's features: a model folder with image_encoder/)")
-            self.clip_shape = self.clip_shape or clip
-            if clip != self.clip_shape:
-                raise DataError(f"{where}: {CLIP} shape {clip} differs from the first row's {self.clip_shape}")
         if self.with_ode:
             states = list(meta[f"{ODE}_shape"][row])
             if len(states) != 5 or tuple(states[1:]) != tuple(shapes.ode):

@@ -75,7 +75,7 @@ class FlowMatchingAdapter(ABC):
         """The role's velocity prediction, in float32."""
         with role.compute():
             v = self.forward(role.module, x_t, self.timestep(sigma), text, **cond)
-        if image_condition.KEY in cond:  # the first frame's x0 is the image latent
+        if self.cfg.image_condition.value == "first_frame":  # the first frame's x0 is the image latent
             return image_condition.first_frame_velocity(v.float(), x_t, cond[image_condition.KEY], sigma)
         return v.float()
 

@@ -212,8 +212,8 @@ class WanAdapter(FlowMatchingAdapter):
                 if error:
                     errors.append(error)
                     continue
-            errors += cls.check_arch(arch, model, key)
             source = key if path else "model.arch"
+            errors += cls.check_arch(arch, model, source)
             errors += cls.check_context_parallel(arch, model, config.parallel.context, source)
         return list(dict.fromkeys(errors))
 
