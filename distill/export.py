@@ -6,6 +6,8 @@ For each trainable role (and its EMA when kept) writes `<out>/<role>[_ema]/`:
   transformer/     the full network in the model family's diffusers layout
                    (`WanTransformer3DModel.from_pretrained(folder, subfolder="transformer")`);
                    for a LoRA role, the base with the adapters merged in
+  transformer_2/   two experts (Wan2.2 A14B): the low-noise one, beside the high-noise
+                   one in transformer/, both whether trained or kept as loaded
   lora/            LoRA roles only: the adapters as diffusers LoRA weights
                    (`WanPipeline.load_lora_weights(<out>/<role>/lora)`)
   scheduler/       FlowMatchEulerDiscreteScheduler config, the role's sampling
@@ -40,8 +42,8 @@ def trained_module(checkpoint: Path, config: Config, adapter, role: str, ema: bo
     base weights, converted as in training, so that only the adapters are read."""
     cfg = config.roles[role]
     path = weights_path(config, role)
-    lora = cfg.lora.rank > 0
-    module = convert(adapter.load(path, config.seed) if lora else adapter.empty(path), cfg, adapter, config.seed)
+    partial = cfg.lora.rank > 0 or adapter.trains_part()  # what it did not train comes from its weights
+    module = convert(adapter.load(path, config.seed) if partial else adapter.empty(path), cfg, adapter, config.seed)
     params = dict(module.named_parameters())
     names = [n for n, p in params.items() if p.requires_grad]
     kind = "ema" if ema else "model"
@@ -81,6 +83,9 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
         "text_dim": config.model.text_dim,
         "text_encoder": config.model.text_encoder.value,
         "vae": config.model.vae.value,
+        "image_condition": config.model.image_condition.value,
+        "boundary_ratio": config.model.boundary_ratio,  # two experts: transformer/ and transformer_2/
+        "low_noise_guidance_scale": config.model.low_noise_guidance_scale,
         "latents_mean": None if config.model.latents_mean is None else list(config.model.latents_mean),
         "latents_std": None if config.model.latents_std is None else list(config.model.latents_std),
         # where the text encoder and VAE are read from (null when the built-in ones serve)

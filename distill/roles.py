@@ -138,6 +138,8 @@ def convert(module: nn.Module, cfg: RoleConfig, adapter, seed: int) -> nn.Module
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             module = apply_lora(module, cfg.lora, cfg.lora.target_modules or adapter.lora_targets())
+    if cfg.trainable:  # parts the model trains frozen (one expert of a pair)
+        module = adapter.freeze_untrained(module)
     return module
 
 

@@ -40,6 +40,10 @@ def load_exported(folder: Path, lora: bool = False, base=None, model: Optional[s
     (distill.json's, or `base`) with the exported adapters added. The adapter reads
     its text encoder and VAE from `model` (default: the folder recorded at export)."""
     info = json.loads((folder / "distill.json").read_text())
+    if info.get("image_condition", "none") != "none":
+        raise ValueError(f"{folder} is an image-to-video role (model.image_condition={info['image_condition']}): "
+                         "this command samples from prompts only; load its transformer into diffusers' "
+                         "WanImageToVideoPipeline")
     cfg = ModelConfig(
         family=info["family"],
         path=model or info.get("model_path"),
@@ -48,6 +52,8 @@ def load_exported(folder: Path, lora: bool = False, base=None, model: Optional[s
         shift=info["shift"],
         latent_shape=info["latent_shape"],
         chunk_frames=info.get("chunk_frames"),
+        boundary_ratio=info.get("boundary_ratio"),
+        low_noise_guidance_scale=info.get("low_noise_guidance_scale"),
         text_len=info["text_len"],
         text_dim=info["text_dim"],
         latents_mean=info.get("latents_mean"),

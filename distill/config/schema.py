@@ -67,6 +67,14 @@ class ModelConfig:
     chunk_frames: Optional[int] = None
     text_len: int = 512
     text_dim: int = 4096
+    # two experts by noise level (Wan2.2 A14B): <path>/transformer serves timesteps
+    # t >= boundary_ratio * 1000, <path>/transformer_2 those below (diffusers'
+    # boundary_ratio); every role is such a pair. null: one network
+    boundary_ratio: Optional[float] = None
+    trained_experts: List[str] = field(default_factory=lambda: ["high", "low"])  # of a trainable role; the other stays frozen, unsaved
+    # classifier-free guidance of the low-noise expert (the pipeline's guidance_scale_2);
+    # null: the method's guidance_scale, which the high-noise expert uses
+    low_noise_guidance_scale: Optional[float] = None
     # how a video is conditioned on an image (its first frame); the batch then
     # carries the image's latent (first_frame: `first_frame` [C, 1, H, W]; concat:
     # `image_latent` [C, T, H, W], in model space) and for concat its CLIP

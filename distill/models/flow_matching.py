@@ -110,11 +110,21 @@ class FlowMatchingAdapter(ABC):
         self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor, scale: float,
         **cond,
     ) -> torch.Tensor:
-        """Guided x0 = uncond + scale * (cond - uncond), both halves in one batch."""
+        """Guided x0 = uncond + scale * (cond - uncond), both halves in one batch; with two
+        experts and model.low_noise_guidance_scale, the low-noise expert's samples use that."""
         doubled = {k: torch.cat([v, v]) for k, v in cond.items()}
         x0 = self.predict_x0(role, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([text, uncond]), **doubled)
         cond_x0, unc = x0.chunk(2)
-        return unc + scale * (cond_x0 - unc)
+        return unc + self.guidance(sigma, scale, like=unc) * (cond_x0 - unc)
+
+    def guidance(self, sigma: torch.Tensor, scale: float, like: torch.Tensor):
+        """The CFG scale of each sample: `scale`, or the low-noise expert's below the boundary."""
+        low = self.cfg.low_noise_guidance_scale
+        if self.cfg.boundary_ratio is None or low is None:
+            return scale
+        t = self.timestep(sigma if sigma.dim() == 1 else sigma.amax(dim=1))
+        per_sample = torch.where(t >= self.cfg.boundary_ratio * NUM_TRAIN_TIMESTEPS, scale, low)
+        return per_sample.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
     def conditioning(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The extra forward inputs taken from a batch: none for text-to-video; the
@@ -171,6 +181,14 @@ class FlowMatchingAdapter(ABC):
 
     def decode_with_vae(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no VAE decoder")
+
+    def freeze_untrained(self, module: nn.Module) -> nn.Module:
+        """Freeze the parts of a trainable role's network the model config keeps as loaded."""
+        return module
+
+    def trains_part(self) -> bool:
+        """Whether a trainable role trains only part of its network (so the rest is loaded, not saved)."""
+        return False
 
     def lora_targets(self) -> List[str]:
         """Module names LoRA adapts when roles.<r>.lora.target_modules is null."""

@@ -9,9 +9,12 @@ from torch import nn
 
 from distill.models import context_parallel, image_condition
 from distill.models.causal_wan import KVCache, frame_timesteps, kv_cache, make_causal
+from distill.models.experts import ExpertPair
 from distill.models.flow_matching import FlowMatchingAdapter
 from distill.models.folders import read_component_config, resolve_model_folder
 from distill.registry import register_family
+
+LOW_NOISE_SUBFOLDER = "transformer_2"  # Wan2.2 A14B's second expert
 
 # the attention (self and cross) and FFN projections of every block
 WAN_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
@@ -73,7 +76,7 @@ class WanAdapter(FlowMatchingAdapter):
 
     def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 **cond) -> torch.Tensor:
-        dtype = module.patch_embedding.weight.dtype
+        dtype = (module.high if isinstance(module, ExpertPair) else module).patch_embedding.weight.dtype
         first_frame = cond.pop(image_condition.KEY, None)
         if first_frame is not None:  # as diffusers' pipelines with expand_timesteps (Wan2.2 TI2V)
             x_t = image_condition.hold_first_frame(x_t, first_frame)
@@ -91,26 +94,53 @@ class WanAdapter(FlowMatchingAdapter):
         )[0]
 
     def load(self, path: Optional[str], seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+        if self.cfg.boundary_ratio is not None:  # Wan2.2 A14B: transformer, transformer_2
+            return self._pair(*(self._load_one(path, seed + i, dtype, sub) for i, sub in enumerate(self._subfolders())))
+        return self._load_one(path, seed, dtype, self.cfg.subfolder)
+
+    def _subfolders(self):
+        return self.cfg.subfolder, LOW_NOISE_SUBFOLDER
+
+    def _pair(self, high: nn.Module, low: nn.Module) -> ExpertPair:
+        return ExpertPair(high, low, self.cfg.boundary_ratio * 1000)
+
+    def _load_one(self, path: Optional[str], seed: int, dtype: torch.dtype, subfolder: str) -> nn.Module:
         if path is None:
             # Every role built from the same seed starts from the same weights,
             # as DMD2's student and critic start from the teacher.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 return cast_keeping_fp32(self.model_class(**self._arch()), dtype)
-        folder = resolve_model_folder(path, self.cfg.subfolder)
+        folder = resolve_model_folder(path, subfolder)
         if folder is None:
-            raise FileNotFoundError(f"no diffusers model at {path} (subfolder {self.cfg.subfolder})")
-        return self.model_class.from_pretrained(folder, subfolder=self.cfg.subfolder, torch_dtype=dtype)
+            raise FileNotFoundError(f"no diffusers model at {path} (subfolder {subfolder})")
+        return self.model_class.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
 
     def empty(self, path: Optional[str], dtype: torch.dtype = torch.float32) -> nn.Module:
+        if self.cfg.boundary_ratio is not None:
+            return self._pair(*(self._empty_one(path, dtype, sub) for sub in self._subfolders()))
+        return self._empty_one(path, dtype, self.cfg.subfolder)
+
+    def _empty_one(self, path: Optional[str], dtype: torch.dtype, subfolder: str) -> nn.Module:
         if path is None:
             module = self.model_class(**self._arch())
-        elif resolve_model_folder(path, self.cfg.subfolder) is None and path in PUBLIC_ARCHITECTURES:
+        elif resolve_model_folder(path, subfolder) is None and path in PUBLIC_ARCHITECTURES:
             module = self.model_class(**self._arch(PUBLIC_ARCHITECTURES[path]))  # planning only
         else:
-            folder = resolve_model_folder(path, self.cfg.subfolder)
-            module = self.model_class.from_config(self.model_class.load_config(folder, subfolder=self.cfg.subfolder))
+            folder = resolve_model_folder(path, subfolder)
+            module = self.model_class.from_config(self.model_class.load_config(folder, subfolder=subfolder))
         return cast_keeping_fp32(module, dtype)
+
+    def freeze_untrained(self, module: nn.Module) -> nn.Module:
+        """A trainable expert pair trains model.trained_experts; the other expert stays as loaded."""
+        if isinstance(module, ExpertPair):
+            for name, expert in module.experts():
+                if name not in self.cfg.trained_experts:
+                    expert.requires_grad_(False)
+        return module
+
+    def trains_part(self) -> bool:
+        return self.cfg.boundary_ratio is not None and set(self.cfg.trained_experts) != {"high", "low"}
 
     def tokens_per_sample(self, module: nn.Module) -> int:
         return self.tokens(self.cfg.latent_shape, module.config.patch_size)
@@ -131,6 +161,8 @@ class WanAdapter(FlowMatchingAdapter):
         return c.num_layers * STORED_FRACTION * block, (1 - STORED_FRACTION) * block
 
     def blocks(self, module: nn.Module) -> list:
+        if isinstance(module, ExpertPair):
+            return [block for _, expert in module.experts() for block in expert.blocks]
         return list(module.blocks)
 
     def hidden_size(self, module: nn.Module) -> int:
@@ -146,12 +178,21 @@ class WanAdapter(FlowMatchingAdapter):
 
     def install_context_parallel(self, module: nn.Module, runtime) -> nn.Module:
         """diffusers' own Wan plan and Ulysses attention (distill/models/context_parallel.py)."""
+        if isinstance(module, ExpertPair):  # each expert splits and gathers its own sequence
+            for _, expert in module.experts():
+                context_parallel.install(expert, runtime)
+            module._parallel_config = module.high._parallel_config
+            return module
         return context_parallel.install(module, runtime)
 
     def gather_tokens(self, module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return context_parallel.gather_tokens(module, tokens)
 
     def save(self, module: nn.Module, folder: Path) -> None:
+        if isinstance(module, ExpertPair):  # both, as WanPipeline(transformer, transformer_2) loads them
+            for (_, expert), sub in zip(module.experts(), self._subfolders()):
+                expert.save_pretrained(Path(folder) / sub)
+            return
         module.save_pretrained(Path(folder) / self.cfg.subfolder)
 
     def lora_targets(self) -> List[str]:
@@ -188,6 +229,7 @@ class WanAdapter(FlowMatchingAdapter):
         if causal and not model.chunk_frames:
             errors.append(f"roles.{causal[0]}.causal=true needs model.chunk_frames (latent frames per chunk), "
                           f"got {model.chunk_frames}")
+        errors += cls.check_experts(config)
         if model.image_condition.value == "first_frame" and model.latent_shape[1] < 2:
             errors.append(f"model.image_condition=first_frame with model.latent_shape={list(model.latent_shape)}: "
                           "the video needs latent frames after the image's")
@@ -212,10 +254,39 @@ class WanAdapter(FlowMatchingAdapter):
                 if error:
                     errors.append(error)
                     continue
+                if model.boundary_ratio is not None:  # the low-noise expert beside it
+                    _, error = read_component_config(path, LOW_NOISE_SUBFOLDER, key)
+                    if error:
+                        errors.append(f"{error} (model.boundary_ratio={model.boundary_ratio}: two experts)")
+                        continue
             source = key if path else "model.arch"
             errors += cls.check_arch(arch, model, source)
             errors += cls.check_context_parallel(arch, model, config.parallel.context, source)
         return list(dict.fromkeys(errors))
+
+    @classmethod
+    def check_experts(cls, config) -> List[str]:
+        model = config.model
+        if model.boundary_ratio is None:
+            return [] if model.low_noise_guidance_scale is None else [
+                f"model.low_noise_guidance_scale={model.low_noise_guidance_scale} needs two experts (model.boundary_ratio)"]
+        errors = []
+        if not 0 < model.boundary_ratio < 1:
+            errors.append(f"model.boundary_ratio={model.boundary_ratio}: must be in (0, 1)")
+        trained = list(model.trained_experts)
+        if not trained or len(set(trained)) != len(trained) or not set(trained) <= {"high", "low"}:
+            errors.append(f"model.trained_experts={trained}: one or both of high, low")
+        for name, role in config.roles.items():
+            if role.causal:
+                errors.append(f"roles.{name}.causal=true with model.boundary_ratio: the block-causal Wan has one expert")
+            if role.lora.rank > 0:
+                errors.append(f"roles.{name}.lora.rank={role.lora.rank} with model.boundary_ratio: LoRA on two "
+                              "experts is not supported; train the experts' full weights")
+        gan = getattr(config.method, "gan", None)
+        if gan is not None and gan.enabled:
+            errors.append("method.gan.enabled=true with model.boundary_ratio: the GAN head reads one network's "
+                          "block features; two experts have two")
+        return errors
 
     @classmethod
     def check_context_parallel(cls, arch: dict, model, cp: int, key: str) -> List[str]:
