@@ -234,6 +234,17 @@ def build_roles(config, adapter, runtime: Runtime) -> Dict[str, Role]:
     return {name: roles[name] for name in config.roles}
 
 
+def init_state(optimizer: torch.optim.AdamW) -> None:
+    """AdamW's state for every parameter now, as its first step would make it (step 0,
+    zero moments): a parameter that no step has reached yet (an expert no sample was
+    routed to) is then in every checkpoint, so a resumed run finds what it restores.
+    AdamW skips parameters without a gradient, so the numbers are those of a lazy start."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+
+
 def attach_optimizers(roles: Dict[str, Role], updates: Dict[str, int], lrs: Optional[Dict[str, float]] = None) -> None:
     """The pipeline's last stage, once the method can say how often each role steps:
     AdamW over each trainable role's trained parameters at the method's learning
@@ -247,6 +258,7 @@ def attach_optimizers(roles: Dict[str, Role], updates: Dict[str, int], lrs: Opti
         role.optimizer = torch.optim.AdamW(
             role.trained_parameters(), lr=lrs.get(name, opt.lr), betas=tuple(opt.betas), weight_decay=opt.weight_decay, eps=opt.eps
         )
+        init_state(role.optimizer)
         role.scheduler = get_scheduler(
             sched.name.value, role.optimizer, num_warmup_steps=sched.warmup_steps,
             num_training_steps=sched.total_steps or max(updates[name], 1),

@@ -43,6 +43,7 @@ PUBLIC_ARCHITECTURES = {
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": dict(_WAN21, num_attention_heads=40, ffn_dim=13824, num_layers=40),
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": dict(_WAN21, num_attention_heads=24, ffn_dim=14336, num_layers=30,
                                             in_channels=48, out_channels=48),
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": dict(_WAN21, num_attention_heads=40, ffn_dim=13824, num_layers=40),  # each expert
     **{f"Wan-AI/Wan2.1-I2V-14B-{p}-Diffusers": dict(_WAN21, num_attention_heads=40, ffn_dim=13824, num_layers=40,
                                                     in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
        for p in ("480P", "720P")},
