@@ -235,3 +235,39 @@ def test_ti2v_5b_i2v_recipe_holds_fastgens_numbers_and_fits_one_node(tmp_path):
     plan = make_plan(planned, build_adapter(planned.model), Layout(8, 1, 1), 80)  # 1 node x 8 GPUs
     assert plan.tokens == 21 * 22 * 40
     assert plan.peak / 2**30 == pytest.approx(60.0, abs=0.1) and plan.peak / 2**30 < 72
+
+
+def test_i2v_14b_recipes_hold_fastgens_numbers_and_fit(tmp_path):
+    """FastGen's Wan2.1-I2V-14B-480P DMD2 (fastgen/configs/experiments/WanI2V/config_dmd2_14b.py)
+    at 4 steps; the 720P recipe is the 480P one at 720P's shapes and shift."""
+    from distill.models import build_adapter
+    from distill.plan import layout_of, make_plan
+
+    for name, shape, shift, nodes, context in (("wan21_i2v_14b_480p_dmd2_4step", [16, 21, 60, 104], 3.0, 2, 4),
+                                               ("wan21_i2v_14b_720p_dmd2_4step", [16, 21, 90, 160], 5.0, 4, 8)):
+        config = composed(name, tmp_path)
+        method, model = config.method, config.model
+        assert (model.image_condition.value, model.shift, list(model.latent_shape)) == ("concat", shift, shape)
+        assert (method.guidance_scale, method.generator_lr, method.critic_lr) == (5.0, 1e-5, 1e-5)
+        assert list(method.gan.blocks) == [21, 30, 39] and method.gan.generator_weight == 0.03
+        assert (config.launcher.nodes, config.parallel.context) == (nodes, context)
+        planned = validate(compose_config([f"experiment={name}", "plan=true", "launcher=slurm"]))
+        assert make_plan(planned, build_adapter(planned.model), layout_of(planned), 80).peak / 2**30 < 72
+
+
+def test_a14b_recipe_routes_its_steps_to_both_experts_and_fits(tmp_path):
+    from distill.methods.dmd2 import student_sigmas
+    from distill.models import build_adapter
+    from distill.plan import layout_of, make_plan
+
+    config = composed("wan22_t2v_a14b_dmd2_4step", tmp_path)
+    model = config.model
+    assert (model.path, model.boundary_ratio, model.shift) == ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", 0.875, 12.0)
+    assert (config.method.guidance_scale, model.low_noise_guidance_scale) == (4.0, 3.0)
+    sigmas = student_sigmas(config.method, build_adapter(model)).tolist()
+    # [1000, 750, 500, 250] shifted by 12: 12s / (1 + 11s)
+    assert sigmas == pytest.approx([1.0, 9 / 9.25, 6 / 6.5, 3 / 3.75], abs=1e-6)
+    assert [1000 * s >= 875 for s in sigmas] == [True, True, True, False]
+    planned = validate(compose_config(["experiment=wan22_t2v_a14b_dmd2_4step", "plan=true"]))
+    plan = make_plan(planned, build_adapter(planned.model), layout_of(planned), 80)
+    assert plan.peak / 2**30 == pytest.approx(48.1, abs=0.1)

@@ -6,19 +6,23 @@ the dataset) gives
     time, are classified as the digit their prompt names;
   - Frechet distance between the classifier's penultimate features of
     generated frames and of real train frames (the FID recipe on a digit
-    classifier instead of Inception).
+    classifier instead of Inception);
+  - given the prompts' directions, direction accuracy: the fraction of clips
+    whose digit's centre of brightness moves, from the first scored frame to
+    the last, most along the prompted direction.
+For image-to-video the first frame is given: clips are scored from frame 2.
 """
 
 import logging
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.data.digits import TEXT_DIM, TEXT_LEN, default_cache, ensure_digits
+from distill.data.digits import DIRECTIONS, TEXT_DIM, TEXT_LEN, default_cache, ensure_digits
 from distill.data.parquet import ParquetIndex, ParquetLatents, Shapes
 
 log = logging.getLogger("distill")
@@ -109,14 +113,42 @@ class DigitMetrics:
         return torch.cat([self.model.features(frames[i : i + 1024]) for i in range(0, len(frames), 1024)]).double().numpy()
 
     @torch.no_grad()
-    def __call__(self, clips: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
-        """accuracy and frechet_distance of clips [N, 1, T, 16, 16] in [-1, 1]."""
-        clips = clips.float().clamp(-1, 1).cpu()
+    def __call__(self, clips: torch.Tensor, labels: torch.Tensor, directions: Optional[Sequence[str]] = None,
+                 first: int = 0) -> Dict[str, float]:
+        """accuracy and frechet_distance of clips [N, 1, T, 16, 16] in [-1, 1] from frame
+        `first` (0-based) on, and direction_accuracy when the prompts' directions are given."""
+        clips = clips.float().clamp(-1, 1).cpu()[:, :, first:]
         frames = frames_of(clips)
         logits = self.model(frames).reshape(clips.shape[0], clips.shape[2], 10).mean(dim=1)
         accuracy = (logits.argmax(dim=1) == labels.cpu()).float().mean().item()
         mu, sigma = _gaussian(self.features(frames))
-        return {"accuracy": accuracy, "frechet_distance": frechet_distance(mu, sigma, self.real_mu, self.real_sigma)}
+        out = {"accuracy": accuracy, "frechet_distance": frechet_distance(mu, sigma, self.real_mu, self.real_sigma)}
+        if directions is not None:
+            out["direction_accuracy"] = (motion_direction(clips) == direction_index(directions)).float().mean().item()
+        return out
+
+
+def centre(frames: torch.Tensor) -> torch.Tensor:
+    """[..., H, W] in [-1, 1] -> the centre of brightness (y, x) [..., 2]."""
+    weight = (frames + 1) / 2
+    total = weight.sum(dim=(-2, -1)).clamp_min(1e-6)
+    ys = torch.arange(frames.shape[-2], dtype=frames.dtype)
+    xs = torch.arange(frames.shape[-1], dtype=frames.dtype)
+    return torch.stack([(weight.sum(-1) * ys).sum(-1) / total, (weight.sum(-2) * xs).sum(-1) / total], dim=-1)
+
+
+def motion_direction(clips: torch.Tensor) -> torch.Tensor:
+    """Clips [N, 1, T, H, W] -> the index in DIRECTIONS of the move from the first
+    frame's centre of brightness to the last's that is most along it."""
+    points = centre(clips[:, 0])  # [N, T, 2]
+    move = points[:, -1] - points[:, 0]
+    units = torch.tensor(list(DIRECTIONS.values()), dtype=move.dtype)  # (dy, dx) per direction
+    return (move @ units.T).argmax(dim=1)
+
+
+def direction_index(directions: Sequence[str]) -> torch.Tensor:
+    names = list(DIRECTIONS)
+    return torch.tensor([names.index(d) for d in directions])
 
 
 def _gaussian(features: np.ndarray):
