@@ -107,7 +107,9 @@ def image_condition_clip(clip: torch.Tensor) -> torch.Tensor:
 
 def first_frame_pixels(clip: torch.Tensor) -> torch.Tensor:
     """[3, F, H, W] in [-1, 1] -> the first frame as [H, W, 3] uint8."""
-    return ((clip[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+    from distill.validation.media import to_uint8
+
+    return to_uint8(clip[None, :, :1])[0, 0].contiguous()
 
 
 def write_negative_embedding(encoders, prompt: str, out: Path) -> Path:

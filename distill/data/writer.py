@@ -57,4 +57,3 @@ class RankShards:
     def _write(self, rows) -> None:
         write_shard(rows, self.folder / f"shard-r{self.rank:03d}-{self.index:05d}.parquet", self.row_group_size)
         self.index += 1
-

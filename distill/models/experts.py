@@ -23,6 +23,13 @@ from torch import nn
 HIGH, LOW = "high", "low"  # model.trained_experts names: transformer, transformer_2
 
 
+def high_noise(timestep: torch.Tensor, boundary_timestep: float) -> torch.Tensor:
+    """True where a sample is the high-noise expert's: its timestep ([B], or [B, tokens]:
+    its largest) at or above the boundary, as the pipeline chooses."""
+    t = timestep if timestep.dim() == 1 else timestep.amax(dim=1)
+    return t >= boundary_timestep
+
+
 class ExpertPair(nn.Module):
     def __init__(self, high: nn.Module, low: nn.Module, boundary_timestep: float):
         super().__init__()
@@ -42,9 +49,7 @@ class ExpertPair(nn.Module):
             expert.enable_gradient_checkpointing()
 
     def route(self, timestep: torch.Tensor) -> torch.Tensor:
-        """True where a sample goes to the high-noise expert ([B], or [B, tokens]: by its largest)."""
-        t = timestep if timestep.dim() == 1 else timestep.amax(dim=1)
-        return t >= self.boundary_timestep
+        return high_noise(timestep, self.boundary_timestep)
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 return_dict: bool = False, **kwargs):

@@ -24,6 +24,7 @@ from torch import nn
 
 from distill.config.schema import ModelConfig
 from distill.models import image_condition
+from distill.models.experts import high_noise
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -122,8 +123,8 @@ class FlowMatchingAdapter(ABC):
         low = self.cfg.low_noise_guidance_scale
         if self.cfg.boundary_ratio is None or low is None:
             return scale
-        t = self.timestep(sigma if sigma.dim() == 1 else sigma.amax(dim=1))
-        per_sample = torch.where(t >= self.cfg.boundary_ratio * NUM_TRAIN_TIMESTEPS, scale, low)
+        high = high_noise(self.timestep(sigma), self.cfg.boundary_ratio * NUM_TRAIN_TIMESTEPS)
+        per_sample = torch.where(high, scale, low)
         return per_sample.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
     def conditioning(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
