@@ -13,7 +13,13 @@ its tensors and its other (JSON) values are stored apart:
                         and the SHA-256 of every other file; written last
 
 A checkpoint is written under a temporary name and renamed once trainer.json
-is in it, so a folder with the checkpoint name is always complete. Before a
+is in it, so a folder with the checkpoint name is always complete. With
+checkpoint.async_save, `save` returns once the state is copied to host memory
+(DCP's staging); the files, then trainer.json and the rename, are written by a
+background thread whose collectives run on a process group of their own (gloo),
+apart from training's. One write is in flight at most: the next save, the end
+of training and a preemption wait for it. A kill during the write leaves a
+`.tmp` folder without trainer.json: the previous checkpoint stays the newest. Before a
 run resumes, rank 0 checks the newest checkpoint's files against their
 checksums; a damaged one is named, moved aside to `<name>.damaged` (nothing
 is deleted), and the run resumes from the newest intact one, saying so;
@@ -29,11 +35,13 @@ import logging
 import re
 import shutil
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -62,6 +70,11 @@ class Checkpointer:
         self.parts: Dict[str, Tuple[Any, bool]] = {}
         prefix, _, suffix = cfg.folder.partition("{step}")
         self._name = re.compile(f"^{re.escape(prefix)}(\\d+){re.escape(suffix)}$")
+        device = getattr(runtime, "device", torch.device("cpu"))
+        self.background = cfg.async_save if cfg.async_save is not None else device.type == "cuda"
+        self._writer: Optional[ThreadPoolExecutor] = None  # the background thread
+        self._group = None  # its process group
+        self._pending: Optional[Future] = None
 
     def register(self, name: str, part, per_rank: bool = False) -> None:
         """`part` is saved and loaded with the rest; per_rank: each rank keeps its own copy."""
@@ -121,6 +134,9 @@ class Checkpointer:
 
     # --- saving --------------------------------------------------------------
     def save(self, step: int) -> Path:
+        """Write a checkpoint of every part at `step`; in the background with
+        async_save (returns once the state is staged in host memory)."""
+        self.wait()
         final = self.path(step)
         tmp = final.with_name(final.name + ".tmp")
         if self.runtime.is_main:
@@ -134,25 +150,63 @@ class Checkpointer:
             tensors, values = _split(flatten(part.state_dict()), name)
             (rank_tensors if per_rank else shared_tensors).update(tensors)
             (rank_json if per_rank else shared_json)[name] = values
+        writer = HuggingFaceStorageWriter(str(tmp / "state"), save_distributed=True)
+        if not self.background:
+            with _single_process_quiet():
+                dcp.save(shared_tensors, storage_writer=writer, no_dist=not self.runtime.distributed)
+            self._finish(None, tmp, step, rank_tensors, rank_json, shared_json)
+            return final
+        rank_tensors = {k: v.detach().to("cpu", copy=True) for k, v in rank_tensors.items()}  # staged too
+        group = self._background_group()
         with _single_process_quiet():
-            dcp.save(
-                shared_tensors,
-                storage_writer=HuggingFaceStorageWriter(str(tmp / "state"), save_distributed=True),
-                no_dist=not self.runtime.distributed,
-            )
+            written = dcp.async_save(shared_tensors, storage_writer=writer, process_group=group,
+                                     no_dist=not self.runtime.distributed)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending = self._writer.submit(self._finish, written, tmp, step, rank_tensors, rank_json, shared_json)
+        return final
+
+    def _finish(self, written: Optional[Future], tmp: Path, step: int, rank_tensors, rank_json, shared_json) -> None:
+        """After the shared state is written: this rank's file, then (rank 0, once
+        every rank is done) config, trainer.json last, the rename, the pruning."""
+        if written is not None:
+            written.result()
         rank_file = tmp / "ranks" / f"rank-{self.runtime.rank}.safetensors"
         save_file({k: v.contiguous() for k, v in rank_tensors.items()}, str(rank_file),
                   metadata={"json": json.dumps(rank_json)})
-        self.runtime.barrier()
+        self._barrier(written is not None)
         if self.runtime.is_main:
             if self.config is not None:
                 save_config(self.config, tmp / "config.yaml")
             meta = {"step": step, "fingerprint": self.fingerprint, "parts": shared_json, "files": checksums(tmp)}
             (tmp / COMPLETE_MARKER).write_text(json.dumps(meta, indent=1))
-            tmp.rename(final)
+            tmp.rename(self.path(step))
             self._prune()
-        self.runtime.barrier()
-        return final
+        self._barrier(written is not None)
+
+    def _background_group(self):
+        """The background thread's own gloo group (DCP's async save needs a CPU
+        backend, and its collectives must not interleave with training's)."""
+        if self.runtime.distributed and self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def _barrier(self, background: bool) -> None:
+        if not self.runtime.distributed:
+            return
+        dist.barrier(group=self._group) if background else self.runtime.barrier()
+
+    def wait(self) -> None:
+        """Until the write in flight (if any) is complete; its error is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
 
     def _prune(self) -> None:
         if self.cfg.keep_last > 0:

@@ -37,7 +37,8 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group and a mesh: several ranks, or one that shards (parallel.shard_single_rank)."""
+        return self.mesh is not None
 
     @property
     def is_main(self) -> bool:
@@ -119,14 +120,15 @@ def init_runtime(device: str = "auto", parallel=None, timeout_s: int = 600) -> R
     dev = torch.device(device, local_rank) if device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     if world_size == 1:
-        return Runtime(device=dev)
-    dist.init_process_group(
-        backend="nccl" if dev.type == "cuda" else "gloo",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+        if parallel is None or not parallel.shard_single_rank:
+            return Runtime(device=dev)
+        # a group of one needs no rendezvous: an in-memory store
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s))
+    else:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     shape = mesh_shape(parallel, world_size) if parallel is not None else (1, world_size, 1)
     mesh = init_device_mesh(dev.type, shape, mesh_dim_names=MESH_DIMS)
     return Runtime(rank, world_size, local_rank, dev, mesh, context=shape[2], fsdp_mesh=sharding_mesh(mesh))

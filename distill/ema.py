@@ -22,11 +22,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
-        """After optimizer step `step` (1-based): copy before start_step, average after."""
+        """After optimizer step `step` (1-based): copy before start_step, average after.
+        One foreach lerp over all tensors (a few kernels, not one per parameter)."""
         weight = 1.0 if step <= self.start_step else 1.0 - self.decay
-        for name, p in module.named_parameters():
-            if name in self.shadow:
-                _local(self.shadow[name]).lerp_(_local(p.detach()).float(), weight)
+        pairs = [(_local(self.shadow[n]), _local(p.detach())) for n, p in module.named_parameters() if n in self.shadow]
+        if pairs:
+            shadows, params = zip(*pairs)
+            torch._foreach_lerp_(list(shadows), [p.float() for p in params], weight)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.shadow

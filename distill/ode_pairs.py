@@ -80,7 +80,7 @@ def prompt_folder(data, seed: int) -> Path:
     if data.name == "digits":
         from distill.data.digits import ensure_digits
 
-        return Path(ensure_digits(data.split, data.path, seed))
+        return Path(ensure_digits(data.split, data.path, seed, data.speeds))
     return Path(data.path)
 
 

@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from distill.config.schema import Config, Precision
+from distill.config.schema import Checkpointing, Config, Precision
 from distill.distributed import mesh_shape
 
 GiB = 2**30
@@ -177,7 +177,8 @@ def forward_bytes(config: Config, adapter, module: nn.Module, fwd, tokens: int, 
     """(kept, transient) of one forward; unsharded bf16 over fp32 masters without
     checkpointing also keeps autocast's bf16 weight copies for the backward."""
     cfg = config.roles[fwd.role]
-    checkpointing = cfg.activation_checkpointing
+    # selective checkpointing is planned as none: an upper bound (its savings are not modelled)
+    checkpointing = cfg.activation_checkpointing == Checkpointing.full
     kept, peak = adapter.activation_bytes(module, tokens, fwd.samples * config.data.batch_size, compute_bytes(cfg),
                                           checkpointing, fwd.grad)
     if fwd.grad:

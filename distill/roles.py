@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from distill import activation_checkpointing
 from distill.config.schema import EmaUpdate, Precision, RoleConfig
 from distill.distributed import Runtime
 from distill.ema import EMA
@@ -82,8 +83,9 @@ class Role:
         if self.sharded and self.trainable:
             self.module.set_requires_gradient_sync(flag)
 
-    def clip_and_step(self, step: int) -> float:
-        """Clip the gradient, step optimizer, schedule and EMA; returns the pre-clip norm."""
+    def clip_and_step(self, step: int) -> torch.Tensor:
+        """Clip the gradient, step optimizer, schedule and EMA; returns the pre-clip
+        norm, a device tensor (read at log steps only)."""
         norm = torch.nn.utils.clip_grad_norm_(self.trained_parameters(), self.cfg.max_grad_norm)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
@@ -92,7 +94,7 @@ class Role:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None and self.cfg.ema_update == EmaUpdate.step:
             self.ema.update(self.module, step)
-        return float(norm)
+        return norm.detach()
 
     def end_iteration(self, iteration: int) -> None:
         """After training iteration `iteration` (0-based), stepped or not."""
@@ -164,8 +166,7 @@ def prepare(module: nn.Module, cfg: RoleConfig, adapter, seed: int) -> nn.Module
     # frozen: no grads, no optimizer; its checkpointing matters when a loss back-propagates
     # through it to its input (a GAN term on the teacher's features)
     module = module.train() if cfg.trainable else module.requires_grad_(False).eval()
-    if cfg.activation_checkpointing:
-        module.enable_gradient_checkpointing()
+    activation_checkpointing.enable(module, cfg.activation_checkpointing)
     return adapter.make_causal(module) if cfg.causal else module
 
 
@@ -234,15 +235,23 @@ def build_roles(config, adapter, runtime: Runtime) -> Dict[str, Role]:
     return {name: roles[name] for name in config.roles}
 
 
+def fused_adamw(params: List[nn.Parameter]) -> Optional[bool]:
+    """AdamW's fused kernel on CUDA (one launch for all parameters); None elsewhere
+    (torch's default, foreach on the CPU)."""
+    return True if params and all(p.device.type == "cuda" for p in params) else None
+
+
 def init_state(optimizer: torch.optim.AdamW) -> None:
     """AdamW's state for every parameter now, as its first step would make it (step 0,
     zero moments): a parameter that no step has reached yet (an expert no sample was
     routed to) is then in every checkpoint, so a resumed run finds what it restores.
-    AdamW skips parameters without a gradient, so the numbers are those of a lazy start."""
+    AdamW skips parameters without a gradient, so the numbers are those of a lazy start.
+    The fused kernel keeps its step counter on the parameter's device, as AdamW would."""
+    fused = bool(optimizer.defaults.get("fused"))
     for group in optimizer.param_groups:
         for p in group["params"]:
-            optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
+            step = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+            optimizer.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
 
 def attach_optimizers(roles: Dict[str, Role], updates: Dict[str, int], lrs: Optional[Dict[str, float]] = None) -> None:
@@ -255,8 +264,10 @@ def attach_optimizers(roles: Dict[str, Role], updates: Dict[str, int], lrs: Opti
         if not role.trainable:
             continue
         opt, sched = role.cfg.optimizer, role.cfg.scheduler
+        params = role.trained_parameters()
         role.optimizer = torch.optim.AdamW(
-            role.trained_parameters(), lr=lrs.get(name, opt.lr), betas=tuple(opt.betas), weight_decay=opt.weight_decay, eps=opt.eps
+            params, lr=lrs.get(name, opt.lr), betas=tuple(opt.betas), weight_decay=opt.weight_decay, eps=opt.eps,
+            fused=fused_adamw(params),
         )
         init_state(role.optimizer)
         role.scheduler = get_scheduler(

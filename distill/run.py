@@ -95,12 +95,13 @@ def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None, stop=N
 def describe(role) -> str:
     """Parameters on this rank, and what trains."""
     total = sum(p.numel() for p in role.module.parameters())
+    where = " (this rank, FSDP2-sharded)" if role.sharded else " (this rank)"
     if not role.trainable:
-        return f"{total / 1e6:.3f}M parameters (this rank), frozen" + (", adapters off" if role.adapters_off else "")
+        return f"{total / 1e6:.3f}M parameters{where}, frozen" + (", adapters off" if role.adapters_off else "")
     trained = sum(p.numel() for p in role.module.parameters() if p.requires_grad)
     lora = role.cfg.lora
     how = f"LoRA rank {lora.rank}" + (f" on {lora.base_role}'s network" if lora.base_role else "") if lora.rank else "all"
-    return f"{total / 1e6:.3f}M parameters (this rank), {trained / 1e6:.3f}M trained ({how})"
+    return f"{total / 1e6:.3f}M parameters{where}, {trained / 1e6:.3f}M trained ({how})"
 
 
 def print_summary(validator, run_dir: Path) -> None:
@@ -127,10 +128,20 @@ class RunFinished(Exception):
 
 def train(config: Config, run_dir: Path, runtime: Runtime = None, stop=None) -> Trainer:
     """Train from scratch, or from the run's newest intact checkpoint (checked
-    before any model is built); raises RunFinished when there is nothing left."""
+    before any model is built); raises RunFinished when there is nothing left.
+    A process group made here (one rank sharding) is closed here."""
+    if runtime is not None:
+        return _train(config, run_dir, runtime, stop)
+    runtime = init_runtime(config.training.device, config.parallel)
+    try:
+        return _train(config, run_dir, runtime, stop)
+    finally:
+        runtime.shutdown()
+
+
+def _train(config: Config, run_dir: Path, runtime: Runtime, stop=None) -> Trainer:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    runtime = runtime or init_runtime(config.training.device, config.parallel)
     start = build_checkpointer(config, run_dir, runtime).resume_point()
     if start is not None:
         step = Checkpointer.step_of(start)
@@ -152,6 +163,7 @@ def train(config: Config, run_dir: Path, runtime: Runtime = None, stop=None) -> 
         trainer.fit()
         trainer.validate()
     finally:
+        trainer.checkpointer.close()
         trainer.tracker.close()
     if trainer.runtime.is_main:
         print_summary(trainer.validator, run_dir)

@@ -13,7 +13,7 @@ import os
 import resource
 import secrets
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -30,7 +30,6 @@ class Tracker:
         self.log_every = log_every
         self.wandb = None
         self.bar = None
-        self.window = MetricWindow()
         self._redirect = None
         if not enabled:
             return
@@ -49,25 +48,24 @@ class Tracker:
             self._redirect.__enter__()
 
     def log(self, step: int, metrics: Dict[str, float], force: bool = False) -> None:
-        """Every training step (averaged into the next line, written every log_every
-        steps and at the last), or, forced, a record written as it is (validation)."""
+        """A log line: the trainer's window means at a log step, or, forced, a
+        record written as it is (validation)."""
         if not self.enabled:
             return
-        if not force:
-            self.window.add(metrics)
-            if self.bar is not None:
-                self.bar.update(step - self.bar.n)
-                self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
-                                      if k.startswith("loss/")}, refresh=False)
-            if step % self.log_every and step != (self.bar.total if self.bar else -1):
-                return
-            metrics = self.window.flush()
+        if not force and self.bar is not None:
+            self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
+                                  if k.startswith("loss/")}, refresh=False)
         record = {"step": step, **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         log.info("step %d %s", step, " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+
+    def progress(self, step: int) -> None:
+        """The bar at `step` (every iteration; reads nothing from the device)."""
+        if self.enabled and self.bar is not None:
+            self.bar.update(step - self.bar.n)
 
     def log_media(self, step: int, images: Dict[str, Path], videos: Dict[str, Path]) -> None:
         if self.wandb is None:
@@ -91,16 +89,25 @@ class Tracker:
 
 
 class MetricWindow:
-    """Running sums of the metrics since the last log line; peak memory keeps its maximum."""
+    """Running sums of the metrics since the last log line; peak memory keeps its maximum.
+
+    Tensor values (losses, norms, sigmas) are summed where they are, on the
+    device: reading them on the host would wait for the GPU every iteration.
+    `flush` reads them all at once, after `reduce` (the mean over ranks)."""
 
     MAX_KEYS = ("peak_memory_gb",)
 
     def __init__(self):
-        self.sums: Dict[str, float] = {}
+        self.sums: Dict[str, object] = {}
         self.counts: Dict[str, int] = {}
 
-    def add(self, metrics: Dict[str, float]) -> None:
+    def __len__(self) -> int:
+        return len(self.sums)
+
+    def add(self, metrics: Dict[str, object]) -> None:
         for key, value in metrics.items():
+            if torch.is_tensor(value):
+                value = value.detach().double()
             if key in self.MAX_KEYS:
                 self.sums[key] = max(self.sums.get(key, value), value)
                 self.counts[key] = 1
@@ -108,8 +115,14 @@ class MetricWindow:
                 self.sums[key] = self.sums.get(key, 0.0) + value
                 self.counts[key] = self.counts.get(key, 0) + 1
 
-    def flush(self) -> Dict[str, float]:
-        """The window's means (in first-seen key order), and a fresh window."""
+    def flush(self, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, float]:
+        """The window's means (in first-seen key order), and a fresh window. The
+        tensor sums are read in one transfer, through `reduce` when given."""
+        on_device = sorted(k for k, v in self.sums.items() if torch.is_tensor(v))  # alike on every rank
+        if on_device:
+            stacked = torch.stack([self.sums[k].reshape(()) for k in on_device])
+            values = (reduce(stacked) if reduce else stacked).cpu().tolist()  # the window's one host sync
+            self.sums.update(zip(on_device, values))
         means = {key: self.sums[key] / self.counts[key] for key in self.sums}
         self.sums, self.counts = {}, {}
         return means

@@ -1,6 +1,12 @@
 """The training loop: data, gradient accumulation, stepping the roles the
 method names, logging, checkpoint cadence. It knows neither the model family
-nor the losses."""
+nor the losses.
+
+Between log steps the loop reads nothing back from the device: losses,
+metrics and gradient norms stay device tensors, summed in a window that is
+averaged over ranks and read once per log line (`MetricWindow`). The step
+time of a log line is the window's wall time over its iterations, measured
+after that read, so queued GPU work is counted."""
 
 import signal
 import time
@@ -14,7 +20,10 @@ from distill.distributed import Runtime
 from distill.methods import Method
 from distill.preemption import Preempted, StopRequest
 from distill.roles import Role
-from distill.tracking import Tracker, log, peak_memory_gb
+from distill.tracking import MetricWindow, Tracker, log, peak_memory_gb
+
+# batch entries the loop keeps on the host: which samples these are (the noise is drawn per id)
+HOST_KEYS = ("sample_id",)
 
 
 class Trainer:
@@ -51,6 +60,9 @@ class Trainer:
         self.validator = validator
         self.validation_every = validation_every
         self.validated_at = -1
+        self.window = MetricWindow()
+        self.window_started = 0.0
+        self.window_steps = 0
 
     def fit(self) -> None:
         log.info("training steps %d..%d", self.step + 1, self.max_steps)
@@ -77,8 +89,12 @@ class Trainer:
         return metrics
 
     def _save_once(self) -> None:
-        if self.checkpointer and not self.checkpointer.path(self.step).exists():
-            self.checkpointer.save(self.step)
+        """The checkpoint of this step, complete on disk when this returns."""
+        if self.checkpointer:
+            self.checkpointer.wait()  # a background write of this very step counts
+            if not self.checkpointer.path(self.step).exists():
+                self.checkpointer.save(self.step)
+            self.checkpointer.wait()
 
     # --- a checkpoint part: the counters --------------------------------------
     def state_dict(self) -> Dict[str, int]:
@@ -88,29 +104,40 @@ class Trainer:
         self.step = state["step"]
 
     def advance(self) -> None:
-        """One iteration and its log line."""
-        start = time.perf_counter()
+        """One iteration; a log line at log steps."""
+        if not self.window_steps:
+            self.window_started = time.perf_counter()
         record = self.train_step(self.step)
         self.step += 1
-        elapsed = time.perf_counter() - start
-        record["step_time"] = elapsed
-        if self.samples_per_step:
-            record["samples_per_s"] = self.samples_per_step / elapsed
+        self.window_steps += 1
         record["peak_memory_gb"] = peak_memory_gb(self.runtime.device)
-        self.tracker.log(self.step, record)
+        self.window.add(record)
+        self.tracker.progress(self.step)
+        if self.step % self.log_every == 0 or self.step == self.max_steps:
+            self.log_window()
 
-    def train_step(self, iteration: int) -> Dict[str, float]:
-        sums: Dict[str, torch.Tensor] = {}
+    def log_window(self) -> None:
+        metrics = self.window.flush(self._mean_over_ranks)
+        elapsed = time.perf_counter() - self.window_started
+        metrics["step_time"] = elapsed / self.window_steps
+        if self.samples_per_step:
+            metrics["samples_per_s"] = self.samples_per_step * self.window_steps / elapsed
+        self.window_steps = 0
+        self.tracker.log(self.step, metrics)
+
+    def train_step(self, iteration: int) -> Dict[str, object]:
+        """One iteration's record: device tensors (losses, metrics, gradient norms) and host numbers."""
+        record: Dict[str, object] = {}
         for micro in range(self.grad_accum_steps):
             last = micro == self.grad_accum_steps - 1
             for role in self.roles.values():
                 role.sync_gradients(last)
-            batch = {k: v.to(self.runtime.device, non_blocking=True) for k, v in next(self.data).items()}
+            batch = {k: v if k in HOST_KEYS else v.to(self.runtime.device, non_blocking=True)
+                     for k, v in next(self.data).items()}
             losses, metrics = self.method.step_losses(batch, iteration)
             sum(losses.values()).div(self.grad_accum_steps).backward()
             for key, value in [*((f"loss/{n}", l.detach()) for n, l in losses.items()), *metrics.items()]:
-                sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64) / self.grad_accum_steps
-        record = self._mean_over_ranks(sums)
+                record[key] = record.get(key, 0.0) + value / self.grad_accum_steps
         for name in self.method.roles_to_step(iteration):
             role = self.roles[name]
             record[f"lr/{name}"] = role.lr()
@@ -120,11 +147,9 @@ class Trainer:
                 role.end_iteration(iteration)
         return record
 
-    def _mean_over_ranks(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
-        keys = sorted(sums)
-        values = torch.stack([sums[k].detach().double().cpu() for k in keys])
+    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self.runtime.distributed:
             values = values.to(self.runtime.device if self.runtime.device.type == "cuda" else "cpu")
             dist.all_reduce(values)
-            values = values.cpu() / self.runtime.world_size
-        return dict(zip(keys, values.tolist()))
+            values = values / self.runtime.world_size
+        return values

@@ -24,7 +24,7 @@ VARIANTS = {
     "cp2": ["data.batch_size=2", "launcher.nproc_per_node=2", "parallel.context=2", "roles.teacher.cpu_offload=true"],
     "cp2_shard2": ["data.batch_size=1", "launcher.nproc_per_node=4", "parallel.context=2"],
     "cp2_hsdp": ["data.batch_size=1", "launcher.nproc_per_node=4", "parallel.context=2", "parallel.replicate=2",
-                 "roles.student.activation_checkpointing=true", "roles.critic.activation_checkpointing=true"],
+                 "roles.student.activation_checkpointing=full", "roles.critic.activation_checkpointing=full"],
 }
 
 

@@ -1,8 +1,10 @@
 """The moving-digits demo dataset."""
 
+import pytest
 import torch
 
-from conftest import read_metrics, run_launch
+from conftest import compose_config, read_metrics, run_launch
+from distill.config import ConfigError, validate
 from distill.data.digits import DIRECTIONS, SPEED, digit_images, ensure_digits, make_clips, prompt
 from distill.data.parquet import ParquetIndex, ParquetLatents, Shapes
 from distill.data.schema import decode
@@ -27,6 +29,30 @@ def test_clips_are_deterministic_and_move_as_the_prompt_says():
         dy, dx = DIRECTIONS[words[4]]
         c0, c3 = centroid(clip[0, 0]), centroid(clip[0, 3])
         assert abs((c3[0] - c0[0]) - 3 * SPEED * dy) < 1e-4 and abs((c3[1] - c0[1]) - 3 * SPEED * dx) < 1e-4
+
+
+def test_clips_with_several_speeds_move_by_one_of_them_unnamed():
+    rows = make_clips("train", 200, seed=5, speeds=(1, 2))
+    seen = []
+    for row in rows:
+        clip = decode(row["vae_latent_bytes"], row["vae_latent_shape"], row["vae_latent_dtype"])
+        dy, dx = DIRECTIONS[row["caption"].split()[4]]
+        c0, c1, c3 = centroid(clip[0, 0]), centroid(clip[0, 1]), centroid(clip[0, 3])
+        speed = round((c1[0] - c0[0]) * dy + (c1[1] - c0[1]) * dx)
+        assert speed in (1, 2) and "speed" not in row["caption"]
+        assert abs((c3[0] - c0[0]) - 3 * speed * dy) < 1e-4 and abs((c3[1] - c0[1]) - 3 * speed * dx) < 1e-4
+        seen.append(speed)
+    assert 0.35 < seen.count(1) / len(seen) < 0.65, seen.count(1)
+    assert make_clips("train", 40, seed=5, speeds=(SPEED,)) == make_clips("train", 40, seed=5)  # the default set
+
+
+def test_speeds_have_their_own_cache_folder_and_bad_ones_are_refused(tmp_path):
+    default, mixed = ensure_digits("val", str(tmp_path)), ensure_digits("val", str(tmp_path), speeds=[1, 2])
+    assert default.parent.name == "digits-v1-seed0" and mixed.parent.name == "digits-v1-seed0-speeds1-2"
+    for speeds in ("[3]", "[]", "[1,1]", "[0]"):
+        with pytest.raises(ConfigError) as err:
+            validate(compose_config(["data=digits", f"data.speeds={speeds}"]))
+        assert "data.speeds=" in str(err.value) and "each 1 to 2 pixels per frame" in str(err.value)
 
 
 def test_splits_use_different_handwriting():

@@ -41,6 +41,22 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     assert_same_metrics(read_metrics(one), read_metrics(two), rel=1e-5)
 
 
+def test_one_rank_shards_when_asked_and_matches_the_unsharded_run(tmp_path):
+    """parallel.shard_single_rank: FSDP2 over a process group of one (gloo here, NCCL on a GPU)."""
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    common = ["training.max_steps=4", "roles.student.ema_decay=0.9", "checkpoint.every=2"]
+    r1 = run_launch([*common, f"hydra.run.dir={plain}"])
+    r2 = run_launch([*common, "parallel.shard_single_rank=true", f"hydra.run.dir={sharded}"])
+    assert r1.returncode == 0, r1.stderr
+    assert r2.returncode == 0, r2.stderr
+    assert "FSDP2-sharded" in (sharded / "launch.log").read_text()
+    assert "FSDP2-sharded" not in (plain / "launch.log").read_text()
+    assert_same_metrics(read_metrics(plain), read_metrics(sharded), rel=1e-5)
+    for role in ("student", "critic", "student_ema"):
+        a, b = exported(plain, role), exported(sharded, role)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, role
+
+
 def test_hsdp_with_grad_accumulation_and_checkpointing_matches_one_process(tmp_path):
     one, four = tmp_path / "one", tmp_path / "four"
     common = ["training.max_steps=3", "training.grad_accum_steps=2", "method.generator_update_interval=2"]
@@ -51,8 +67,8 @@ def test_hsdp_with_grad_accumulation_and_checkpointing_matches_one_process(tmp_p
             "data.batch_size=1",
             "launcher.nproc_per_node=4",
             "parallel.replicate=2",
-            "roles.student.activation_checkpointing=true",
-            "roles.critic.activation_checkpointing=true",
+            "roles.student.activation_checkpointing=full",
+            "roles.critic.activation_checkpointing=full",
             f"hydra.run.dir={four}",
         ]
     )

@@ -28,6 +28,17 @@ def test_a_log_line_holds_the_window_means_and_the_peak_memory_maximum():
     assert window.flush() == {"loss/critic": 5.0}  # a fresh window
 
 
+def test_device_values_are_summed_as_tensors_and_read_once_through_the_rank_mean():
+    window = MetricWindow()
+    for loss, norm in ((1.0, 4.0), (2.0, 8.0)):
+        window.add({"loss/critic": torch.tensor(loss), "grad_norm/critic": torch.tensor(norm), "lr/critic": 0.5})
+    assert all(torch.is_tensor(window.sums[k]) for k in ("loss/critic", "grad_norm/critic"))
+    reduced = []
+    means = window.flush(lambda values: reduced.append(values.clone()) or values / 2)  # as 2 ranks, one with zeros
+    assert means == {"loss/critic": 0.75, "grad_norm/critic": 3.0, "lr/critic": 0.5}
+    assert len(reduced) == 1 and reduced[0].tolist() == [12.0, 3.0]  # one transfer, keys sorted alike on every rank
+
+
 def test_every_log_line_of_the_demo_shows_every_role(tmp_path):
     """Generator every 5 iterations, a line every 25: both roles on every line."""
     overrides = ["experiment=digits_demo", "training.max_steps=50", "validation.every=0", "validation.num_samples=4",

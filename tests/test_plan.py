@@ -20,7 +20,7 @@ LONG = ["experiment=tiny", "logger=none", "model.arch.attention_head_dim=64", "m
 
 @pytest.mark.parametrize("overrides", [
     [],
-    ["roles.student.activation_checkpointing=true", "roles.critic.activation_checkpointing=true"],
+    ["roles.student.activation_checkpointing=full", "roles.critic.activation_checkpointing=full"],
     ["roles.student.precision=bf16", "roles.critic.precision=bf16", "roles.teacher.precision=bf16",
      "method.generator_update_interval=1", "data.batch_size=2"],
 ], ids=["fp32", "checkpointing", "bf16_batch2"])

@@ -208,7 +208,7 @@ def test_fastgen_self_forcing_14b_recipe_holds_its_published_numbers(tmp_path):
     assert (method.min_timestep_ratio, method.max_timestep_ratio, method.exit_per_chunk) == (0.001, 0.999, False)
     gan = method.gan
     assert gan.enabled and gan.features == "teacher" and list(gan.blocks) == [21, 30, 39]
-    assert gan.generator_weight == 0.003 and config.roles["teacher"].activation_checkpointing
+    assert gan.generator_weight == 0.003 and config.roles["teacher"].activation_checkpointing == "full"
     assert student.causal and list(student.optimizer.betas) == [0.9, 0.999] and config.training.max_steps == 5000
 
 

@@ -99,7 +99,7 @@ def test_activation_checkpointing_recomputes_over_the_cache_each_chunk_saw():
     cache as its forward did: gradients equal those without checkpointing."""
     grads = []
     for checkpointing in (False, True):
-        config = validate(compose_config([*SF, f"roles.student.activation_checkpointing={str(checkpointing).lower()}"]))
+        config = validate(compose_config([*SF, f"roles.student.activation_checkpointing={'full' if checkpointing else 'none'}"]))
         adapter = build_adapter(config.model)
         roles = build_roles(config, adapter, Runtime())
         method = build_method(config, adapter, roles, "cpu")

@@ -16,6 +16,9 @@ def load_config_node(path: Path) -> DictConfig:
     """A saved config as a typed OmegaConf node (the schema with the file's values)."""
     load_entries()
     raw = OmegaConf.load(path)
+    for role in (raw.get("roles") or {}).values():  # written before the modes existed: true/false
+        if isinstance(role, DictConfig) and isinstance(role.get("activation_checkpointing"), bool):
+            role.activation_checkpointing = "full" if role.activation_checkpointing else "none"
     schema = OmegaConf.structured(Config)
     schema.method = OmegaConf.structured(method_class(raw.method.name).config_class)
     return OmegaConf.merge(schema, raw)

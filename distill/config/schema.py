@@ -125,12 +125,19 @@ class LoraConfig:
     base_role: Optional[str] = None
 
 
+class Checkpointing(str, Enum):
+    """Activation checkpointing of a role's blocks."""
+    none = "none"  # keep every activation the backward needs
+    selective = "selective"  # keep attention and matmul outputs; recompute norms, activations, elementwise ops
+    full = "full"  # keep each block's input; recompute the whole block in the backward
+
+
 @dataclass
 class RoleConfig:
     path: Optional[str] = None  # weights of this role; null: model.path
     trainable: bool = False
     precision: Precision = Precision.fp32
-    activation_checkpointing: bool = False
+    activation_checkpointing: Checkpointing = Checkpointing.none
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_grad_norm: float = 1.0
@@ -179,6 +186,9 @@ class CheckpointConfig:
     resume_from: Optional[str] = None  # a checkpoint folder to resume from instead
     # the name of a checkpoint folder inside the run folder; must hold {step}
     folder: str = "checkpoint-{step}"
+    # write in the background: training waits only for the copy of the state to
+    # host memory; null: on when the run's device is a GPU
+    async_save: Optional[bool] = None
 
 
 @dataclass
@@ -194,6 +204,9 @@ class ParallelConfig:
     replicate: int = 1
     shard: int = -1  # -1: the ranks left over, world / (replicate * context)
     context: int = 1
+    # one rank shards too: FSDP2 over a mesh of one on a real process group (NCCL
+    # on a GPU), the code path of multi-rank runs; false: one rank runs unsharded
+    shard_single_rank: bool = False
 
 
 class DataName(str, Enum):
@@ -211,6 +224,8 @@ class DataConfig:
     # parquet: the dataset folder; digits: the cache folder (null: ~/.cache/distill)
     path: Optional[str] = None
     split: str = "train"  # digits: train or val
+    # digits: pixels per frame, one drawn per clip (the prompt does not say which)
+    speeds: List[int] = field(default_factory=lambda: [2])
     text_only: bool = False  # parquet: rows without latents (data-free DMD)
     # safetensors file whose `text_embeds` [L, D] is the empty/negative prompt;
     # null: zeros

@@ -272,6 +272,10 @@ def _check_data(config: Config, method) -> List[str]:
         errors.append(f"data.path={data.path}: no such folder")
     if data.name == "digits" and data.split not in ("train", "val"):
         errors.append(f"data.split={data.split}: allowed values are train, val")
+    if data.name == "digits":
+        from distill.data.digits import speeds_error
+
+        errors.extend(filter(None, [speeds_error(data.speeds)]))
     if data.num_workers < 0:
         errors.append(f"data.num_workers={data.num_workers}: must be >= 0")
     if "latents" in method.batch_keys(config.method) and data.text_only:

@@ -26,7 +26,7 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
     if data.name == "digits":
         from distill.data.digits import ensure_digits
 
-        path = ensure_digits(data.split, data.path, config.seed) if rank == 0 else None
+        path = ensure_digits(data.split, data.path, config.seed, data.speeds) if rank == 0 else None
         if world_size > 1:
             import torch.distributed as dist
 

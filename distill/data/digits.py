@@ -1,8 +1,10 @@
 """Moving digits: the demo dataset, built from scikit-learn's handwritten digits.
 
 Each clip shows one 8x8 digit (scikit-learn's `load_digits`) on a 16x16 black
-canvas, moving 2 pixels per frame left, right, up or down over 4 frames; its
-prompt names both: "the digit 7 moving left". Pixels in [-1, 1] are the
+canvas, moving left, right, up or down over 4 frames; its prompt names both:
+"the digit 7 moving left". The digit moves 2 pixels per frame, or (data.speeds)
+at a speed drawn per clip from a list, which the prompt does not name: given
+the first frame, the rest then has more than one answer. Pixels in [-1, 1] are the
 latent (an identity VAE), [1, 4, 16, 16]; prompts are embedded by the
 HashTextEncoder. Digit images are split 80/20 into the train and val splits,
 so validation digits are handwriting the model never saw.
@@ -13,7 +15,7 @@ parquet writer, to a cache folder named after its parameters.
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -24,6 +26,7 @@ from distill.data.hash_text import HashTextEncoder
 log = logging.getLogger("distill")
 
 FRAMES, SIZE, DIGIT, SPEED = 4, 16, 8, 2
+MAX_SPEED = (SIZE - DIGIT) // (FRAMES - 1)  # faster, and no path stays on the canvas
 DIRECTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
 TEXT_LEN, TEXT_DIM = 8, 32
 CLIPS = {"train": 8192, "val": 512}
@@ -45,12 +48,12 @@ def digit_images(split: str):
     return (images[:cut], labels[:cut]) if split == "train" else (images[cut:], labels[cut:])
 
 
-def render_clip(image: torch.Tensor, direction: str, start) -> torch.Tensor:
-    """[1, FRAMES, SIZE, SIZE] in [-1, 1]: the digit moving from `start`."""
+def render_clip(image: torch.Tensor, direction: str, start, speed: int = SPEED) -> torch.Tensor:
+    """[1, FRAMES, SIZE, SIZE] in [-1, 1]: the digit moving from `start`, `speed` pixels per frame."""
     clip = torch.zeros(1, FRAMES, SIZE, SIZE)
     dy, dx = DIRECTIONS[direction]
     for t in range(FRAMES):
-        y, x = start[0] + dy * SPEED * t, start[1] + dx * SPEED * t
+        y, x = start[0] + dy * speed * t, start[1] + dx * speed * t
         clip[0, t, y : y + DIGIT, x : x + DIGIT] = image
     return clip * 2 - 1
 
@@ -59,13 +62,15 @@ def prompt(label: int, direction: str) -> str:
     return f"the digit {label} moving {direction}"
 
 
-def make_clips(split: str, count: int, seed: int) -> List[Dict[str, object]]:
+def make_clips(split: str, count: int, seed: int, speeds: Sequence[int] = (SPEED,)) -> List[Dict[str, object]]:
     images, labels = digit_images(split)
     g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))
     encoder = HashTextEncoder(TEXT_DIM, TEXT_LEN)
-    travel = SPEED * (FRAMES - 1)
     rows = []
     for i in range(count):
+        # one speed draws nothing, so the default set is the same as before speeds existed
+        speed = speeds[int(torch.randint(len(speeds), (1,), generator=g))] if len(speeds) > 1 else speeds[0]
+        travel = speed * (FRAMES - 1)
         k = int(torch.randint(len(labels), (1,), generator=g))
         direction = list(DIRECTIONS)[int(torch.randint(len(DIRECTIONS), (1,), generator=g))]
         dy, dx = DIRECTIONS[direction]
@@ -76,7 +81,7 @@ def make_clips(split: str, count: int, seed: int) -> List[Dict[str, object]]:
         text = prompt(int(labels[k]), direction)
         rows.append(
             make_row(
-                f"{split}-{i:05d}", encoder(text), text, render_clip(images[k], direction, start),
+                f"{split}-{i:05d}", encoder(text), text, render_clip(images[k], direction, start, speed),
                 file_name=f"digits/{split}/{i:05d}", width=SIZE, height=SIZE, num_frames=FRAMES, fps=8.0,
                 duration_sec=FRAMES / 8.0,
             )
@@ -84,13 +89,23 @@ def make_clips(split: str, count: int, seed: int) -> List[Dict[str, object]]:
     return rows
 
 
-def ensure_digits(split: str, cache: Optional[str] = None, seed: int = 0) -> Path:
+def speeds_error(speeds: Sequence[int]) -> Optional[str]:
+    if not speeds or any(not 1 <= s <= MAX_SPEED for s in speeds) or len(set(speeds)) < len(speeds):
+        return (f"data.speeds={list(speeds)}: give distinct speeds, each 1 to {MAX_SPEED} pixels per frame "
+                f"(a {DIGIT}px digit crossing a {SIZE}px canvas in {FRAMES} frames)")
+    return None
+
+
+def ensure_digits(split: str, cache: Optional[str] = None, seed: int = 0, speeds: Sequence[int] = (SPEED,)) -> Path:
     """The folder of the split's parquet shards, built on first use."""
     if split not in CLIPS:
         raise ValueError(f"data.split={split}: allowed values are {sorted(CLIPS)}")
+    if speeds_error(speeds):
+        raise ValueError(speeds_error(speeds))
     folder = Path(cache) if cache else default_cache()
-    folder = folder / f"digits-v{VERSION}-seed{seed}" / split
+    name = f"digits-v{VERSION}-seed{seed}" + ("" if list(speeds) == [SPEED] else "-speeds" + "-".join(map(str, speeds)))
+    folder = folder / name / split
     if not any(folder.glob("*.parquet")):
         log.info("building the moving-digits %s split (%d clips; once, cached in %s)", split, CLIPS[split], folder)
-        write_dataset(make_clips(split, CLIPS[split], seed), folder, rows_per_shard=2048, row_group_size=64)
+        write_dataset(make_clips(split, CLIPS[split], seed, tuple(speeds)), folder, rows_per_shard=2048, row_group_size=64)
     return folder

@@ -160,6 +160,7 @@ class DMD2(Method):
     def __init__(self, cfg, adapter, roles, seed, device):
         super().__init__(cfg, adapter, roles, seed, device)
         self.student_sigmas = student_sigmas(cfg, adapter)
+        self.sigma_values = self.student_sigmas.tolist()  # for metrics, read without a tensor
 
     def roles_to_step(self, iteration: int) -> List[str]:
         return ["student", "critic"] if self.is_generator_iteration(iteration) else ["critic"]
@@ -194,7 +195,7 @@ class DMD2(Method):
         """x0 from the student at a random listed step; grad flows only through that last step."""
         sigmas = self.student_sigmas.to(self.device)
         step = self.exit_step()
-        metrics.update({"student_step": step, "sigma/student": float(sigmas[step])})
+        metrics.update({"student_step": step, "sigma/student": self.sigma_values[step]})
         n = batch["text_embeds"].shape[0]
         student, text = self.roles["student"], batch["text_embeds"]
         if self.cfg.rollout.value == "data":
@@ -217,7 +218,7 @@ class DMD2(Method):
                 self.roles["teacher"], x_s, sigma, text, uncond, self.cfg.guidance_scale, **cond
             )
             grad = dmd_gradient(x0.detach().float(), fake, real)
-        metrics["sigma/generator"] = float(sigma.mean())
+        metrics["sigma/generator"] = sigma.mean()
         loss = generator_loss(x0, grad)
         if self.cfg.gan.enabled:
             gan = self.gan_generator_loss(self.adapter.add_noise(x0, noise, sigma), sigma, text, cond)
@@ -235,7 +236,7 @@ class DMD2(Method):
             v, fake_features = self.adapter.predict_with_features(critic, x_t, sigma, text, gan.blocks, **cond)
         else:
             v, fake_features = self.adapter.predict_velocity(critic, x_t, sigma, text, **cond), None
-        metrics["sigma/critic"] = float(sigma.mean())
+        metrics["sigma/critic"] = sigma.mean()
         loss = F.mse_loss(v, self.adapter.velocity_target(x0, noise).float())
         if gan.enabled:
             real_t = self.adapter.add_noise(real, noise, sigma)  # the same sigma and noise as the fake side

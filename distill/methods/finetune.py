@@ -62,4 +62,4 @@ class Finetune(Method):
         x_t = self.adapter.add_noise(x0, noise, sigma)
         v = self.adapter.predict_velocity(self.roles["student"], x_t, sigma, text, **self.adapter.conditioning(batch))
         loss = F.mse_loss(v, self.adapter.velocity_target(x0, noise).float())
-        return {"student": loss}, {"sigma/student": float(sigma.mean())}
+        return {"student": loss}, {"sigma/student": sigma.mean()}

@@ -101,4 +101,4 @@ class OdeInit(Method):
             sigma = sigma[:, 0]  # one noise level for the whole clip
         x0 = self.adapter.predict_x0(self.roles["student"], x_t, sigma, batch["text_embeds"])
         loss = F.mse_loss(x0, states[:, -1].float())
-        return {"student": loss}, {"sigma/student": float(sigma.mean())}
+        return {"student": loss}, {"sigma/student": sigma.mean()}

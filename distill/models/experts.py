@@ -44,9 +44,9 @@ class ExpertPair(nn.Module):
     def experts(self) -> Tuple[Tuple[str, nn.Module], ...]:
         return (HIGH, self.high), (LOW, self.low)
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
         for _, expert in self.experts():
-            expert.enable_gradient_checkpointing()
+            expert.enable_gradient_checkpointing(gradient_checkpointing_func)
 
     def route(self, timestep: torch.Tensor) -> torch.Tensor:
         return high_noise(timestep, self.boundary_timestep)

@@ -9,8 +9,18 @@ the dataset) gives
     classifier instead of Inception);
   - given the prompts' directions, direction accuracy: the fraction of clips
     whose digit's centre of brightness moves, from the first scored frame to
-    the last, most along the prompted direction.
-For image-to-video the first frame is given: clips are scored from frame 2.
+    the last, most along the prompted direction;
+  - given also the data's speeds, motion error: how far, in pixels per frame,
+    the digit's moves between consecutive frames are from a move the data
+    makes (one of its speeds along the prompted direction, the one that fits
+    the clip best), from the first frame on; 0 for real clips. The centre here
+    is that of the pixels brighter than mid-grey, so that a faint background
+    does not pull it. A blend of two speeds, what a few-step sampler averaging
+    over them draws, is half a pixel per frame off.
+For image-to-video the first frame is given and shows the digit: clips are
+scored from frame 2 (motion from the given frame on), and each scored frame is
+classified alone, since a mean of logits over frames would let a sharp frame
+carry blurred ones.
 """
 
 import logging
@@ -114,23 +124,33 @@ class DigitMetrics:
 
     @torch.no_grad()
     def __call__(self, clips: torch.Tensor, labels: torch.Tensor, directions: Optional[Sequence[str]] = None,
-                 first: int = 0) -> Dict[str, float]:
+                 first: int = 0, speeds: Optional[Sequence[int]] = None, per_frame: bool = False) -> Dict[str, float]:
         """accuracy and frechet_distance of clips [N, 1, T, 16, 16] in [-1, 1] from frame
-        `first` (0-based) on, and direction_accuracy when the prompts' directions are given."""
-        clips = clips.float().clamp(-1, 1).cpu()[:, :, first:]
+        `first` (0-based) on; accuracy per clip (logits averaged over its frames) or
+        per_frame; direction_accuracy when the prompts' directions are given, and
+        motion_error when the data's speeds are given too."""
+        whole = clips.float().clamp(-1, 1).cpu()
+        clips = whole[:, :, first:]
         frames = frames_of(clips)
-        logits = self.model(frames).reshape(clips.shape[0], clips.shape[2], 10).mean(dim=1)
-        accuracy = (logits.argmax(dim=1) == labels.cpu()).float().mean().item()
+        logits = self.model(frames).reshape(clips.shape[0], clips.shape[2], 10)
+        labels = labels.cpu()
+        if per_frame:
+            accuracy = (logits.argmax(dim=2) == labels[:, None]).float().mean().item()
+        else:
+            accuracy = (logits.mean(dim=1).argmax(dim=1) == labels).float().mean().item()
         mu, sigma = _gaussian(self.features(frames))
         out = {"accuracy": accuracy, "frechet_distance": frechet_distance(mu, sigma, self.real_mu, self.real_sigma)}
         if directions is not None:
             out["direction_accuracy"] = (motion_direction(clips) == direction_index(directions)).float().mean().item()
+        if directions is not None and speeds is not None:
+            out["motion_error"] = motion_error(whole, direction_index(directions), speeds).mean().item()
         return out
 
 
-def centre(frames: torch.Tensor) -> torch.Tensor:
-    """[..., H, W] in [-1, 1] -> the centre of brightness (y, x) [..., 2]."""
-    weight = (frames + 1) / 2
+def centre(frames: torch.Tensor, floor: float = -1.0) -> torch.Tensor:
+    """[..., H, W] in [-1, 1] -> the centre of brightness (y, x) [..., 2], each pixel
+    weighted by how far it is above `floor`."""
+    weight = (frames - floor).clamp_min(0)
     total = weight.sum(dim=(-2, -1)).clamp_min(1e-6)
     ys = torch.arange(frames.shape[-2], dtype=frames.dtype)
     xs = torch.arange(frames.shape[-1], dtype=frames.dtype)
@@ -144,6 +164,17 @@ def motion_direction(clips: torch.Tensor) -> torch.Tensor:
     move = points[:, -1] - points[:, 0]
     units = torch.tensor(list(DIRECTIONS.values()), dtype=move.dtype)  # (dy, dx) per direction
     return (move @ units.T).argmax(dim=1)
+
+
+def motion_error(clips: torch.Tensor, directions: torch.Tensor, speeds: Sequence[int]) -> torch.Tensor:
+    """Clips [N, 1, T, H, W], direction indices [N] -> [N]: the mean distance (px)
+    between the bright pixels' centre's moves from frame to frame and `speed`
+    pixels along the direction, for the speed of `speeds` that fits the clip best."""
+    points = centre(clips[:, 0], floor=0.0)  # [N, T, 2]
+    moves = points[:, 1:] - points[:, :-1]  # [N, T-1, 2]
+    units = torch.tensor(list(DIRECTIONS.values()), dtype=moves.dtype)[directions]  # (dy, dx) [N, 2]
+    errors = [(moves - s * units[:, None]).norm(dim=-1).mean(dim=1) for s in speeds]
+    return torch.stack(errors).min(dim=0).values
 
 
 def direction_index(directions: Sequence[str]) -> torch.Tensor:

@@ -123,6 +123,7 @@ def build_validator(config: Config, adapter, run_dir: Path, runtime) -> Validato
         labels = torch.tensor([int(c.split()[2]) for c in captions])
         metric = DigitMetrics(config.data.path) if runtime.is_main else None  # one classifier for every run
         if metric is not None and config.model.image_condition.value != "none":
-            # the first frame is given: frames 2-4 are scored, and whether they move as prompted
-            metric = functools.partial(metric, directions=[c.split()[4] for c in captions], first=1)
+            # the first frame is given: frames 2-4 are scored, each alone, and how they move
+            metric = functools.partial(metric, directions=[c.split()[4] for c in captions], first=1,
+                                       speeds=list(config.data.speeds), per_frame=True)
     return Validator(config, adapter, batch, run_dir, runtime.is_main, metric, labels, captions)
