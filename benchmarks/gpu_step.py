@@ -51,10 +51,10 @@ PEAKS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S":
 WAN13B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 SIZES = {
     "1.3b": ["experiment=wan21_t2v_1.3b_dmd2_3step", "data=synthetic", "data.num_samples=2"],
-    "tiny": ["experiment=tiny", "roles.student.activation_checkpointing=full", "roles.critic.activation_checkpointing=full",
+    "tiny": ["experiment=tiny", "roles.student.ema_decay=0.99", "roles.student.activation_checkpointing=full", "roles.critic.activation_checkpointing=full",
              "method.generator_update_interval=2"],
 }
-COMMON = ["logger=none", "validation.every=0", "checkpoint.every=0", "training.max_steps=1000000",
+COMMON = ["logger=none", "logger.progress_bar=false", "validation.every=0", "checkpoint.every=0", "training.max_steps=1000000",
           "training.export_at_end=false"]
 LAYOUTS = {"unsharded": [], "fsdp2 x 1 rank": ["parallel.shard_single_rank=true"]}
 
@@ -210,6 +210,7 @@ def phase_timers(trainer, times):
 def checkpoint_stall(trainer, background: bool) -> float:
     ckpt = trainer.checkpointer
     ckpt.background = background
+    trainer.advance()  # a step of its own: one checkpoint per step
     sync(trainer.runtime.device)
     start = time.perf_counter()
     ckpt.save(trainer.step)
@@ -279,8 +280,8 @@ def report(args, layout_name, trainer, runs, gen_flops, critic_flops, peak, time
     total_resident = 0
     for name, row in resident.items():
         total_resident += row["parameters"] + row["optimizer"] + row["ema"]
-        print(f"  {name:8s} parameters {row['parameters'] / 2**30:7.2f} GiB  gradients {row['gradients'] / 2**30:7.2f} GiB"
-              f"  optimizer {row['optimizer'] / 2**30:7.2f} GiB  EMA {row['ema'] / 2**30:6.2f} GiB")
+        print(f"  {name:8s} parameters {row['parameters'] / 2**20:9.1f} MiB  gradients {row['gradients'] / 2**20:9.1f} MiB"
+              f"  optimizer {row['optimizer'] / 2**20:9.1f} MiB  EMA {row['ema'] / 2**20:8.1f} MiB")
     if peak is not None:
         print(f"peak memory {peak / 2**30:.2f} GiB: resident {total_resident / 2**30:.2f} GiB, activations and "
               f"gradients in flight {(peak - total_resident) / 2**30:.2f} GiB")
