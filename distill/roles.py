@@ -159,19 +159,39 @@ def attach(module: nn.Module, extras: Optional[Callable[[nn.Module], Dict[str, n
     return list(added)
 
 
-def prepare(module: nn.Module, cfg: RoleConfig, adapter, seed: int) -> nn.Module:
-    """convert -> trainability -> activation checkpointing -> causal variant:
-    everything before the method's extra modules and sharding."""
+def prepare(module: nn.Module, cfg: RoleConfig, adapter, seed: int, compiled: bool = False) -> nn.Module:
+    """convert -> trainability -> activation checkpointing -> causal variant ->
+    attention backend -> compiled blocks: everything before the method's extra
+    modules and sharding."""
     module = convert(module, cfg, adapter, seed)
     # frozen: no grads, no optimizer; its checkpointing matters when a loss back-propagates
     # through it to its input (a GAN term on the teacher's features)
     module = module.train() if cfg.trainable else module.requires_grad_(False).eval()
     activation_checkpointing.enable(module, cfg.activation_checkpointing)
-    return adapter.make_causal(module) if cfg.causal else module
+    module = adapter.make_causal(module) if cfg.causal else module
+    adapter.set_attention_backend(module)
+    if compiled:
+        compile_blocks(adapter.blocks(module))
+    return module
+
+
+def compile_blocks(blocks) -> None:
+    """Regional compilation: each block's forward compiled in place. The blocks share
+    their code, and with nn.Module inlining (torch's default) parameters are graph
+    inputs, so every block of every role with that architecture reuses one compiled
+    graph per dtype and grad mode, instead of compiling the whole network."""
+    for block in blocks:
+        block.compile(dynamic=False)
+
+
+def compile_enabled(runtime: Runtime, flag: Optional[bool]) -> bool:
+    """training.compile, or (null) on when the run's device is a GPU."""
+    return flag if flag is not None else runtime.device.type == "cuda"
 
 
 def build_module(cfg: RoleConfig, path: Optional[str], seed: int, adapter, runtime: Runtime,
-                 extras: Optional[Callable[[nn.Module], Dict[str, nn.Module]]] = None) -> nn.Module:
+                 extras: Optional[Callable[[nn.Module], Dict[str, nn.Module]]] = None,
+                 compile_blocks_flag: Optional[bool] = False) -> nn.Module:
     """load -> prepare -> shard: one pipeline for 1 and N ranks.
 
     With N ranks, every rank prepares the architecture on the meta device and
@@ -179,9 +199,10 @@ def build_module(cfg: RoleConfig, path: Optional[str], seed: int, adapter, runti
     prepares alike) the full weights, which are broadcast shard-wise.
     """
     dtype = storage_dtype(cfg)
+    compiled = compile_enabled(runtime, compile_blocks_flag)
 
     def load() -> nn.Module:
-        module = prepare(adapter.load(path, seed, dtype), cfg, adapter, seed)
+        module = prepare(adapter.load(path, seed, dtype), cfg, adapter, seed, compiled)
         attach(module, extras, cfg, seed)
         return module
 
@@ -189,7 +210,7 @@ def build_module(cfg: RoleConfig, path: Optional[str], seed: int, adapter, runti
         return load().to(runtime.device)
     full = load().state_dict() if runtime.is_main else {}
     with init_empty_weights(include_buffers=False):
-        module = prepare(adapter.empty(path, dtype), cfg, adapter, seed)
+        module = prepare(adapter.empty(path, dtype), cfg, adapter, seed, compiled)
         added = attach(module, extras, cfg, seed)
     if runtime.context > 1:
         module = adapter.install_context_parallel(module, runtime)
@@ -226,11 +247,12 @@ def build_roles(config, adapter, runtime: Runtime) -> Dict[str, Role]:
         if name in sharing:
             lora_name = sharing[name]
             module = build_module(config.roles[lora_name], weights_path(config, name), config.seed, adapter, runtime,
-                                  extras(lora_name))
+                                  extras(lora_name), config.training.compile)
             roles[name] = Role(name, cfg, module, adapters_off=True)
             roles[lora_name] = Role(lora_name, config.roles[lora_name], module)
         else:
-            module = build_module(cfg, weights_path(config, name), config.seed, adapter, runtime, extras(name))
+            module = build_module(cfg, weights_path(config, name), config.seed, adapter, runtime, extras(name),
+                                  config.training.compile)
             roles[name] = Role(name, cfg, module)
     return {name: roles[name] for name in config.roles}
 

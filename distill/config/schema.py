@@ -85,6 +85,10 @@ class ModelConfig:
     latents_mean: Optional[List[float]] = None
     latents_std: Optional[List[float]] = None
     vae: VaeKind = VaeKind.wan  # how samples are decoded to pixels
+    # diffusers' attention backend for every role (native, _native_cudnn, _native_flash,
+    # flash, sage, ...: diffusers.models.attention_dispatch.AttentionBackendName);
+    # null: diffusers' default (PyTorch SDPA, which picks its kernel itself)
+    attention_backend: Optional[str] = None
     text_encoder: TextEncoderKind = TextEncoderKind.family  # how prompts are encoded when sampling by prompt
 
 
@@ -176,6 +180,9 @@ class TrainingConfig:
     torch_threads: Optional[int] = None  # null: torch's default
     export_at_end: bool = True  # write the trained roles in diffusers format at the end
     collective_timeout_s: int = 600  # a collective waiting longer than this fails
+    # torch.compile each transformer block (regional: one compiled block serves every
+    # block of a role, and roles of one architecture); null: on when the device is a GPU
+    compile: Optional[bool] = None
 
 
 @dataclass

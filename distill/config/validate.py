@@ -175,6 +175,22 @@ def _check_lora(role: str, lora) -> List[str]:
     return errors
 
 
+def _check_attention_backend(name) -> List[str]:
+    """A backend diffusers knows, whose kernels this machine has (checked by diffusers)."""
+    if name is None:
+        return []
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    names = [b.value for b in AttentionBackendName]
+    if name not in names:
+        return [f"model.attention_backend={name}: allowed values are {', '.join(names)} (or null)"]
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except (RuntimeError, ImportError) as err:
+        return [f"model.attention_backend={name}: not usable here ({err})"]
+    return []
+
+
 def _check_training(config: Config) -> List[str]:
     errors = []
     t = config.training
@@ -183,6 +199,10 @@ def _check_training(config: Config) -> List[str]:
             errors.append(f"training.{key}={getattr(t, key)}: must be >= 1")
     if t.device not in ("auto", "cpu", "cuda"):
         errors.append(f"training.device={t.device}: allowed values are auto, cpu, cuda")
+    if t.compile and config.parallel.context > 1:
+        errors.append("training.compile=true with parallel.context > 1: the context-parallel hooks are not "
+                      "traced by the compiled blocks (allowed: training.compile=false)")
+    errors += _check_attention_backend(config.model.attention_backend)
     ckpt = config.checkpoint
     for key in ("every", "keep_last"):
         if getattr(ckpt, key) < 0:

@@ -183,6 +183,16 @@ class FlowMatchingAdapter(ABC):
     def decode_with_vae(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no VAE decoder")
 
+    def set_attention_backend(self, module: nn.Module) -> None:
+        """model.attention_backend on every diffusers network in the role (both experts of a pair)."""
+        if self.cfg.attention_backend is None:
+            return
+        from diffusers import ModelMixin
+
+        for network in module.modules():
+            if isinstance(network, ModelMixin):
+                network.set_attention_backend(self.cfg.attention_backend)
+
     def freeze_untrained(self, module: nn.Module) -> nn.Module:
         """Freeze the parts of a trainable role's network the model config keeps as loaded."""
         return module
