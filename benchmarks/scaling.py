@@ -6,7 +6,10 @@ builders, takes one training step so the optimizers hold their moments, and
 reports per rank:
   - parameter + optimizer bytes of the trainable roles (goal: ~1/N of 1 process)
   - the time to write a full checkpoint (DCP, safetensors shards) against
-    writing the same local tensors with safetensors.save_file directly.
+    writing the same local tensors with safetensors.save_file directly;
+  - where a save's time goes: the parts' state dicts, DCP with the Hugging
+    Face safetensors writer the checkpoints use, DCP with its own format, and
+    the SHA-256 of the files (each timed alone).
 
     python benchmarks/scaling.py [--procs 1 2 4] [--repeats 5]
 """
@@ -52,7 +55,10 @@ def worker(out_file: str, repeats: int) -> None:
     from safetensors.torch import save_file
     from torch.distributed.tensor import DTensor
 
-    from distill.checkpoint import flatten
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter, HuggingFaceStorageWriter
+
+    from distill.checkpoint import checksums, flatten
     from distill.config import register_configs, validate
     from distill.distributed import init_runtime
     from distill.run import build_trainer
@@ -73,11 +79,27 @@ def worker(out_file: str, repeats: int) -> None:
         v for r in trainable for s in r.optimizer.state.values() for v in s.values() if torch.is_tensor(v)
     )
     dcp_times, st_times = [], []
+    parts = {k: [] for k in ("state dicts", "DCP, HF safetensors writer", "DCP, DCP's own format", "SHA-256 of files")}
     for i in range(repeats):
         runtime.barrier()
         t0 = time.perf_counter()
         trainer.checkpointer.save(1000 + i)
         dcp_times.append(time.perf_counter() - t0)
+        # where the save's time goes, each piece alone (same shared tensors)
+        t0 = time.perf_counter()
+        shared = {k: v for name, (part, per_rank) in trainer.checkpointer.parts.items() if not per_rank
+                  for k, v in flatten(part.state_dict(), f"{name}/").items() if torch.is_tensor(v)}
+        parts["state dicts"].append(time.perf_counter() - t0)
+        for key, writer in (("DCP, HF safetensors writer", HuggingFaceStorageWriter(str(tmp / f"hf-{i}"), save_distributed=True)),
+                            ("DCP, DCP's own format", FileSystemWriter(str(tmp / f"fs-{i}"), thread_count=1))):
+            runtime.barrier()
+            t0 = time.perf_counter()
+            dcp.save(shared, storage_writer=writer)
+            runtime.barrier()
+            parts[key].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        checksums(trainer.checkpointer.path(1000 + i))
+        parts["SHA-256 of files"].append(time.perf_counter() - t0)
         state = {
             k: (v.to_local() if isinstance(v, DTensor) else v).detach().contiguous()
             for name, role in trainer.roles.items() if role.trainable
@@ -97,6 +119,7 @@ def worker(out_file: str, repeats: int) -> None:
         checkpoint_bytes=checkpoint_bytes,
         dcp_s=statistics.median(dcp_times),
         safetensors_s=statistics.median(st_times),
+        parts={k: statistics.median(v) for k, v in parts.items()},
     )
     with open(f"{out_file}.{runtime.rank}", "w") as f:
         json.dump(result, f)
@@ -150,6 +173,13 @@ def main() -> None:
         st_s = max(r["safetensors_s"] for r in results)
         print(f"{n:>5} {per_rank / mib:>27.2f} {per_rank / base:>16.3f} {1 / n:>6.3f} "
               f"{total_bytes / mib / dcp_s:>15.1f} {total_bytes / mib / st_s:>18.1f} {st_s / dcp_s:>16.2f}")
+    print("\nWhere a save's time goes (slowest rank, seconds; each piece timed alone):")
+    keys = list(rows[args.procs[0]][0]["parts"])
+    print(f"{'procs':>5} {'whole save':>11} " + " ".join(f"{k:>27}" for k in keys) + f" {'plain safetensors':>18}")
+    for n, results in rows.items():
+        print(f"{n:>5} {max(r['dcp_s'] for r in results):>11.3f} "
+              + " ".join(f"{max(r['parts'][k] for r in results):>27.3f}" for k in keys)
+              + f" {max(r['safetensors_s'] for r in results):>18.3f}")
 
 
 if __name__ == "__main__":

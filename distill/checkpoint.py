@@ -47,7 +47,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
-from distill.config.io import save_config
+from distill.config.io import config_text
 
 log = logging.getLogger("distill")
 
@@ -66,7 +66,9 @@ class Checkpointer:
         self.cfg = cfg  # CheckpointConfig: cadence, retention, resume, folder name
         self.runtime = runtime
         self.fingerprint = fingerprint
-        self.config = config  # written beside the state as config.yaml
+        # written beside the state as config.yaml; rendered once (OmegaConf's rendering costs
+        # about a tenth of a small checkpoint's save)
+        self.config_yaml = config_text(config) if config is not None else None
         self.parts: Dict[str, Tuple[Any, bool]] = {}
         prefix, _, suffix = cfg.folder.partition("{step}")
         self._name = re.compile(f"^{re.escape(prefix)}(\\d+){re.escape(suffix)}$")
@@ -176,8 +178,8 @@ class Checkpointer:
                   metadata={"json": json.dumps(rank_json)})
         self._barrier(written is not None)
         if self.runtime.is_main:
-            if self.config is not None:
-                save_config(self.config, tmp / "config.yaml")
+            if self.config_yaml is not None:
+                (tmp / "config.yaml").write_text(self.config_yaml)
             meta = {"step": step, "fingerprint": self.fingerprint, "parts": shared_json, "files": checksums(tmp)}
             (tmp / COMPLETE_MARKER).write_text(json.dumps(meta, indent=1))
             tmp.rename(self.path(step))

@@ -34,6 +34,9 @@ class Runtime:
     mesh: Optional[DeviceMesh] = None  # None: one process, nothing sharded
     context: int = 1  # ranks per context group
     fsdp_mesh: Optional[DeviceMesh] = None  # what roles are sharded over (`sharding_mesh`)
+    # host-side agreement (the stop flag every iteration) without a device synchronisation:
+    # a gloo group beside NCCL; None: the default group (gloo already, or one process)
+    host_group: Optional[dist.ProcessGroup] = None
 
     @property
     def distributed(self) -> bool:
@@ -61,8 +64,8 @@ class Runtime:
         """True on every rank when `flag` is true on any rank."""
         if not self.distributed:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
         return bool(t.item())
 
     def from_main(self, value):
@@ -131,7 +134,9 @@ def init_runtime(device: str = "auto", parallel=None, timeout_s: int = 600) -> R
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     shape = mesh_shape(parallel, world_size) if parallel is not None else (1, world_size, 1)
     mesh = init_device_mesh(dev.type, shape, mesh_dim_names=MESH_DIMS)
-    return Runtime(rank, world_size, local_rank, dev, mesh, context=shape[2], fsdp_mesh=sharding_mesh(mesh))
+    host_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+    return Runtime(rank, world_size, local_rank, dev, mesh, context=shape[2], fsdp_mesh=sharding_mesh(mesh),
+                   host_group=host_group)
 
 
 def sharding_mesh(mesh: DeviceMesh) -> DeviceMesh:

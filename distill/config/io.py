@@ -8,8 +8,12 @@ from distill.config.schema import Config
 from distill.registry import load_entries, method_class
 
 
+def config_text(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
 def save_config(config: Config, path: Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    Path(path).write_text(config_text(config))
 
 
 def load_config_node(path: Path) -> DictConfig:
