@@ -120,7 +120,8 @@ class MetricWindow:
         tensor sums are read in one transfer, through `reduce` when given."""
         on_device = sorted(k for k, v in self.sums.items() if torch.is_tensor(v))  # alike on every rank
         if on_device:
-            stacked = torch.stack([self.sums[k].reshape(()) for k in on_device])
+            device = self.sums[on_device[0]].device  # a metric computed on the host joins the device ones
+            stacked = torch.stack([self.sums[k].reshape(()).to(device) for k in on_device])
             values = (reduce(stacked) if reduce else stacked).cpu().tolist()  # the window's one host sync
             self.sums.update(zip(on_device, values))
         means = {key: self.sums[key] / self.counts[key] for key in self.sums}
