@@ -158,7 +158,9 @@ class Checkpointer:
                 dcp.save(shared_tensors, storage_writer=writer, no_dist=not self.runtime.distributed)
             self._finish(None, tmp, step, rank_tensors, rank_json, shared_json)
             return final
-        rank_tensors = {k: v.detach().to("cpu", copy=True) for k, v in rank_tensors.items()}  # staged too
+        # staged too: the per-rank tensors, and the JSON values as they are now
+        rank_tensors = {k: v.detach().to("cpu", copy=True) for k, v in rank_tensors.items()}
+        rank_json, shared_json = json.loads(json.dumps(rank_json)), json.loads(json.dumps(shared_json))
         group = self._background_group()
         with _single_process_quiet():
             written = dcp.async_save(shared_tensors, storage_writer=writer, process_group=group,

@@ -63,7 +63,7 @@ def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None, stop=N
     for name, role in roles.items():
         log.info("role %s: %s", name, describe(role))
     t = config.training
-    tracker = Tracker(run_dir, config, total_steps=t.max_steps, log_every=t.log_every, enabled=runtime.is_main)
+    tracker = Tracker(run_dir, config, total_steps=t.max_steps, enabled=runtime.is_main)
     checkpointer = build_checkpointer(config, run_dir, runtime)
     trainer = Trainer(
         method,

@@ -23,11 +23,10 @@ WANDB_ID_FILE = "wandb_id.txt"
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, config=None, total_steps: int = 0, start_step: int = 0, log_every: int = 1,
+    def __init__(self, run_dir: Path, config=None, total_steps: int = 0, start_step: int = 0,
                  enabled: bool = True):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
-        self.log_every = log_every
         self.wandb = None
         self.bar = None
         self._redirect = None
@@ -100,9 +99,6 @@ class MetricWindow:
     def __init__(self):
         self.sums: Dict[str, object] = {}
         self.counts: Dict[str, int] = {}
-
-    def __len__(self) -> int:
-        return len(self.sums)
 
     def add(self, metrics: Dict[str, object]) -> None:
         for key, value in metrics.items():

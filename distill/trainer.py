@@ -55,7 +55,7 @@ class Trainer:
         self.checkpointer = checkpointer
         self.stop = stop
         self.step = 0
-        self.tracker = tracker or Tracker(self.run_dir, log_every=log_every, enabled=self.runtime.is_main)
+        self.tracker = tracker or Tracker(self.run_dir, enabled=self.runtime.is_main)
         self.samples_per_step = samples_per_step
         self.validator = validator
         self.validation_every = validation_every

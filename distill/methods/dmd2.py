@@ -160,7 +160,17 @@ class DMD2(Method):
     def __init__(self, cfg, adapter, roles, seed, device):
         super().__init__(cfg, adapter, roles, seed, device)
         self.student_sigmas = student_sigmas(cfg, adapter)
-        self.sigma_values = self.student_sigmas.tolist()  # for metrics, read without a tensor
+
+    @property
+    def student_sigmas(self) -> torch.Tensor:
+        """The listed sigmas (a host tensor); `sigma_values` is the same as floats, for
+        metrics that must not read a tensor in the loop."""
+        return self._student_sigmas
+
+    @student_sigmas.setter
+    def student_sigmas(self, sigmas: torch.Tensor) -> None:
+        self._student_sigmas = sigmas
+        self.sigma_values = sigmas.tolist()
 
     def roles_to_step(self, iteration: int) -> List[str]:
         return ["student", "critic"] if self.is_generator_iteration(iteration) else ["critic"]
