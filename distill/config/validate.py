@@ -40,6 +40,7 @@ def validate(cfg: DictConfig) -> Config:
         _check_roles(config, method)
         + [*method.check(config.method)]
         + _check_training(config)
+        + _check_attention_backend(config.model.attention_backend)
         + _check_parallel(config, family)
         + _derive_accumulation(config)
         + _check_data(config, method)
@@ -202,7 +203,6 @@ def _check_training(config: Config) -> List[str]:
     if t.compile and config.parallel.context > 1:
         errors.append("training.compile=true with parallel.context > 1: the context-parallel hooks are not "
                       "traced by the compiled blocks (allowed: training.compile=false)")
-    errors += _check_attention_backend(config.model.attention_backend)
     ckpt = config.checkpoint
     for key in ("every", "keep_last"):
         if getattr(ckpt, key) < 0:
@@ -295,7 +295,9 @@ def _check_data(config: Config, method) -> List[str]:
     if data.name == "digits":
         from distill.data.digits import speeds_error
 
-        errors.extend(filter(None, [speeds_error(data.speeds)]))
+        error = speeds_error(data.speeds)
+        if error:
+            errors.append(error)
     if data.num_workers < 0:
         errors.append(f"data.num_workers={data.num_workers}: must be >= 0")
     if "latents" in method.batch_keys(config.method) and data.text_only:

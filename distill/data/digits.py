@@ -100,8 +100,9 @@ def ensure_digits(split: str, cache: Optional[str] = None, seed: int = 0, speeds
     """The folder of the split's parquet shards, built on first use."""
     if split not in CLIPS:
         raise ValueError(f"data.split={split}: allowed values are {sorted(CLIPS)}")
-    if speeds_error(speeds):
-        raise ValueError(speeds_error(speeds))
+    error = speeds_error(speeds)
+    if error:
+        raise ValueError(error)
     folder = Path(cache) if cache else default_cache()
     name = f"digits-v{VERSION}-seed{seed}" + ("" if list(speeds) == [SPEED] else "-speeds" + "-".join(map(str, speeds)))
     folder = folder / name / split

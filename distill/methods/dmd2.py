@@ -161,17 +161,6 @@ class DMD2(Method):
         super().__init__(cfg, adapter, roles, seed, device)
         self.student_sigmas = student_sigmas(cfg, adapter)
 
-    @property
-    def student_sigmas(self) -> torch.Tensor:
-        """The listed sigmas (a host tensor); `sigma_values` is the same as floats, for
-        metrics that must not read a tensor in the loop."""
-        return self._student_sigmas
-
-    @student_sigmas.setter
-    def student_sigmas(self, sigmas: torch.Tensor) -> None:
-        self._student_sigmas = sigmas
-        self.sigma_values = sigmas.tolist()
-
     def roles_to_step(self, iteration: int) -> List[str]:
         return ["student", "critic"] if self.is_generator_iteration(iteration) else ["critic"]
 
@@ -205,7 +194,7 @@ class DMD2(Method):
         """x0 from the student at a random listed step; grad flows only through that last step."""
         sigmas = self.student_sigmas.to(self.device)
         step = self.exit_step()
-        metrics.update({"student_step": step, "sigma/student": self.sigma_values[step]})
+        metrics.update({"student_step": step, "sigma/student": sigmas[step]})
         n = batch["text_embeds"].shape[0]
         student, text = self.roles["student"], batch["text_embeds"]
         if self.cfg.rollout.value == "data":

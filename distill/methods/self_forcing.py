@@ -79,7 +79,6 @@ class SelfForcing(DMD2):
         chunks = -(-noise.shape[2] // self.adapter.cfg.chunk_frames)
         exits = self.exit_steps(chunks)
         sigmas = self.student_sigmas.to(self.device)
-        metrics.update({"student_step": sum(exits) / chunks,
-                        "sigma/student": sum(self.sigma_values[e] for e in exits) / chunks})
+        metrics.update({"student_step": sum(exits) / chunks, "sigma/student": self.student_sigmas[exits].mean()})
         return causal_rollout(self.adapter, self.roles["student"], noise, sigmas, text, self.randn, exits,
                               self.cfg.context_timestep / 1000, **cond)

@@ -162,7 +162,7 @@ def motion_direction(clips: torch.Tensor) -> torch.Tensor:
     frame's centre of brightness to the last's that is most along it."""
     points = centre(clips[:, 0])  # [N, T, 2]
     move = points[:, -1] - points[:, 0]
-    units = torch.tensor(list(DIRECTIONS.values()), dtype=move.dtype)  # (dy, dx) per direction
+    units = direction_units(move.dtype)
     return (move @ units.T).argmax(dim=1)
 
 
@@ -172,9 +172,14 @@ def motion_error(clips: torch.Tensor, directions: torch.Tensor, speeds: Sequence
     pixels along the direction, for the speed of `speeds` that fits the clip best."""
     points = centre(clips[:, 0], floor=0.0)  # [N, T, 2]
     moves = points[:, 1:] - points[:, :-1]  # [N, T-1, 2]
-    units = torch.tensor(list(DIRECTIONS.values()), dtype=moves.dtype)[directions]  # (dy, dx) [N, 2]
+    units = direction_units(moves.dtype)[directions]  # [N, 2]
     errors = [(moves - s * units[:, None]).norm(dim=-1).mean(dim=1) for s in speeds]
     return torch.stack(errors).min(dim=0).values
+
+
+def direction_units(dtype: torch.dtype) -> torch.Tensor:
+    """[4, 2]: (dy, dx) of each direction, in DIRECTIONS' order."""
+    return torch.tensor(list(DIRECTIONS.values()), dtype=dtype)
 
 
 def direction_index(directions: Sequence[str]) -> torch.Tensor:
