@@ -5,6 +5,7 @@ process group the environment describes, and trains (resuming from the run
 folder's newest checkpoint when there is one).
 """
 
+import faulthandler
 import logging
 import os
 import sys
@@ -17,7 +18,10 @@ CONFIG_FILE = "config.yaml"
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
-    """Rank 0 logs to the console and launch.log; the others to logs/rank-<r>.log."""
+    """Rank 0 logs to the console and launch.log; the others to logs/rank-<r>.log.
+    A rank killed by a fatal signal (a native crash: SIGSEGV, SIGABRT from glibc's heap
+    checks, SIGBUS) writes the Python stack of every thread into its log first, so that
+    a crash seen once says where it happened."""
     if rank == 0:
         file = run_dir / "launch.log"
     else:
@@ -26,6 +30,12 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     handlers = [logging.FileHandler(file)] + ([logging.StreamHandler(sys.stdout)] if rank == 0 else [])
     fmt = f"[%(asctime)s][rank {rank}][%(levelname)s] - %(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt, handlers=handlers, force=True)
+    global _fault_log
+    _fault_log = open(file, "a")  # kept open for the process's life: faulthandler writes to its descriptor
+    faulthandler.enable(file=_fault_log, all_threads=True)
+
+
+_fault_log = None
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,10 +18,31 @@ register_configs()
 register_sweeps(ROOT / "sweeps")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """How `--dist loadgroup` shares the tests between the xdist workers:
+    - tests that start several processes (marked `multiprocess`, or using the SLURM
+      cluster) form one group: they run one after another on one worker, never beside
+      each other, while the other worker runs the rest;
+    - tests that share a module-scoped fixture run on one worker, so that it is built
+      once (a fixture shared across workers is session-scoped, through `built_once`);
+    - every other test goes to whichever worker is free.
+    tryfirst: xdist reads the group marks in its own hook of this name."""
+    for item in items:
+        if item.get_closest_marker("multiprocess") or "slurm" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("multiprocess"))
+        elif any(d.scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 def quiet(overrides):
     """Tests run the tiny plumbing config and log to files only, unless a test
-    picks an experiment or a logger itself."""
+    picks an experiment or a logger itself; every run trains on one torch thread,
+    since the two xdist workers already keep both cores busy (the demo's 2 threads
+    beside another worker's run oversubscribe the cores and slow both)."""
     overrides = list(overrides)
+    if not any(o.lstrip("+~").startswith("training.torch_threads") for o in overrides):
+        overrides.append("training.torch_threads=1")
     if not any(o.lstrip("+~").startswith("logger") for o in overrides):
         overrides.append("logger=none")
     if not any(o.lstrip("+~").startswith("experiment") for o in overrides):
@@ -69,6 +91,68 @@ def read_metrics(run_dir: Path, validation: bool = False):
     """The training records of metrics.jsonl (or, with validation=True, the validation ones)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if any(k.startswith("val/") for k in r) == validation]
+
+
+@pytest.fixture(scope="session")
+def built_once(tmp_path_factory):
+    """`built_once(name, make)` -> a folder that `make(folder)` filled once per test
+    session: the first xdist worker to ask builds it under a file lock, the other
+    waits and reads the same folder. For expensive fixtures (trained runs, model
+    folders) that tests only read."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker has its own basetemp below the session's
+    root = root / "built-once"
+    root.mkdir(exist_ok=True)
+
+    def build(name: str, make) -> Path:
+        folder, complete = root / name, root / f"{name}.complete"
+        with FileLock(root / f"{name}.lock"):
+            if not complete.is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+                make(folder)
+                complete.touch()
+        return folder
+
+    return build
+
+
+# The one short demo run of the suite: `python launch.py` (the embedded default),
+# shortened. Its quality is asserted in test_demo.py; its log lines, samples, grids,
+# printed table, export, sampling by prompt and relaunch are read by the tests of
+# what a user sees. Validation at the teacher's 3 steps adds the 3-step grid; the
+# teacher at the student's 2 steps (the quality reference) is sampled in any case.
+DEMO_SHORT = ["training.max_steps=750", "validation.every=250", "validation.num_samples=128",
+              "validation.teacher_steps=3", "checkpoint.every=100000"]
+
+
+@pytest.fixture(scope="session")
+def demo_run(built_once) -> Path:
+    """The run folder of the short demo run (its console output in stdout.txt beside it)."""
+    def make(folder):
+        # exactly the default launch: no experiment named (run_launch would add the tiny one)
+        args = [*DEMO_SHORT, "logger=none", "training.torch_threads=1", f"hydra.run.dir={folder / 'run'}"]
+        result = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, capture_output=True,
+                                text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        (folder / "stdout.txt").write_text(result.stdout)
+        assert result.returncode == 0, result.stderr
+
+    return built_once("demo", make) / "run"
+
+
+def validation_scores(run: Path) -> dict:
+    """The latest value of every validation metric of a run ('student_2step/accuracy', ...;
+    the teacher's from the first validation), and the student's averaged over the last
+    two validations as 'student_last2/...'."""
+    records = read_metrics(run, validation=True)
+    scores = {k.split("/", 1)[1]: v for r in records for k, v in r.items() if k.startswith("val/")}
+    last2 = [r for r in records if "val/student_2step/accuracy" in r][-2:]
+    for key in ("accuracy", "frechet_distance"):
+        scores[f"student_last2/{key}"] = sum(r[f"val/student_2step/{key}"] for r in last2) / len(last2)
+    return scores
 
 
 @pytest.fixture

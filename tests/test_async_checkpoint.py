@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT, assert_bit_identical_runs, quiet, read_metrics, run_launch
@@ -90,6 +91,7 @@ def test_kill_during_the_background_write_then_resume_is_exact(tmp_path):
     assert_bit_identical_runs(straight, killed)
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_write_in_the_background_as_they_would_in_the_foreground(tmp_path):
     background, foreground = tmp_path / "async", tmp_path / "sync"
     two = ["launcher.nproc_per_node=2", "data.batch_size=2"]

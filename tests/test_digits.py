@@ -81,6 +81,7 @@ def test_cached_dataset_is_built_once_and_reads(tmp_path):
     assert ds.make_batch(0)["latents"].shape == (4, 1, 4, 16, 16)
 
 
+@pytest.mark.multiprocess
 def test_two_process_run_on_digits(tmp_path):
     run = tmp_path / "run"
     result = run_launch(

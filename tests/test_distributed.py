@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -29,6 +30,7 @@ def assert_same_metrics(a, b, rel):
                 assert abs(x[key] - y[key]) <= rel * abs(x[key]), (x["step"], key, x[key], y[key])
 
 
+@pytest.mark.multiprocess
 def test_two_process_fsdp_matches_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     steps = ["training.max_steps=6"]
@@ -57,6 +59,7 @@ def test_one_rank_shards_when_asked_and_matches_the_unsharded_run(tmp_path):
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, role
 
 
+@pytest.mark.multiprocess
 def test_hsdp_with_grad_accumulation_and_checkpointing_matches_one_process(tmp_path):
     one, four = tmp_path / "one", tmp_path / "four"
     common = ["training.max_steps=3", "training.grad_accum_steps=2", "method.generator_update_interval=2"]
@@ -77,6 +80,7 @@ def test_hsdp_with_grad_accumulation_and_checkpointing_matches_one_process(tmp_p
     assert_same_metrics(read_metrics(one), read_metrics(four), rel=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_stopped_and_resumed_run_is_bit_identical(tmp_path):
     """2 processes: 8 steps straight, against 4 steps then a second launch
     into the same folder that resumes by itself for 4 more."""
@@ -103,6 +107,7 @@ def _pid_of(log, rank, timeout=60):
     raise AssertionError(f"no pid line in {log}")
 
 
+@pytest.mark.multiprocess
 def test_killed_rank_ends_the_run_naming_the_rank(tmp_path):
     run = tmp_path / "run"
     proc = launch_background(["launcher.nproc_per_node=2", "training.max_steps=100000", f"hydra.run.dir={run}"])
@@ -234,3 +239,15 @@ def test_ema_follows_hand_computed_average():
         ema.update(module, step)
     # step 1 copies (2.0); step 2: 0.9 * 2 + 0.1 * 4 = 2.2; step 3: 0.9 * 2.2 = 1.98
     assert torch.allclose(ema.state_dict()["weight"], torch.tensor([[1.98]]))
+
+
+def test_a_rank_that_crashes_in_native_code_leaves_its_python_stacks_in_its_log(tmp_path):
+    """A fatal signal (here SIGSEGV, as glibc's heap checks raise SIGABRT) writes every
+    thread's Python stack into the rank's log before the process dies."""
+    code = ("import os, signal, sys; from pathlib import Path; from distill.worker import setup_logging; "
+            "setup_logging(Path(sys.argv[1]), 1); os.kill(os.getpid(), signal.SIGSEGV)")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == -signal.SIGSEGV
+    log = (tmp_path / "logs" / "rank-1.log").read_text()
+    assert "Fatal Python error: Segmentation fault" in log and 'File "<string>", line 1 in <module>' in log

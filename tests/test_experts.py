@@ -61,15 +61,17 @@ def test_cfg_uses_each_experts_scale():
     assert torch.allclose(x0.flatten(), torch.tensor([-0.8 * 5.0, -0.3 * 2.0]))
 
 
-@pytest.fixture(scope="module")
-def pair_folder(tmp_path_factory):
+@pytest.fixture(scope="session")
+def pair_folder(built_once):
+    """A tiny two-expert (A14B-style) model folder, shared by every worker."""
     from diffusers import WanTransformer3DModel
 
-    folder = tmp_path_factory.mktemp("tiny-a14b")
-    for seed, sub in enumerate(("transformer", "transformer_2")):
-        torch.manual_seed(seed)
-        WanTransformer3DModel(**TINY).save_pretrained(folder / sub)
-    return folder
+    def make(folder):
+        for seed, sub in enumerate(("transformer", "transformer_2")):
+            torch.manual_seed(seed)
+            WanTransformer3DModel(**TINY).save_pretrained(folder / sub)
+
+    return built_once("tiny-a14b", make)
 
 
 def common(folder):
@@ -77,14 +79,16 @@ def common(folder):
             "method.generator_update_interval=2", "roles.student.ema_decay=0.9"]
 
 
-@pytest.fixture(scope="module")
-def one_rank(pair_folder, tmp_path_factory):
-    run = tmp_path_factory.mktemp("a14b") / "one"
-    result = run_launch([*common(pair_folder), "data.batch_size=2", "training.max_steps=4", f"hydra.run.dir={run}"])
-    assert result.returncode == 0, result.stderr
-    return run
+@pytest.fixture(scope="session")
+def one_rank(pair_folder, built_once):
+    def make(folder):
+        result = run_launch([*common(pair_folder), "data.batch_size=2", "training.max_steps=4", f"hydra.run.dir={folder}"])
+        assert result.returncode == 0, result.stderr
+
+    return built_once("a14b-one-rank", make)
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_equal_one_rank_and_both_experts_train(pair_folder, one_rank, tmp_path):
     run = tmp_path / "two"
     result = run_launch([*common(pair_folder), "data.batch_size=1", "launcher.nproc_per_node=2",

@@ -5,6 +5,7 @@ and on two."""
 import json
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -42,6 +43,7 @@ def test_extra_method_checks_reach_the_user(tmp_path, monkeypatch):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.multiprocess
 def test_extra_family_with_a_conditioning_input_runs_on_two_processes(tmp_path, monkeypatch):
     """dmd2 (data rollout) on the first-frame family: every forward of the student,
     critic and teacher receives the frame from the batch, under FSDP2 on 2 ranks."""

@@ -182,6 +182,7 @@ def test_a_checkpoint_without_the_head_does_not_resume_a_gan_run(tmp_path):
     assert "method.gan: checkpoint has None, this run has [[0, -1], 16]" in str(err.value)
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_shard_the_head_and_match_one_rank(tmp_path):
     """FSDP2 over 2 processes, the head its own shard unit: the losses of 1 rank."""
     from conftest import read_metrics, run_launch

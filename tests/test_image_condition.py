@@ -129,6 +129,7 @@ def test_synthetic_data_has_no_image_embeddings_for_concat():
     assert torch.equal(batch["first_frame"], batch["latents"][:, :, :1])
 
 
+@pytest.mark.multiprocess
 def test_first_frame_conditioning_under_context_parallelism_equals_one_rank(tmp_path):
     """The image's tokens run at timestep 0: a per-token timestep that diffusers' plan
     splits over the context group with the tokens."""

@@ -6,6 +6,7 @@ Each is a diffusers folder in the real layout, FastVideo's i2v parquet from
 resume, validation beside the conditioning image, and the export in diffusers'
 WanImageToVideoPipeline."""
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,16 +54,21 @@ def write_clip_encoder(folder: Path) -> None:
         folder / "image_processor")
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
-    """(Family, model folder, i2v dataset folder)."""
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def family(request, built_once):
+    """(Family, model folder, i2v dataset folder), built once for every worker."""
+    fam = FAMILIES[request.param]
+    root = built_once(f"i2v-{fam.name}", functools.partial(write_family, fam))
+    return fam, root / "model", root / "data"
+
+
+def write_family(fam: Family, root: Path) -> None:
+    """A tiny model of the family and a preprocessed 4-clip image-to-video dataset."""
     import subprocess
     import sys
 
     from diffusers import WanTransformer3DModel
 
-    fam = FAMILIES[request.param]
-    root = tmp_path_factory.mktemp(fam.name)
     model = write_tiny_pipeline_parts(root / "model", wan22=fam.wan22_vae)
     if fam.clip:
         write_clip_encoder(model)
@@ -81,7 +87,6 @@ def family(request, tmp_path_factory):
          "--width", "64", "--frames", "5", "--batch-size", "2", "--max-text-len", "8", "--row-group-size", "1"],
         cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    return fam, model, root / "data"
 
 
 def common(family):
@@ -93,12 +98,13 @@ def common(family):
             "method.generator_update_interval=2", "validation.num_samples=2", "roles.student.ema_decay=0.9"]
 
 
-@pytest.fixture(scope="module")
-def one_rank(family, tmp_path_factory):
-    run = tmp_path_factory.mktemp("i2v-run") / "one"
-    result = run_launch([*common(family), "data.batch_size=2", "training.max_steps=4", f"hydra.run.dir={run}"])
-    assert result.returncode == 0, result.stderr
-    return run
+@pytest.fixture(scope="session")
+def one_rank(family, built_once):
+    def make(run):
+        result = run_launch([*common(family), "data.batch_size=2", "training.max_steps=4", f"hydra.run.dir={run}"])
+        assert result.returncode == 0, result.stderr
+
+    return built_once(f"i2v-{family[0].name}-one-rank", make)
 
 
 def test_preprocess_i2v_writes_fastvideos_image_to_video_columns(family):
@@ -157,6 +163,7 @@ def test_i2v_dmd2_runs_and_validation_shows_the_conditioning_image(family, one_r
         assert gap(2).mean() > 1.0
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_equal_one_rank(family, one_rank, tmp_path):
     run = tmp_path / "two"
     result = run_launch([*common(family), "data.batch_size=1", "launcher.nproc_per_node=2", "training.max_steps=4",

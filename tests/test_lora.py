@@ -129,6 +129,7 @@ def test_ema_of_the_adapters_is_exported(lora_run):
     assert torch.equal(lora[key], ema["blocks.0.attn1.to_q.lora_B.default.weight"])
 
 
+@pytest.mark.multiprocess
 def test_two_rank_lora_matches_one_rank_and_resumes_bit_identically(tmp_path):
     """FSDP2 shards the adapters with their blocks: 2 ranks x batch 2 equal 1 rank x
     batch 4 within 1e-5; 3 steps, then a relaunch to 6, equal 6 straight bit for bit."""
@@ -198,6 +199,7 @@ def test_lora_config_is_checked():
         assert message in str(err.value)
 
 
+@pytest.mark.multiprocess
 def test_critic_lora_over_the_teachers_network_equals_its_own_copy(tmp_path):
     """roles.critic.lora.base_role=teacher: one network, the teacher running it with the
     adapters off. On 2 ranks it trains exactly like a critic with its own copy of the

@@ -2,6 +2,10 @@
 distance, prompt-to-GIF sampling with the shipped demo student, --help."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -39,19 +43,36 @@ def test_device_values_are_summed_as_tensors_and_read_once_through_the_rank_mean
     assert len(reduced) == 1 and reduced[0].tolist() == [12.0, 3.0]  # one transfer, keys sorted alike on every rank
 
 
-def test_every_log_line_of_the_demo_shows_every_role(tmp_path):
+def test_every_log_line_of_the_demo_shows_every_role(demo_run):
     """Generator every 5 iterations, a line every 25: both roles on every line."""
-    overrides = ["experiment=digits_demo", "training.max_steps=50", "validation.every=0", "validation.num_samples=4",
-                 "validation.teacher_steps=2", "validation.metrics=false", "checkpoint.every=0",
-                 "training.export_at_end=false"]
-    config = validate(compose_config(overrides))
+    config = validate(compose_config(["experiment=digits_demo"]))
     assert (config.method.generator_update_interval, config.training.log_every) == (5, 25)
-    train(config, tmp_path)
-    records = read_metrics(tmp_path)
-    assert [r["step"] for r in records] == [25, 50]
+    records = read_metrics(demo_run)
+    assert records and all(r["step"] % 25 == 0 for r in records)
     for r in records:
         for key in ("loss/student", "grad_norm/student", "lr/student", "loss/critic", "grad_norm/critic", "lr/critic"):
             assert np.isfinite(r[key]), (r["step"], key)
+
+
+def test_the_demo_runs_grids_caption_every_prompt_and_its_export_samples_by_prompt(demo_run, tmp_path):
+    """The shared demo run's grids keep their prompts; its exported student samples by
+    prompt through `distill.sample`; relaunching the finished run trains nothing."""
+    from distill.sample import main
+
+    steps = read_metrics(demo_run)[-1]["step"]
+    grid = Image.open(demo_run / "samples" / f"student_2step-step{steps:06d}.png")
+    prompts = json.loads(grid.text["captions"])
+    assert len(prompts) == 16 and all(p.startswith("the digit ") for p in prompts)  # a grid shows the first 16
+    out = tmp_path / "seven.gif"
+    assert main([str(demo_run / "export" / "student"), "--prompt", "the digit 7 moving left", "--out", str(out)]) == 0
+    assert _gif_clip(out).shape == (4, 16, 16)
+    run = shutil.copytree(demo_run, tmp_path / "run")  # other tests read the shared run meanwhile
+    metrics = (run / "metrics.jsonl").read_bytes()
+    again = subprocess.run([sys.executable, str(ROOT / "launch.py"), f"hydra.run.dir={run}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert again.returncode == 0, again.stderr
+    assert f"is finished at step {steps}" in again.stdout
+    assert (run / "metrics.jsonl").read_bytes() == metrics and not (run / f"checkpoint-{steps + 1}").exists()
 
 
 def test_grid_captions_every_clip_and_keeps_the_prompts(tmp_path):

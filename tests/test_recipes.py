@@ -74,6 +74,7 @@ def test_global_batch_of_a_recipe_sets_the_accumulation(tmp_path, tiny_model_dir
             in str(err.value))
 
 
+@pytest.mark.multiprocess
 def test_global_batch_equals_explicit_accumulation_on_one_and_two_ranks(tmp_path):
     runs = {
         "explicit": ["data.batch_size=2", "training.grad_accum_steps=2"],

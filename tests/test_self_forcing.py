@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -56,6 +57,7 @@ def test_gradient_flows_only_through_each_chunks_exit_step():
     assert all(p.grad is not None for p in roles["student"].module.parameters())
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_equal_one_and_resume_is_bit_exact(tmp_path):
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     common = [*SF, "roles.student.ema_decay=0.9"]
