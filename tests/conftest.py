@@ -57,17 +57,16 @@ def compose_config(overrides=()):
         return compose(config_name="config", overrides=quiet(overrides))
 
 
-def run_launch(args, cwd=None, timeout=300):
+def launch_as_typed(args, cwd=None, timeout=300):
+    """launch.py exactly as typed: no overrides added."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
-    args = args if "--cfg" in args else quiet(args)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), *args],
-        cwd=cwd or ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_launch(args, cwd=None, timeout=300):
+    """launch.py with the tests' defaults (`quiet`) added."""
+    return launch_as_typed(args if "--cfg" in args else quiet(args), cwd, timeout)
 
 
 def launch_background(args):
@@ -135,8 +134,7 @@ def demo_run(built_once) -> Path:
     def make(folder):
         # exactly the default launch: no experiment named (run_launch would add the tiny one)
         args = [*DEMO_SHORT, "logger=none", "training.torch_threads=1", f"hydra.run.dir={folder / 'run'}"]
-        result = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, capture_output=True,
-                                text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        result = launch_as_typed(args, timeout=1800)
         (folder / "stdout.txt").write_text(result.stdout)
         assert result.returncode == 0, result.stderr
 

@@ -6,27 +6,18 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, compose_config, launch_background, quiet, read_metrics, wait_for_records
+from conftest import compose_config, launch_as_typed as launch, launch_background, quiet, read_metrics, wait_for_records
 from distill.config import validate
 from distill.config.resume import merge_overrides
 from distill.preemption import StopRequest
 from distill.run import train
 
 TINY = ["training.max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=0", "method.generator_update_interval=3"]
-
-
-def launch(args, timeout=300):
-    """launch.py exactly as typed: no overrides added."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
-    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def snapshot(folder):

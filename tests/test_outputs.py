@@ -2,10 +2,7 @@
 distance, prompt-to-GIF sampling with the shipped demo student, --help."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -13,9 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, compose_config, read_metrics, run_launch
+from conftest import ROOT, compose_config, launch_as_typed, read_metrics, run_launch
 from distill.config import validate
-from distill.run import train
 from distill.tracking import MetricWindow
 from distill.validation.media import CAPTION_HEIGHT, PAD, save_grid
 
@@ -68,8 +64,7 @@ def test_the_demo_runs_grids_caption_every_prompt_and_its_export_samples_by_prom
     assert _gif_clip(out).shape == (4, 16, 16)
     run = shutil.copytree(demo_run, tmp_path / "run")  # other tests read the shared run meanwhile
     metrics = (run / "metrics.jsonl").read_bytes()
-    again = subprocess.run([sys.executable, str(ROOT / "launch.py"), f"hydra.run.dir={run}"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    again = launch_as_typed([f"hydra.run.dir={run}"])
     assert again.returncode == 0, again.stderr
     assert f"is finished at step {steps}" in again.stdout
     assert (run / "metrics.jsonl").read_bytes() == metrics and not (run / f"checkpoint-{steps + 1}").exists()
