@@ -5,6 +5,10 @@ resolve to loopback, see loopback_names) run from one temporary
 folder, on free ports, as root. No accounting daemon: an `sacct` stand-in on
 PATH answers submitit's state queries from `scontrol show job`. `stop()` ends
 only the daemons this object started.
+
+Two settings keep the tests short: a requeued job waits cred_expire + 1 seconds
+before it may start again (SLURM's default 120 s), and the main and backfill
+schedulers pass every 2 s instead of every 60 and 30 s.
 """
 
 import os
@@ -138,7 +142,7 @@ class LocalSlurm:
             SlurmdUser=root
             AuthType=auth/munge
             CredType=cred/munge
-            AuthInfo=socket={self.munge_socket}
+            AuthInfo=socket={self.munge_socket},cred_expire=10
             CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
             StateSaveLocation={r / 'state'}
             SlurmdSpoolDir={r / 'spool'}/%n
@@ -156,6 +160,7 @@ class LocalSlurm:
             ReturnToService=2
             MailProg=/bin/true
             MinJobAge=3600
+            SchedulerParameters=sched_interval=2,bf_interval=2
             {node_lines}
             PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             """))

@@ -72,14 +72,21 @@ def test_sweep_is_one_job_array(slurm, tmp_path):
     assert "2 succeeded, 0 failed, 2 runs" in status.stdout
 
 
-def _wait(predicate, timeout, what):
+def _wait(predicate, timeout, what, explain=lambda: ""):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{explain()}")
+
+
+def _job_state(slurm, run):
+    """What a timed-out wait reports: the queue, the end of the job's log and of slurmctld's."""
+    tail = lambda path: path.read_text()[-3000:] if path.is_file() else f"({path.name} missing)"
+    return (f"squeue: {queue(slurm)}\n--- launch.log\n{tail(run / 'launch.log')}\n"
+            f"--- slurmctld.log\n{tail(slurm.root / 'logs' / 'slurmctld.log')}")
 
 
 def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted_run(slurm, tmp_path):
@@ -88,11 +95,14 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted_run(slurm,
     job = launch(slurm, [*SLURM, "launcher.tasks_per_node=1", *common, f"hydra.run.dir={run}"])
     assert job.returncode == 0, job.stdout + job.stderr
     job_id = json.loads((run / "slurm_job.json").read_text())["job_id"]
-    _wait(lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 20, 120, "step 20")
+    explain = lambda: _job_state(slurm, run)
+    _wait(lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 20, 120, "step 20", explain)
     slurm.run("scancel", "--signal=USR2", job_id)
-    _wait(lambda: "PENDING" in slurm.run("squeue", "-h", "-j", job_id, "-o", "%T"), 60, "the requeue")
+    _wait(lambda: "PENDING" in slurm.run("squeue", "-h", "-j", job_id, "-o", "%T"), 60, "the requeue", explain)
     slurm.run("scontrol", "update", f"JobId={job_id}", "BeginTime=now")
-    _wait(lambda: (run / "export" / "student").is_dir() and not queue(slurm), 180, "the requeued job to finish")
+    # the test cluster holds a requeued job for cred_expire + 1 = 11 s, then schedules within 2 s
+    _wait(lambda: (run / "export" / "student").is_dir() and not queue(slurm), 180, "the requeued job to finish",
+          explain)
     log = (run / "launch.log").read_text()
     assert "caught SIGUSR2" in log and "requeued job" in log and "resumed from" in log
     stopped_at = int(log.split("stopped by SIGUSR2 at step ")[1].split(";")[0])
