@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import List
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 from distill.checkpoint import load_tensors, read_complete
 from distill.config.io import load_config
@@ -66,6 +65,8 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
                      "folder": LORA_FOLDER}
         merge_lora(module)
     adapter.save(module, out)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     sampler = method_class(config.method.name).sampler(config.method, adapter, role)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=config.model.shift)
     scheduler.register_to_config(few_step_sigmas=list(sampler.sigmas))

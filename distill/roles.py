@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
-from accelerate import init_empty_weights
-from diffusers.optimization import get_scheduler
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -208,6 +206,8 @@ def build_module(cfg: RoleConfig, path: Optional[str], seed: int, adapter, runti
 
     if not runtime.distributed:
         return load().to(runtime.device)
+    from accelerate import init_empty_weights
+
     full = load().state_dict() if runtime.is_main else {}
     with init_empty_weights(include_buffers=False):
         module = prepare(adapter.empty(path, dtype), cfg, adapter, seed, compiled)
@@ -292,6 +292,8 @@ def attach_optimizers(roles: Dict[str, Role], updates: Dict[str, int], lrs: Opti
             fused=fused_adamw(params),
         )
         init_state(role.optimizer)
+        from diffusers.optimization import get_scheduler
+
         role.scheduler = get_scheduler(
             sched.name.value, role.optimizer, num_warmup_steps=sched.warmup_steps,
             num_training_steps=sched.total_steps or max(updates[name], 1),

@@ -67,3 +67,14 @@ def test_chunk_by_chunk_with_the_cache_equals_the_masked_forward():
             pieces.append(run(model, x[:, :, frame:frame + 1], t[:, frame], text))
     assert len(cache.keys[0]) == 2  # the two context chunks were written, the last was not
     assert torch.allclose(torch.cat(pieces, dim=2), whole, atol=1e-5)
+
+
+def test_attention_settings_set_by_diffusers_reach_the_processor_that_runs():
+    """The causal processor wraps diffusers' own; the backend diffusers sets on every
+    block's processor is the one both the masked and the cached paths use."""
+    model = tiny(causal_chunk=1)
+    model.set_attention_backend("_native_math")
+    for block in model.blocks:
+        causal = block.attn1.processor
+        assert causal.wan is not causal and causal.wan._attention_backend == "_native_math"
+        assert causal._attention_backend == "_native_math"

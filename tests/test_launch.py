@@ -81,3 +81,21 @@ def test_local_sweep_writes_one_folder_per_point(tmp_path):
     for point, lr in (("0", 1e-6), ("1", 2e-6)):
         assert read_metrics(tmp_path / point)[0]["lr/student"] == lr
         assert (tmp_path / point / "export" / "student" / "transformer" / "config.json").is_file()
+
+
+def test_the_launching_process_validates_and_spawns_without_loading_diffusers():
+    """launch.py's own process composes, validates and hands the run to ranks or SLURM:
+    diffusers (and the peft and transformers it pulls in, ~4 s a process) load only
+    where a network is built."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, launch, distill.run, distill.launcher, distill.export, distill.sample, distill.status\n"
+            "from distill.registry import load_entries\n"
+            "load_entries()\n"
+            "print(sorted(m for m in ('diffusers', 'peft', 'transformers', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 from torch import nn
 
 
@@ -72,20 +70,35 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return out.type_as(x)
 
 
-class BlockCausalAttnProcessor(WanAttnProcessor):
-    """Wan's self-attention under the block mask, or over a KV cache while generating."""
+def _forwarded(name: str) -> property:
+    """An attribute that diffusers sets on every block's processor (the attention
+    backend, the context-parallel config), kept on the wrapped processor that reads it."""
+    return property(lambda self: getattr(self.wan, name), lambda self, value: setattr(self.wan, name, value))
 
-    def __init__(self, state: CausalState, layer: int):
-        super().__init__()
+
+class BlockCausalAttnProcessor:
+    """Wan's self-attention under the block mask, or over a KV cache while generating.
+    The text cross-attention and the masked full clip run `wan`, diffusers' own
+    processor of the block (held, not inherited: this module imports without diffusers,
+    so that launch.py validates a config without loading it)."""
+
+    _attention_backend = _forwarded("_attention_backend")
+    _parallel_config = _forwarded("_parallel_config")
+
+    def __init__(self, wan, state: CausalState, layer: int):
+        self.wan = wan
         self.state = state
         self.layer = layer
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
         if encoder_hidden_states is not None:  # cross-attention to the text: unchanged
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            return self.wan(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         cache = self.state.cache
         if cache is None:
-            return super().__call__(attn, hidden_states, None, self.state.mask(hidden_states.device), rotary_emb)
+            return self.wan(attn, hidden_states, None, self.state.mask(hidden_states.device), rotary_emb)
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
@@ -125,7 +138,7 @@ def make_causal(module: nn.Module, chunk_frames: int) -> nn.Module:
     module.register_forward_pre_hook(record_layout, with_kwargs=True)
     module.rope.register_forward_hook(offset_positions)
     for layer, block in enumerate(module.blocks):
-        block.attn1.set_processor(BlockCausalAttnProcessor(state, layer))
+        block.attn1.set_processor(BlockCausalAttnProcessor(block.attn1.processor, state, layer))
     module.causal_state = state
     return module
 

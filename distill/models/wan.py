@@ -4,7 +4,6 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
-from diffusers import WanTransformer3DModel
 from torch import nn
 
 from distill.models import context_parallel, image_condition
@@ -70,10 +69,16 @@ WAN_NEGATIVE_PROMPT = (
 @register_family
 class WanAdapter(FlowMatchingAdapter):
     family = "wan"
-    model_class = WanTransformer3DModel
     default_negative_prompt = WAN_NEGATIVE_PROMPT
     supports_context_parallel = True
     image_conditions = ("none", "first_frame", "concat")
+
+    @property
+    def model_class(self):
+        # imported here, where a network is built: launch.py validates and submits without diffusers
+        from diffusers import WanTransformer3DModel
+
+        return WanTransformer3DModel
 
     def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 **cond) -> torch.Tensor:
