@@ -26,11 +26,15 @@ def pytest_collection_modifyitems(items):
       each other, while the other worker runs the rest;
     - tests that share a module-scoped fixture run on one worker, so that it is built
       once (a fixture shared across workers is session-scoped, through `built_once`);
+    - the readers of the shared demo run too: spread over both workers, one of them
+      sat idle for minutes waiting on the other's build (165 s, measured);
     - every other test goes to whichever worker is free.
     tryfirst: xdist reads the group marks in its own hook of this name."""
     for item in items:
         if item.get_closest_marker("multiprocess") or "slurm" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("multiprocess"))
+        elif "demo_run" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("demo_run"))
         elif any(d.scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 

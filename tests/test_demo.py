@@ -127,7 +127,10 @@ def distil_ar(tmp_path, student, overrides=()):
 
 
 def test_autoregressive_student_beats_the_teacher_at_two_steps(ode_student, tmp_path):
-    """2 chunks of 2 frames, 2 steps each, generated chunk by chunk over the KV cache."""
+    """2 chunks of 2 frames, 2 steps each, generated chunk by chunk over the KV cache.
+    Not shortened: validated every 100 iterations, seeds 0 / 1 reached student accuracy
+    0.594 / 0.672 at 900 and 0.641 / 0.711 at 1,000, against the threshold 0.608 (the
+    teacher's 0.508 at 2 steps + 0.1); FD fell from 170.6 / 147.0 at 500 to 115.0 / 72.3."""
     m, records = distil_ar(tmp_path, ode_student)
     assert m["student_2step/accuracy"] > m["teacher_2step/accuracy"] + 0.1, m
     first, last = records[0], records[-1]
