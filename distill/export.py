@@ -1,6 +1,6 @@
 """Export trained roles from a checkpoint as diffusers-format folders.
 
-    python -m distill.export RUN_OR_CHECKPOINT [--out DIR]
+    python -m distill.export RUN_OR_CHECKPOINT [--out DIR] [--parts link|copy]
 
 For each trainable role (and its EMA when kept) writes `<out>/<role>[_ema]/`:
   transformer/     the full network in the model family's diffusers layout
@@ -10,8 +10,15 @@ For each trainable role (and its EMA when kept) writes `<out>/<role>[_ema]/`:
                    one in transformer/, both whether trained or kept as loaded
   lora/            LoRA roles only: the adapters as diffusers LoRA weights
                    (`WanPipeline.load_lora_weights(<out>/<role>/lora)`)
-  scheduler/       FlowMatchEulerDiscreteScheduler config, the role's sampling
-                   sigmas under `few_step_sigmas`
+  scheduler/       FlowMatchEulerDiscreteScheduler config: for a few-step role, the
+                   shift / shift_terminal whose plain set_timesteps(N) gives its sigmas
+                   (where representable) with stochastic_sampling
+  model_index.json a stock pipeline class (WanPipeline, WanImageToVideoPipeline) where the
+  tokenizer/ ...   family has one and the role is not block-causal, with the model
+                   folder's text encoder, tokenizer, VAE (and image encoder) linked or
+                   copied beside it: `WanPipeline.from_pretrained(<out>/<role>)` samples it
+  README.md        a Hugging Face model card: how to sample it, its steps and sigmas,
+                   the last validation metrics, the training config's hash
   distill.json     what `python -m distill.sample` needs (shapes, sampler, LoRA base)
 """
 
@@ -19,7 +26,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -27,9 +34,12 @@ from distill.checkpoint import load_tensors, read_complete
 from distill.config.io import load_config
 from distill.config.schema import Config
 from distill.lora import merge_lora
+from distill.model_card import write_card
 from distill.models import build_adapter
+from distill.pipeline_folder import ExportError, plan_pipeline, write_pipeline, write_scheduler
 from distill.registry import method_class
 from distill.roles import convert, weights_path
+from distill.sampling import EulerSampler
 
 LORA_FOLDER = "lora"
 
@@ -54,10 +64,13 @@ def trained_module(checkpoint: Path, config: Config, adapter, role: str, ema: bo
     return module.eval().requires_grad_(False)
 
 
-def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: bool = False) -> Path:
+def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: bool = False,
+                parts_mode: str = "link") -> Path:
     adapter = build_adapter(config.model)
-    module = trained_module(checkpoint, config, adapter, role, ema)
     cfg = config.roles[role]
+    stock = None if cfg.causal else adapter.stock_pipeline()  # no stock pipeline generates chunk by chunk
+    plan = stock and plan_pipeline(stock, config.model.path, adapter.model_class.__name__)  # refused before writing
+    module = trained_module(checkpoint, config, adapter, role, ema)
     lora_info = None
     if cfg.lora.rank > 0:
         adapter.save_lora(module, out / LORA_FOLDER)
@@ -65,14 +78,13 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
                      "folder": LORA_FOLDER}
         merge_lora(module)
     adapter.save(module, out)
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     sampler = method_class(config.method.name).sampler(config.method, adapter, role)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=config.model.shift)
-    scheduler.register_to_config(few_step_sigmas=list(sampler.sigmas))
-    if cfg.causal:  # generated chunk by chunk: how many latent frames a chunk holds
-        scheduler.register_to_config(chunk_frames=config.model.chunk_frames)
-    scheduler.save_config(out / "scheduler")
+    stock_schedule = write_scheduler(out / "scheduler", sampler, config.model.shift)
+    if plan is not None:
+        write_pipeline(out, plan, parts_mode)
+        if not stock_schedule and not isinstance(sampler, EulerSampler):
+            print(f"{out}: the sigmas {list(sampler.sigmas)} are not representable by a stock scheduler config; "
+                  "README.md gives the lines that set them", file=sys.stderr)
     info = {
         "family": config.model.family,
         "subfolder": config.model.subfolder,
@@ -98,6 +110,8 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
         "ema": ema,
     }
     (out / "distill.json").write_text(json.dumps(info, indent=1))
+    write_card(out, config, role, list(sampler.sigmas), stock and stock.class_name, stock_schedule, cfg.causal,
+               Path(checkpoint).parent)
     return out
 
 
@@ -110,14 +124,16 @@ def model_folder(model) -> str:
     return model.path
 
 
-def export_run(checkpoint: Path, out: Path) -> List[Path]:
+def export_run(checkpoint: Path, out: Path, parts_mode: Optional[str] = None) -> List[Path]:
     config = load_config(Path(checkpoint) / "config.yaml")
+    parts_mode = parts_mode or config.training.export_parts.value
     written = []
     for name, role in config.roles.items():
         if role.trainable:
-            written.append(export_role(checkpoint, config, name, Path(out) / name))
+            written.append(export_role(checkpoint, config, name, Path(out) / name, parts_mode=parts_mode))
             if role.ema_decay is not None:
-                written.append(export_role(checkpoint, config, name, Path(out) / f"{name}_ema", ema=True))
+                written.append(export_role(checkpoint, config, name, Path(out) / f"{name}_ema", ema=True,
+                                           parts_mode=parts_mode))
     return written
 
 
@@ -125,13 +141,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", type=Path, help="a run folder (its newest checkpoint) or a checkpoint folder")
     parser.add_argument("--out", type=Path, help="output folder (default: <run>/export)")
+    parser.add_argument("--parts", choices=["link", "copy"],
+                        help="the model folder's text encoder, tokenizer and VAE: linked or copied "
+                             "(default: the run's training.export_parts)")
     args = parser.parse_args(argv)
     checkpoint = read_complete(args.path)
     if checkpoint is None:
         print(f"error: {args.path} holds no complete checkpoint", file=sys.stderr)
         return 2
     out = args.out or checkpoint.parent / "export"
-    for folder in export_run(checkpoint, out):
+    try:
+        folders = export_run(checkpoint, out, args.parts)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for folder in folders:
         print(folder)
     return 0
 

@@ -177,8 +177,9 @@ def test_export_loads_with_from_pretrained_and_matches_the_student(tmp_path):
     # same weights; the kernels may sum in another order for another memory layout
     assert torch.allclose(want, got, rtol=0, atol=1e-5)
     scheduler = json.loads((tmp_path / "export" / "student" / "scheduler" / "scheduler_config.json").read_text())
-    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
-    assert len(scheduler["few_step_sigmas"]) == 3 and scheduler["few_step_sigmas"][0] == 1.0
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and scheduler["stochastic_sampling"]
+    sigmas = json.loads((tmp_path / "export" / "student" / "distill.json").read_text())["sampler"]["sigmas"]
+    assert len(sigmas) == 3 and sigmas[0] == 1.0 and scheduler["shift_terminal"] == pytest.approx(sigmas[-1])
 
 
 def test_sample_command_runs_the_student_steps(tmp_path):

@@ -62,6 +62,12 @@ def test_the_demo_runs_grids_caption_every_prompt_and_its_export_samples_by_prom
     out = tmp_path / "seven.gif"
     assert main([str(demo_run / "export" / "student"), "--prompt", "the digit 7 moving left", "--out", str(out)]) == 0
     assert _gif_clip(out).shape == (4, 16, 16)
+    # its model card: no stock pipeline for the demo's word vectors and pixel latents, the last scores
+    card = (demo_run / "export" / "student" / "README.md").read_text()
+    last = read_metrics(demo_run, validation=True)[-1]
+    assert "python -m distill.sample" in card and not (demo_run / "export" / "student" / "model_index.json").exists()
+    assert f"| student_2step/accuracy | {last['val/student_2step/accuracy']:.4g} |" in card
+    assert "sampling: 2 steps at sigmas [1, 0.5]" in card
     run = shutil.copytree(demo_run, tmp_path / "run")  # other tests read the shared run meanwhile
     metrics = (run / "metrics.jsonl").read_bytes()
     again = launch_as_typed([f"hydra.run.dir={run}"])

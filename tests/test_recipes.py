@@ -109,8 +109,11 @@ def test_three_step_export_lists_the_published_sigmas(tmp_path):
     assert config.method.student_steps == [1000, 757, 522] and config.method.rollout.value == "data"
     train(config, tmp_path)
     scheduler = json.loads((tmp_path / "export" / "student" / "scheduler" / "scheduler_config.json").read_text())
-    assert scheduler["few_step_sigmas"] == pytest.approx([1.0, 0.757, 0.522], abs=1e-6)
-    assert scheduler["shift"] == 8.0
+    info = json.loads((tmp_path / "export" / "student" / "distill.json").read_text())
+    assert info["sampler"]["sigmas"] == pytest.approx([1.0, 0.757, 0.522], abs=1e-6) and info["shift"] == 8.0
+    # a stock set_timesteps(3) lands on them: the even grid warped by these two, not the model's shift 8
+    assert scheduler["shift"] == pytest.approx(0.967047, abs=1e-6)
+    assert scheduler["shift_terminal"] == pytest.approx(0.522, abs=1e-6)
 
 
 def test_ema_per_iteration_follows_a_hand_computed_sequence():

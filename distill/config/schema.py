@@ -22,6 +22,11 @@ class TextEncoderKind(str, Enum):
     hash = "hash"  # distill/data/hash_text.py: word vectors, no weights (the demo and tiny models)
 
 
+class PartsMode(str, Enum):
+    link = "link"  # symbolic links to the model folder's parts (a copy where links fail)
+    copy = "copy"  # a self-contained folder to ship
+
+
 class VaeKind(str, Enum):
     wan = "wan"  # AutoencoderKLWan from <model.path>/vae
     identity = "identity"  # the latents are the pixels (the digits demo)
@@ -179,6 +184,8 @@ class TrainingConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     torch_threads: Optional[int] = None  # null: torch's default
     export_at_end: bool = True  # write the trained roles in diffusers format at the end
+    # how a stock pipeline export holds the model folder's text encoder, tokenizer and VAE
+    export_parts: PartsMode = PartsMode.link
     collective_timeout_s: int = 600  # a collective waiting longer than this fails
     # torch.compile each transformer block (regional: one compiled block serves every
     # block of a role, and roles of one architecture); null: on when the device is a GPU

@@ -16,6 +16,7 @@ the export layout and, where it has one, context parallelism.
 """
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Dict, List, Optional, Tuple
 
@@ -35,6 +36,18 @@ def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if sigma.dim() == 2:
         return sigma.to(like.dtype).reshape(sigma.shape[0], 1, sigma.shape[1], *([1] * (like.dim() - 3)))
     return sigma.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class StockPipeline:
+    """The stock diffusers pipeline that samples a family's export unchanged: what its
+    model_index.json names, and which folders of the model folder the run read it needs."""
+
+    class_name: str  # model_index.json's _class_name
+    transformers: Tuple[str, ...]  # the export's network subfolders, as the pipeline names them
+    parts: Tuple[str, ...]  # folders of the model folder it cannot run without (text encoder, VAE, ...)
+    optional_parts: Tuple[str, ...] = ()  # linked when the model folder has them, else null
+    config: Dict = field(default_factory=dict)  # the pipeline's own config entries (boundary_ratio, ...)
 
 
 class FlowMatchingAdapter(ABC):
@@ -273,6 +286,11 @@ class FlowMatchingAdapter(ABC):
     def hidden_size(self, module: nn.Module) -> int:
         """The width of a block's output (the features `predict_with_features` returns)."""
         raise NotImplementedError(f"{type(self).__name__} does not say its hidden size")
+
+    def stock_pipeline(self) -> Optional[StockPipeline]:
+        """The stock diffusers pipeline that samples this family's exported student from
+        prompts, or None where no stock one can (no text encoder or VAE of its own)."""
+        return None
 
     @abstractmethod
     def save(self, module: nn.Module, folder: Path) -> None:

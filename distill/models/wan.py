@@ -9,7 +9,8 @@ from torch import nn
 from distill.models import context_parallel, image_condition
 from distill.models.causal_wan import KVCache, frame_timesteps, kv_cache, make_causal
 from distill.models.experts import ExpertPair
-from distill.models.flow_matching import FlowMatchingAdapter
+from distill.config.schema import TextEncoderKind, VaeKind
+from distill.models.flow_matching import FlowMatchingAdapter, StockPipeline
 from distill.models.folders import read_component_config, resolve_model_folder
 from distill.registry import register_family
 
@@ -200,6 +201,21 @@ class WanAdapter(FlowMatchingAdapter):
                 expert.save_pretrained(Path(folder) / sub)
             return
         module.save_pretrained(Path(folder) / self.cfg.subfolder)
+
+    def stock_pipeline(self) -> Optional[StockPipeline]:
+        """WanPipeline, or WanImageToVideoPipeline for image conditioning (with Wan2.1 I2V's
+        CLIP encoder where the folder has one); both networks for two experts. None for
+        the hash-text, identity-VAE models (the digits demo, tiny plumbing)."""
+        if self.cfg.vae != VaeKind.wan or self.cfg.text_encoder != TextEncoderKind.family:
+            return None
+        condition = self.cfg.image_condition.value
+        return StockPipeline(
+            class_name="WanPipeline" if condition == "none" else "WanImageToVideoPipeline",
+            transformers=self._subfolders() if self.cfg.boundary_ratio is not None else ("transformer",),
+            parts=("tokenizer", "text_encoder", "vae"),
+            optional_parts=("image_encoder", "image_processor") if condition == "concat" else (),
+            config={"boundary_ratio": self.cfg.boundary_ratio, "expand_timesteps": condition == "first_frame"},
+        )
 
     def lora_targets(self) -> List[str]:
         return list(WAN_LORA_TARGETS)

@@ -1,0 +1,94 @@
+"""README.md of an exported role: a Hugging Face model card that says how to run it.
+
+Front matter as the Hub reads it (library_name, base_model, pipeline_tag, tags),
+then the base model, the method and its numbers, the sampling steps and sigmas,
+the diffusers lines that sample it, ComfyUI's core-node settings, the run's last
+validation metrics and the hash of its training config."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from distill.stock_scheduler import override_snippet
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def write_card(out: Path, config, role: str, sigmas: List[float], pipeline: Optional[str], stock_schedule: bool,
+               causal: bool, run_dir: Path) -> None:
+    (out / "README.md").write_text(card_text(config, role, sigmas, pipeline, stock_schedule, causal, run_dir))
+
+
+def card_text(config, role, sigmas, pipeline, stock_schedule, causal, run_dir) -> str:
+    model, method = config.model, config.method
+    base = _repo_id(model.path)
+    steps = len(sigmas)
+    tag = "image-to-video" if model.image_condition.value != "none" else "text-to-video"
+    front = ["---", "library_name: diffusers"] + ([f"base_model: {base}"] if base else []) + [
+        f"pipeline_tag: {tag}", "tags:", "- distillation", "- few-step", f"- {method.name}", f"- {model.family}", "---"]
+    listed = ", ".join(f"{s:.6g}" for s in sigmas)
+    lines = [
+        *front, "",
+        f"# {role}: {steps}-step {method.name} student of {base or 'a local ' + model.family + ' model'}", "",
+        f"- base model: {base or 'a local folder (not named here)'} ({model.family})",
+        f"- method: {method.name}; student steps {list(getattr(method, 'student_steps', []))}, "
+        f"teacher guidance {getattr(method, 'guidance_scale', None)}, trained {config.training.max_steps} steps",
+        f"- sampling: {steps} steps at sigmas [{listed}], guidance 1 (no classifier-free guidance), "
+        "each step predicts the clean latent and re-noises it to the next sigma",
+        f"- training config sha256: {config_hash(run_dir)}", "",
+        "## Sampling", "",
+    ]
+    lines += _how_to_sample(pipeline, stock_schedule, causal, sigmas)
+    if pipeline is not None and not causal:
+        lines += ["", "## ComfyUI (core nodes)", "",
+                  f"`ManualSigmas` \"{listed}, 0\", `KSamplerSelect` \"lcm\" (predict x0, re-noise), cfg 1, "
+                  "`SamplerCustomAdvanced`."]
+    metrics = last_validation(run_dir)
+    if metrics:
+        lines += ["", "## Last validation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _how_to_sample(pipeline, stock_schedule, causal, sigmas) -> List[str]:
+    if causal:
+        return ["A block-causal student: it generates chunk by chunk over its KV cache, which no stock",
+                "pipeline does. Sample it with `python -m distill.sample THIS_FOLDER --prompt \"...\" --out clip.mp4`."]
+    if pipeline is None:
+        return ["No stock pipeline (the model has no text encoder or VAE folder of its own). Sample it with",
+                "`python -m distill.sample THIS_FOLDER --prompt \"...\" --out clip.gif`."]
+    lines = ["```python", "import torch", f"from diffusers import {pipeline}", "",
+             f"pipe = {pipeline}.from_pretrained(\"THIS_FOLDER\", torch_dtype=torch.bfloat16).to(\"cuda\")"]
+    if not stock_schedule:
+        lines += ["# these sigmas are not a shift / shift_terminal warp of an even grid: give them by hand",
+                  *override_snippet(sigmas).splitlines()]
+    lines += [f"video = pipe(prompt, num_inference_steps={len(sigmas)}, guidance_scale=1.0).frames[0]", "```",
+              "The re-noising draws from torch's global generator (the pipeline's `generator` does not reach",
+              "the scheduler): seed it with `torch.manual_seed` for repeatable samples."]
+    return lines
+
+
+def config_hash(run_dir: Path) -> str:
+    path = Path(run_dir) / "config.yaml"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "unknown"
+
+
+def last_validation(run_dir: Path) -> Dict[str, float]:
+    """The student's metrics of the run's last validation (val/... keys of metrics.jsonl)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    last = [r for r in records if any(k.startswith("val/") for k in r)][-1:]
+    return {k[4:]: v for r in last for k, v in r.items() if k.startswith("val/") and isinstance(v, (int, float))}
+
+
+def _repo_id(path: Optional[str]) -> Optional[str]:
+    """A Hub repo id (owner/name), never a machine path nor a folder of this project."""
+    if not path or os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:
+        return None
+    if os.path.exists(path) or (PROJECT / path).exists():
+        return None
+    return path

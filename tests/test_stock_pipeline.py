@@ -1,0 +1,181 @@
+"""The exported student in stock diffusers: `WanPipeline.from_pretrained(EXPORT)` called
+with N steps and guidance 1 samples exactly what `python -m distill.sample` does."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import compose_config, write_tiny_pipeline_parts
+from distill.config import validate
+from distill.stock_scheduler import fit, stretched_sigmas
+
+PROMPT = "a red square moves left"
+# the tiny model's latents [16, 3, 16, 16] are what the tiny Wan VAE gives 9 frames at 128 x 128
+PIXELS = dict(height=128, width=128, num_frames=9)
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    """A tiny Wan pipeline folder (transformer, VAE, umT5, tokenizer; no model_index.json)."""
+    base = tmp_path_factory.mktemp("tiny-wan-pipeline")
+    build_adapter_net(seed=123).save_pretrained(base / "transformer")
+    return write_tiny_pipeline_parts(base)
+
+
+def distil(base, run, overrides=()):
+    from distill.run import train
+
+    train(validate(compose_config([f"model.path={base}", "model.vae=wan", "model.text_encoder=family",
+                                   "model.shift=5.0", "training.max_steps=3", "validation.num_samples=1",
+                                   *overrides])), run)
+    return run / "export" / "student"
+
+
+@pytest.fixture(scope="module")
+def exports(pipeline_folder, tmp_path_factory):
+    """Students of 3 iterations: the recipe's 3 listed sigmas, 4 warped by shift 5, 4 that
+    no shift / shift_terminal pair gives, and two experts (Wan2.2 A14B's layout) at 3."""
+    root = tmp_path_factory.mktemp("stock")
+    pair = root / "pair-model"
+    shutil.copytree(pipeline_folder, pair)
+    build_adapter_net(seed=7).save_pretrained(pair / "transformer_2")
+    return {
+        3: distil(pipeline_folder, root / "three"),
+        4: distil(pipeline_folder, root / "four", ["method.student_steps=[1000,750,500,250]", "method.warp_steps=true"]),
+        "uneven": distil(pipeline_folder, root / "uneven", ["method.student_steps=[1000,900,300,200]"]),
+        "pair": distil(pair, root / "pair", ["model.boundary_ratio=0.9"]),
+    }
+
+
+def build_adapter_net(seed):
+    from distill.models import build_adapter
+
+    return build_adapter(validate(compose_config()).model).load(None, seed=seed)
+
+
+def sample_stock(export, steps, seed):
+    """The stock pipeline, nothing but the folder: latents and the timesteps its transformer saw."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(export)
+    seen = []  # (network, timestep) of each call
+    for name in ("transformer", "transformer_2"):
+        if getattr(pipe, name) is not None:
+            getattr(pipe, name).register_forward_pre_hook(
+                lambda m, a, kw, name=name: seen.append((name, kw["timestep"][0].item())), with_kwargs=True)
+    torch.manual_seed(seed)  # the re-noising draws from the global generator
+    latents = pipe(PROMPT, num_inference_steps=steps, guidance_scale=1.0, max_sequence_length=8,
+                   output_type="latent", **PIXELS).frames
+    return latents, seen
+
+
+def sample_ours(export, seed, tmp_path):
+    from distill.sample import main
+
+    out = tmp_path / f"ours-{seed}.safetensors"
+    assert main([str(export), "--prompt", PROMPT, "--seeds", str(seed), "--out", str(out)]) == 0
+    return load_file(out)["samples"]
+
+
+@pytest.mark.parametrize("name,steps", [(3, 3), (4, 4), ("pair", 3)])
+def test_the_stock_pipeline_samples_the_student_as_distill_sample_does(exports, name, steps, tmp_path):
+    """Two experts: the pipeline's transformer at t >= 900, transformer_2 below, as the pair routes."""
+    export = exports[name]
+    sigmas = json.loads((export / "distill.json").read_text())["sampler"]["sigmas"]
+    assert len(sigmas) == steps
+    for seed in (0, 7):
+        stock, seen = sample_stock(export, steps, seed)
+        ours = sample_ours(export, seed, tmp_path)
+        assert stock.shape == ours.shape == (1, 16, 3, 16, 16)
+        assert torch.allclose(stock, ours, atol=1e-5), (stock - ours).abs().max()
+        assert [t for _, t in seen] == pytest.approx([1000 * s for s in sigmas], abs=1e-2)
+        assert [n for n, _ in seen] == [("transformer_2" if name == "pair" and s < 0.9 else "transformer")
+                                        for s in sigmas]
+    # the seed matters: a different one gives a different sample
+    assert not torch.allclose(sample_stock(export, steps, 1)[0], ours, atol=1e-3)
+
+
+def test_the_export_is_a_stock_pipeline_folder(exports, pipeline_folder):
+    export = exports[3]
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline"
+    assert index["transformer"] == ["diffusers", "WanTransformer3DModel"] and index["transformer_2"] == [None, None]
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    assert index["vae"] == ["diffusers", "AutoencoderKLWan"]
+    assert index["text_encoder"] == ["transformers", "UMT5EncoderModel"]
+    saved = json.loads((pipeline_folder / "tokenizer" / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert index["tokenizer"] == ["transformers", saved]  # the class its tokenizer_config.json names
+    for part in ("vae", "text_encoder", "tokenizer"):  # linked by default
+        assert (export / part).is_symlink() and (export / part).resolve() == (pipeline_folder / part).resolve()
+    scheduler = json.loads((export / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["stochastic_sampling"] is True and scheduler["shift_terminal"] == pytest.approx(0.522)
+    assert scheduler["shift"] == pytest.approx(0.967047, abs=1e-6)
+    card = (export / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\n") and "pipeline_tag: text-to-video" in card
+    assert "num_inference_steps=3, guidance_scale=1.0" in card and "1, 0.757, 0.522, 0" in card
+    assert "sha256" in card and "| student_3step/accuracy |" not in card  # the tiny run has no digit metrics
+
+
+def test_the_export_command_copies_the_parts_and_refuses_a_folder_without_them(exports, pipeline_folder, tmp_path,
+                                                                              capsys):
+    from distill.export import main
+
+    run = exports[3].parent.parent
+    assert main([str(run), "--out", str(tmp_path / "copy"), "--parts", "copy"]) == 0
+    assert (tmp_path / "copy" / "student" / "vae").is_dir() and not (tmp_path / "copy" / "student" / "vae").is_symlink()
+    # the same run, its model folder without a text encoder: one line naming the part
+    broken = tmp_path / "broken-run"
+    shutil.copytree(run, broken, symlinks=True, ignore=shutil.ignore_patterns("export"))
+    model = tmp_path / "model"
+    shutil.copytree(pipeline_folder, model, ignore=shutil.ignore_patterns("text_encoder"))
+    for checkpoint in broken.glob("checkpoint-*"):
+        config = checkpoint / "config.yaml"
+        config.write_text(config.read_text().replace(str(pipeline_folder), str(model)))
+    capsys.readouterr()
+    assert main([str(broken)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {model} has no text_encoder/: WanPipeline needs it (model.path={model})"]
+    assert not (broken / "export").exists()  # refused before anything was written
+
+
+def test_two_experts_export_both_networks_and_the_boundary(exports):
+    index = json.loads((exports["pair"] / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline" and index["boundary_ratio"] == 0.9
+    assert index["transformer"] == index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
+
+
+def test_a_list_no_config_holds_gets_the_override_that_samples_it(exports, tmp_path):
+    """[1, 0.9, 0.3, 0.2]: the card's lines set the sigmas, and the stock pipeline then
+    samples what distill.sample does."""
+    from diffusers import WanPipeline
+
+    export = exports["uneven"]
+    card = (export / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    override = [line for line in code.splitlines() if "partial" in line or "FlowMatchEulerDiscreteScheduler(" in line]
+    assert len(override) == 3 and "sigmas=[1, 0.9, 0.3, 0.2]" in override[-1]
+    pipe = WanPipeline.from_pretrained(export)
+    exec("\n".join(override), {"pipe": pipe})
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"][0].item()), with_kwargs=True)
+    torch.manual_seed(3)
+    stock = pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0, max_sequence_length=8, output_type="latent",
+                 **PIXELS).frames
+    assert seen == pytest.approx([1000, 900, 300, 200], abs=1e-2)
+    assert torch.allclose(stock, sample_ours(export, 3, tmp_path), atol=1e-5)
+
+
+def test_shift_and_terminal_fit_the_published_lists():
+    """The two-parameter warp of set_timesteps' even grid, by hand for the 3-step list:
+    shift_terminal is the last sigma, the shift puts the middle one in place."""
+    three = fit([1.0, 0.757, 0.522])
+    assert three["shift_terminal"] == 0.522 and three["shift"] == pytest.approx(0.967047, abs=1e-6)
+    four = fit([1.0, 0.9375, 5 / 6, 0.625])  # 1, .75, .5, .25 warped by shift 5
+    assert four["shift_terminal"] == 0.625 and four["shift"] == pytest.approx(2.509456, abs=1e-5)
+    assert stretched_sigmas(4, four["shift"], 0.625) == pytest.approx([1.0, 0.9375, 5 / 6, 0.625], abs=1e-6)
+    # even sigmas need no warp; a list not starting at 1, or unevenly warped, is not representable
+    assert fit([1.0, 0.75, 0.5, 0.25]) == {"shift": pytest.approx(1.0), "shift_terminal": 0.25}
+    assert fit([0.9, 0.5]) is None and fit([1.0, 0.9, 0.3, 0.2]) is None and fit([1.0, 0.5, 0.6]) is None
