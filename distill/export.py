@@ -1,6 +1,6 @@
 """Export trained roles from a checkpoint as diffusers-format folders.
 
-    python -m distill.export RUN_OR_CHECKPOINT [--out DIR] [--parts link|copy]
+    python -m distill.export RUN_OR_CHECKPOINT [--out DIR] [--parts link|copy] [--single-file]
 
 For each trainable role (and its EMA when kept) writes `<out>/<role>[_ema]/`:
   transformer/     the full network in the model family's diffusers layout
@@ -9,7 +9,11 @@ For each trainable role (and its EMA when kept) writes `<out>/<role>[_ema]/`:
   transformer_2/   two experts (Wan2.2 A14B): the low-noise one, beside the high-noise
                    one in transformer/, both whether trained or kept as loaded
   lora/            LoRA roles only: the adapters as diffusers LoRA weights
-                   (`WanPipeline.load_lora_weights(<out>/<role>/lora)`)
+                   (`WanPipeline.load_lora_weights(<out>/<role>/lora)`), and as
+                   comfyui_lora.safetensors in the original-key layout with alpha
+                   tensors (ComfyUI's LoRA loader; diffusers reads it too)
+  single_file/     with --single-file: each network as one file in the original
+                   Wan key layout (ComfyUI's diffusion-model loader; from_single_file)
   scheduler/       FlowMatchEulerDiscreteScheduler config: for a few-step role, the
                    shift / shift_terminal whose plain set_timesteps(N) gives its sigmas
                    (where representable) with stochastic_sampling
@@ -17,6 +21,8 @@ For each trainable role (and its EMA when kept) writes `<out>/<role>[_ema]/`:
   tokenizer/ ...   family has one and the role is not block-causal, with the model
                    folder's text encoder, tokenizer, VAE (and image encoder) linked or
                    copied beside it: `WanPipeline.from_pretrained(<out>/<role>)` samples it
+  comfyui_workflow.json  a ComfyUI workflow (API format, core nodes: ManualSigmas with the
+                   role's sigmas, the lcm sampler, cfg 1) for a text-to-video Wan student
   README.md        a Hugging Face model card: how to sample it, its steps and sigmas,
                    the last validation metrics, the training config's hash
   distill.json     what `python -m distill.sample` needs (shapes, sampler, LoRA base)
@@ -42,6 +48,8 @@ from distill.roles import convert, weights_path
 from distill.sampling import EulerSampler
 
 LORA_FOLDER = "lora"
+SINGLE_FILE_FOLDER = "single_file"
+WORKFLOW_FILE = "comfyui_workflow.json"
 
 
 def trained_module(checkpoint: Path, config: Config, adapter, role: str, ema: bool = False) -> torch.nn.Module:
@@ -65,7 +73,7 @@ def trained_module(checkpoint: Path, config: Config, adapter, role: str, ema: bo
 
 
 def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: bool = False,
-                parts_mode: str = "link") -> Path:
+                parts_mode: str = "link", single_file: bool = False) -> Path:
     adapter = build_adapter(config.model)
     cfg = config.roles[role]
     stock = None if cfg.causal else adapter.stock_pipeline()  # no stock pipeline generates chunk by chunk
@@ -78,10 +86,16 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
                      "folder": LORA_FOLDER}
         merge_lora(module)
     adapter.save(module, out)
+    if single_file:
+        adapter.save_single_file(module, out / SINGLE_FILE_FOLDER)
     sampler = method_class(config.method.name).sampler(config.method, adapter, role)
     stock_schedule = write_scheduler(out / "scheduler", sampler, config.model.shift)
     if plan is not None:
         write_pipeline(out, plan, parts_mode)
+    graph = None if cfg.causal or isinstance(sampler, EulerSampler) else adapter.comfyui_workflow(
+        list(sampler.sigmas), f"{adapter.cfg.subfolder}.safetensors")  # the --single-file export's name
+    if graph is not None:
+        (out / WORKFLOW_FILE).write_text(json.dumps(graph, indent=1) + "\n")
         if not stock_schedule and not isinstance(sampler, EulerSampler):
             print(f"{out}: the sigmas {list(sampler.sigmas)} are not representable by a stock scheduler config; "
                   "README.md gives the lines that set them", file=sys.stderr)
@@ -124,16 +138,17 @@ def model_folder(model) -> str:
     return model.path
 
 
-def export_run(checkpoint: Path, out: Path, parts_mode: Optional[str] = None) -> List[Path]:
+def export_run(checkpoint: Path, out: Path, parts_mode: Optional[str] = None, single_file: bool = False) -> List[Path]:
     config = load_config(Path(checkpoint) / "config.yaml")
     parts_mode = parts_mode or config.training.export_parts.value
     written = []
     for name, role in config.roles.items():
         if role.trainable:
-            written.append(export_role(checkpoint, config, name, Path(out) / name, parts_mode=parts_mode))
+            written.append(export_role(checkpoint, config, name, Path(out) / name, parts_mode=parts_mode,
+                                       single_file=single_file))
             if role.ema_decay is not None:
                 written.append(export_role(checkpoint, config, name, Path(out) / f"{name}_ema", ema=True,
-                                           parts_mode=parts_mode))
+                                           parts_mode=parts_mode, single_file=single_file))
     return written
 
 
@@ -144,6 +159,9 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", choices=["link", "copy"],
                         help="the model folder's text encoder, tokenizer and VAE: linked or copied "
                              "(default: the run's training.export_parts)")
+    parser.add_argument("--single-file", action="store_true",
+                        help="also write each network as one file in the family's original key layout "
+                             "(<role>/single_file/transformer.safetensors: ComfyUI's diffusion-model loader)")
     args = parser.parse_args(argv)
     checkpoint = read_complete(args.path)
     if checkpoint is None:
@@ -151,8 +169,8 @@ def main(argv=None) -> int:
         return 2
     out = args.out or checkpoint.parent / "export"
     try:
-        folders = export_run(checkpoint, out, args.parts)
-    except ExportError as err:
+        folders = export_run(checkpoint, out, args.parts, args.single_file)
+    except (ExportError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for folder in folders:

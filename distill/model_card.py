@@ -44,7 +44,10 @@ def card_text(config, role, sigmas, pipeline, stock_schedule, causal, run_dir) -
     if pipeline is not None and not causal:
         lines += ["", "## ComfyUI (core nodes)", "",
                   f"`ManualSigmas` \"{listed}, 0\", `KSamplerSelect` \"lcm\" (predict x0, re-noise), cfg 1, "
-                  "`SamplerCustomAdvanced`."]
+                  "`SamplerCustomAdvanced`. `comfyui_workflow.json` (text-to-video) holds these nodes; it loads "
+                  "`single_file/transformer.safetensors` (written by `python -m distill.export RUN --single-file`, "
+                  "Wan's original keys) from `models/diffusion_models/`; LoRA students also ship "
+                  "`lora/comfyui_lora.safetensors` for ComfyUI's LoRA loader."]
     metrics = last_validation(run_dir)
     if metrics:
         lines += ["", "## Last validation", "", "| metric | value |", "|---|---|"]

@@ -27,6 +27,7 @@ def lora_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("lora-run")
     config = validate(compose_config([
         *LORA, f"model.path={base}", "model.vae=wan", "model.text_encoder=family",  # the whole tiny pipeline
+        "roles.student.lora.alpha=8",  # scale alpha / rank = 2: a file that drops alpha shows
         "training.max_steps=6", "method.generator_update_interval=2",
         "method.generator_lr=1e-2", "method.critic_lr=1e-2", "roles.student.ema_decay=0.5",
     ]))
@@ -68,7 +69,7 @@ def test_merged_transformer_is_base_plus_scaled_product(lora_run):
     trained = dict(trainer.roles["student"].module.named_parameters())
     prefix = "blocks.1.attn1.to_v"
     a, b = trained[f"{prefix}.lora_A.default.weight"], trained[f"{prefix}.lora_B.default.weight"]
-    scale = 4 / 4  # alpha / rank, alpha defaults to the rank
+    scale = 8 / 4  # alpha / rank
     assert torch.allclose(merged[f"{prefix}.weight"], original[f"{prefix}.weight"] + scale * b @ a, atol=1e-6)
     assert torch.equal(merged["patch_embedding.weight"], original["patch_embedding.weight"])  # not adapted
     assert not any("lora" in k for k in merged)
@@ -102,6 +103,34 @@ def test_exported_lora_loads_into_a_wan_pipeline_and_matches_the_student(lora_ru
     latents = pipe(prompt="a red square moves left", height=16, width=16, num_frames=9, num_inference_steps=2,
                    output_type="latent", generator=torch.Generator().manual_seed(0)).frames
     assert torch.isfinite(latents).all()
+
+
+def test_the_comfyui_lora_file_has_original_keys_and_loads_in_diffusers_as_the_merged_student(lora_run):
+    """lora/comfyui_lora.safetensors: ComfyUI's Wan names (lora_down / lora_up / alpha under
+    diffusion_model.<original module>), read by WanPipeline.load_lora_weights with alpha applied."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    config, _, run, base = lora_run
+    folder = run / "export" / "student"
+    comfy = load_file(folder / "lora" / "comfyui_lora.safetensors")
+    assert comfy["diffusion_model.blocks.0.self_attn.q.alpha"].item() == 8.0
+    for key in ("blocks.0.self_attn.q.lora_down.weight", "blocks.1.cross_attn.o.lora_up.weight",
+                "blocks.0.ffn.0.lora_down.weight", "blocks.1.ffn.2.lora_up.weight"):
+        assert f"diffusion_model.{key}" in comfy, key
+    assert all(k.startswith("diffusion_model.blocks.") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+               for k in comfy)
+    assert len(comfy) == 3 * 2 * (4 * 2 + 2)  # down, up, alpha x blocks x adapted modules
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
+                       transformer=WanTransformer3DModel.from_pretrained(base, subfolder="transformer"))
+    pipe.load_lora_weights(str(folder / "lora"), weight_name="comfyui_lora.safetensors")
+    merged = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, *config.model.latent_shape), generator=g)
+    text = torch.randn((2, config.model.text_len, config.model.text_dim), generator=g)
+    t = torch.tensor([900.0, 300.0])
+    with torch.no_grad():
+        want, got = merged(x, t, text, return_dict=False)[0], pipe.transformer(x, t, text, return_dict=False)[0]
+    assert torch.allclose(want, got, atol=1e-5), (want - got).abs().max()
 
 
 def test_sample_command_reads_the_merged_and_the_lora_export_alike(lora_run, tmp_path):

@@ -141,6 +141,44 @@ def test_the_export_command_copies_the_parts_and_refuses_a_folder_without_them(e
     assert not (broken / "export").exists()  # refused before anything was written
 
 
+def test_the_single_file_student_is_the_original_layout_and_loads_back_bit_for_bit(exports, tmp_path):
+    """--single-file: Wan's original keys (ComfyUI tells Wan by head.modulation), one file a
+    network; diffusers' from_single_file reads it back to the exported transformer exactly."""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    from distill.export import main
+
+    for name, networks in ((3, ["transformer"]), ("pair", ["transformer", "transformer_2"])):
+        out = tmp_path / str(name)
+        assert main([str(exports[name].parent.parent), "--out", str(out), "--single-file"]) == 0
+        for sub in networks:
+            path = out / "student" / "single_file" / f"{sub}.safetensors"
+            original = load_file(path)
+            assert "head.modulation" in original and "blocks.0.self_attn.q.weight" in original
+            assert "blocks.0.norm3.weight" in original and "blocks.1.ffn.2.bias" in original
+            assert not any(k.startswith(("condition_embedder", "proj_out")) or ".attn1." in k for k in original)
+            loaded = WanTransformer3DModel.from_single_file(str(path), config=str(out / "student"), subfolder=sub)
+            want = WanTransformer3DModel.from_pretrained(out / "student", subfolder=sub).state_dict()
+            got = loaded.state_dict()
+            assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_the_comfyui_workflow_holds_the_students_sigmas_sampler_and_guidance(exports):
+    for name, sigmas in ((3, "1, 0.757, 0.522, 0"), (4, "1, 0.9375, 0.833333, 0.625, 0")):
+        nodes = json.loads((exports[name] / "comfyui_workflow.json").read_text())
+        by_class = {node["class_type"]: node["inputs"] for node in nodes.values()}
+        assert by_class["ManualSigmas"]["sigmas"] == sigmas
+        assert by_class["KSamplerSelect"]["sampler_name"] == "lcm" and by_class["CFGGuider"]["cfg"] == 1.0
+        assert by_class["UNETLoader"]["unet_name"] == "transformer.safetensors"
+        latent = by_class["EmptyHunyuanLatentVideo"]
+        assert (latent["width"], latent["height"], latent["length"]) == (128, 128, 9)
+        sampler = by_class["SamplerCustomAdvanced"]
+        for port, cls in (("sigmas", "ManualSigmas"), ("sampler", "KSamplerSelect"), ("guider", "CFGGuider")):
+            assert nodes[sampler[port][0]]["class_type"] == cls  # wired to the nodes above
+    assert not (exports["pair"] / "comfyui_workflow.json").exists()  # two experts: none written
+
+
 def test_two_experts_export_both_networks_and_the_boundary(exports):
     index = json.loads((exports["pair"] / "model_index.json").read_text())
     assert index["_class_name"] == "WanPipeline" and index["boundary_ratio"] == 0.9

@@ -287,6 +287,15 @@ class FlowMatchingAdapter(ABC):
         """The width of a block's output (the features `predict_with_features` returns)."""
         raise NotImplementedError(f"{type(self).__name__} does not say its hidden size")
 
+    def save_single_file(self, module: nn.Module, folder: Path) -> List[Path]:
+        """Each network as one file in the family's original (non-diffusers) key layout."""
+        raise NotImplementedError(f"model.family={self.family} has no single-file layout")
+
+    def comfyui_workflow(self, sigmas: List[float], network_file: str) -> Optional[Dict]:
+        """A ComfyUI workflow (API format, core nodes) sampling the exported few-step
+        network `network_file` at `sigmas`, or None where the family has none."""
+        return None
+
     def stock_pipeline(self) -> Optional[StockPipeline]:
         """The stock diffusers pipeline that samples this family's exported student from
         prompts, or None where no stock one can (no text encoder or VAE of its own)."""

@@ -12,9 +12,11 @@ from distill.models.experts import ExpertPair
 from distill.config.schema import TextEncoderKind, VaeKind
 from distill.models.flow_matching import FlowMatchingAdapter, StockPipeline
 from distill.models.folders import read_component_config, resolve_model_folder
+from distill.models.wan_original import comfy_lora, to_original
 from distill.registry import register_family
 
 LOW_NOISE_SUBFOLDER = "transformer_2"  # Wan2.2 A14B's second expert
+COMFY_LORA_FILE = "comfyui_lora.safetensors"
 
 # the attention (self and cross) and FFN projections of every block
 WAN_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
@@ -217,12 +219,24 @@ class WanAdapter(FlowMatchingAdapter):
             config={"boundary_ratio": self.cfg.boundary_ratio, "expand_timesteps": condition == "first_frame"},
         )
 
+    def comfyui_workflow(self, sigmas: List[float], network_file: str) -> Optional[dict]:
+        """Text-to-video with one network only (two experts need two samplers, image
+        conditioning its own nodes: not written)."""
+        if self.stock_pipeline() is None or self.cfg.image_condition.value != "none" or self.cfg.boundary_ratio:
+            return None
+        from distill.models.wan_comfyui import workflow
+
+        return workflow(sigmas, list(self.cfg.latent_shape), network_file)
+
     def lora_targets(self) -> List[str]:
         return list(WAN_LORA_TARGETS)
 
     def save_lora(self, module: nn.Module, folder: Path) -> None:
-        """diffusers' Wan LoRA format: `WanPipeline.load_lora_weights(folder)` reads it."""
+        """diffusers' Wan LoRA format (`WanPipeline.load_lora_weights(folder)` reads it), and
+        beside it the same adapters in the original-key layout with alpha tensors
+        (`comfyui_lora.safetensors`), which ComfyUI's LoRA loader and diffusers both read."""
         from diffusers import WanPipeline
+        from safetensors.torch import save_file
 
         from distill.lora import adapter_metadata, adapter_state
 
@@ -230,6 +244,28 @@ class WanAdapter(FlowMatchingAdapter):
             folder, transformer_lora_layers=adapter_state(module),
             transformer_lora_adapter_metadata=adapter_metadata(module),
         )
+        alpha, state = adapter_metadata(module)["lora_alpha"], adapter_state(module)
+        if not isinstance(module, ExpertPair):
+            save_file(comfy_lora(state, alpha), str(Path(folder) / COMFY_LORA_FILE))
+            return
+        for name, _ in module.experts():  # one file per expert, as ComfyUI loads each model alone
+            part = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}.")}
+            if part:
+                save_file(comfy_lora(part, alpha), str(Path(folder) / COMFY_LORA_FILE.replace(".", f"_{name}_noise.")))
+
+    def save_single_file(self, module: nn.Module, folder: Path) -> List[Path]:
+        """Each network as one safetensors file in Wan's original key layout (ComfyUI's
+        diffusion-model loader; `WanTransformer3DModel.from_single_file`)."""
+        from safetensors.torch import save_file
+
+        nets = module.experts() if isinstance(module, ExpertPair) else [(None, module)]
+        written = []
+        for (_, net), sub in zip(nets, self._subfolders()):
+            path = Path(folder) / f"{sub}.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in to_original(net.state_dict()).items()}, str(path))
+            written.append(path)
+        return written
 
     def load_lora(self, module: nn.Module, folder: Path) -> nn.Module:
         module.load_lora_adapter(str(folder), prefix="transformer", adapter_name="default",
