@@ -217,3 +217,49 @@ def test_shift_and_terminal_fit_the_published_lists():
     # even sigmas need no warp; a list not starting at 1, or unevenly warped, is not representable
     assert fit([1.0, 0.75, 0.5, 0.25]) == {"shift": pytest.approx(1.0), "shift_terminal": 0.25}
     assert fit([0.9, 0.5]) is None and fit([1.0, 0.9, 0.3, 0.2]) is None and fit([1.0, 0.5, 0.6]) is None
+
+
+@pytest.fixture(scope="module", params=["ti2v_5b", "i2v_14b"])
+def i2v_export(request, built_once, tmp_path_factory):
+    """A 2-iteration image-to-video student of each Wan I2V layout, on the tiny family
+    folders and datasets that tests/test_image_to_video.py builds (shared, built once)."""
+    import functools
+
+    from test_image_to_video import FAMILIES, write_family
+
+    from distill.run import train
+
+    fam = FAMILIES[request.param]
+    root = built_once(f"i2v-{fam.name}", functools.partial(write_family, fam))
+    run = tmp_path_factory.mktemp(f"stock-{fam.name}")
+    train(validate(compose_config([
+        f"model.path={root / 'model'}", f"model.latent_shape={fam.latent}".replace(" ", ""),
+        f"model.image_condition={fam.condition}", "model.vae=wan", "model.text_encoder=family", "data=parquet",
+        f"data.path={root / 'data'}", "method.rollout=data", "method.student_steps=[1000,500]", "data.batch_size=2",
+        "training.max_steps=2", "validation.num_samples=1"])), run)
+    return fam, root / "model", run / "export" / "student"
+
+
+def test_image_to_video_students_load_and_run_in_the_stock_pipeline(i2v_export):
+    """WanImageToVideoPipeline.from_pretrained(EXPORT) alone: TI2V-5B's expand_timesteps (the
+    image's tokens at timestep 0, its latent kept as the first frame), I2V-14B's CLIP encoder
+    linked; the transformer runs at the student's timesteps."""
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    fam, model, export = i2v_export
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["_class_name"] == "WanImageToVideoPipeline"
+    assert index["expand_timesteps"] == (fam.condition == "first_frame")
+    assert (export / "image_encoder").is_symlink() == fam.clip and (index["image_encoder"][0] is not None) == fam.clip
+    pipe = WanImageToVideoPipeline.from_pretrained(export)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].max().item()),
+                                               with_kwargs=True)
+    image = Image.fromarray(torch.randint(0, 255, (64, 64, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    torch.manual_seed(0)
+    latents = pipe(image=image, prompt=PROMPT, height=64, width=64, num_frames=5, num_inference_steps=2,
+                   guidance_scale=1.0, max_sequence_length=8, output_type="latent").frames
+    assert seen == pytest.approx([1000.0, 500.0], abs=1e-2)
+    assert latents.shape[1:] == tuple(fam.latent) and torch.isfinite(latents).all()
