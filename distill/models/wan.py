@@ -1,5 +1,6 @@
 """Wan2.1 through diffusers' WanTransformer3DModel (text-to-video)."""
 
+import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -245,13 +246,19 @@ class WanAdapter(FlowMatchingAdapter):
             transformer_lora_adapter_metadata=adapter_metadata(module),
         )
         alpha, state = adapter_metadata(module)["lora_alpha"], adapter_state(module)
-        if not isinstance(module, ExpertPair):
-            save_file(comfy_lora(state, alpha), str(Path(folder) / COMFY_LORA_FILE))
-            return
-        for name, _ in module.experts():  # one file per expert, as ComfyUI loads each model alone
-            part = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}.")}
-            if part:
-                save_file(comfy_lora(part, alpha), str(Path(folder) / COMFY_LORA_FILE.replace(".", f"_{name}_noise.")))
+        files = {COMFY_LORA_FILE: state}
+        if isinstance(module, ExpertPair):  # one file per expert, as ComfyUI loads each model alone
+            files = {COMFY_LORA_FILE.replace(".", f"_{name}_noise."): {k.split(".", 1)[1]: v for k, v in state.items()
+                                                                        if k.startswith(f"{name}.")}
+                     for name, _ in module.experts()}
+        for file, part in files.items():
+            try:
+                comfy = comfy_lora(part, alpha)
+            except KeyError as err:  # a target chosen in lora.target_modules that the original layout lacks
+                print(f"{folder}: no {file} ({err.args[0]}); the diffusers file holds every adapter", file=sys.stderr)
+                continue
+            if comfy:
+                save_file(comfy, str(Path(folder) / file))
 
     def save_single_file(self, module: nn.Module, folder: Path) -> List[Path]:
         """Each network as one safetensors file in Wan's original key layout (ComfyUI's
