@@ -11,8 +11,8 @@ last one lands on it:
     s_i  = 1 - (1 - w_i) (1 - shift_terminal) / (1 - w_{N-1})
 
 So a list that starts at 1 has its end fixed by `shift_terminal` and its
-interior by `shift` alone: one unknown, found by bisection on the first interior
-point, then checked on all. `stochastic_sampling=True` makes `step` the few-step
+interior by `shift` alone: one unknown, found on the second sigma (a scan of a
+log grid for sign changes, then bisection), then checked on every point. `stochastic_sampling=True` makes `step` the few-step
 sampler's own: predict x0, re-noise to the next sigma with fresh noise.
 """
 
@@ -22,7 +22,8 @@ from typing import Dict, List, Optional
 TOLERANCE = 1e-5  # largest |sigma| difference accepted: the timesteps the network sees differ by < 0.01
 
 
-def stretched_sigmas(num_steps: int, shift: float, shift_terminal: Optional[float], train_steps: int = 1000) -> List[float]:
+def stretched_sigmas(num_steps: int, shift: float, shift_terminal: Optional[float],
+                     train_steps: int = 1000) -> List[float]:
     """The sigmas `set_timesteps(num_steps)` gives for this shift and terminal (the formula above)."""
     m = 1.0 / train_steps
     sigma_min = shift * m / (1 + (shift - 1) * m)
