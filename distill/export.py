@@ -89,16 +89,7 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
     if single_file:
         adapter.save_single_file(module, out / SINGLE_FILE_FOLDER)
     sampler = method_class(config.method.name).sampler(config.method, adapter, role)
-    stock_schedule = write_scheduler(out / "scheduler", sampler, config.model.shift)
-    if plan is not None:
-        write_pipeline(out, plan, parts_mode)
-    graph = None if cfg.causal or isinstance(sampler, EulerSampler) else adapter.comfyui_workflow(
-        list(sampler.sigmas), f"{adapter.cfg.subfolder}.safetensors")  # the --single-file export's name
-    if graph is not None:
-        (out / WORKFLOW_FILE).write_text(json.dumps(graph, indent=1) + "\n")
-        if not stock_schedule and not isinstance(sampler, EulerSampler):
-            print(f"{out}: the sigmas {list(sampler.sigmas)} are not representable by a stock scheduler config; "
-                  "README.md gives the lines that set them", file=sys.stderr)
+    stock_schedule = write_stock_parts(out, adapter, cfg, sampler, plan, parts_mode)
     info = {
         "family": config.model.family,
         "subfolder": config.model.subfolder,
@@ -127,6 +118,23 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
     write_card(out, config, role, list(sampler.sigmas), stock and stock.class_name, stock_schedule, cfg.causal,
                Path(checkpoint).parent)
     return out
+
+
+def write_stock_parts(out: Path, adapter, role_cfg, sampler, plan, parts_mode: str) -> bool:
+    """The scheduler config, and where the family has them the stock pipeline folder and
+    the ComfyUI workflow; True when a plain `set_timesteps(N)` samples the role's sigmas."""
+    stock_schedule = write_scheduler(out / "scheduler", sampler, adapter.cfg.shift)
+    few_step = not isinstance(sampler, EulerSampler)
+    if plan is not None:
+        write_pipeline(out, plan, parts_mode)
+        if few_step and not stock_schedule:
+            print(f"{out}: the sigmas {list(sampler.sigmas)} are not representable by a stock scheduler config; "
+                  "README.md gives the lines that set them", file=sys.stderr)
+    if few_step and not role_cfg.causal:
+        graph = adapter.comfyui_workflow(list(sampler.sigmas), f"{adapter.cfg.subfolder}.safetensors")
+        if graph is not None:  # it loads the --single-file export by that name
+            (out / WORKFLOW_FILE).write_text(json.dumps(graph, indent=1) + "\n")
+    return stock_schedule
 
 
 def model_folder(model) -> str:

@@ -185,12 +185,17 @@ def test_two_experts_export_both_networks_and_the_boundary(exports):
     assert index["transformer"] == index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
 
 
-def test_a_list_no_config_holds_gets_the_override_that_samples_it(exports, tmp_path):
-    """[1, 0.9, 0.3, 0.2]: the card's lines set the sigmas, and the stock pipeline then
-    samples what distill.sample does."""
+def test_a_list_no_config_holds_gets_the_override_that_samples_it(exports, tmp_path, capsys):
+    """[1, 0.9, 0.3, 0.2]: the export says so, the card's lines set the sigmas, and the
+    stock pipeline then samples what distill.sample does."""
     from diffusers import WanPipeline
 
+    from distill.export import main
+
     export = exports["uneven"]
+    capsys.readouterr()
+    assert main([str(export.parent.parent), "--out", str(tmp_path / "again")]) == 0
+    assert "are not representable by a stock scheduler config; README.md gives the lines" in capsys.readouterr().err
     card = (export / "README.md").read_text()
     code = card.split("```python\n")[1].split("```")[0]
     override = [line for line in code.splitlines() if "partial" in line or "FlowMatchEulerDiscreteScheduler(" in line]
