@@ -73,8 +73,8 @@ def test_attention_settings_set_by_diffusers_reach_the_processor_that_runs():
     """The causal processor wraps diffusers' own; the backend diffusers sets on every
     block's processor is the one both the masked and the cached paths use."""
     model = tiny(causal_chunk=1)
-    model.set_attention_backend("_native_math")
+    model.set_attention_backend("native")
     for block in model.blocks:
         causal = block.attn1.processor
-        assert causal.wan is not causal and causal.wan._attention_backend == "_native_math"
-        assert causal._attention_backend == "_native_math"
+        assert causal.wan is not causal and causal.wan._attention_backend == "native"
+        assert causal._attention_backend == "native"
