@@ -16,32 +16,38 @@ from distill.stock_scheduler import override_snippet
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-def write_card(out: Path, config, role: str, sigmas: List[float], pipeline: Optional[str], stock_schedule: bool,
+def write_card(out: Path, config, role: str, sampler, pipeline: Optional[str], stock_schedule: bool,
                causal: bool, run_dir: Path) -> None:
-    (out / "README.md").write_text(card_text(config, role, sigmas, pipeline, stock_schedule, causal, run_dir))
+    (out / "README.md").write_text(card_text(config, role, sampler, pipeline, stock_schedule, causal, run_dir))
 
 
-def card_text(config, role, sigmas, pipeline, stock_schedule, causal, run_dir) -> str:
+def card_text(config, role, sampler, pipeline, stock_schedule, causal, run_dir) -> str:
+    """`sampler`: the role's (a few-step student's listed sigmas, or the Euler ODE with
+    guidance of a critic or finetuned model)."""
     model, method = config.model, config.method
     base = _repo_id(model.path)
-    steps = len(sigmas)
+    sigmas, steps = list(sampler.sigmas), len(sampler.sigmas)
+    guidance = getattr(sampler, "guidance_scale", None)  # Euler roles only
     tag = "image-to-video" if model.image_condition.value != "none" else "text-to-video"
     front = ["---", "library_name: diffusers"] + ([f"base_model: {base}"] if base else []) + [
         f"pipeline_tag: {tag}", "tags:", "- distillation", "- few-step", f"- {method.name}", f"- {model.family}", "---"]
     listed = ", ".join(f"{s:.6g}" for s in sigmas)
     lines = [
         *front, "",
-        f"# {role}: {steps}-step {method.name} student of {base or 'a local ' + model.family + ' model'}", "",
+        f"# {role}: {f'{steps}-step ' if guidance is None else ''}{method.name} {role} of "
+        f"{base or 'a local ' + model.family + ' model'}", "",
         f"- base model: {base or 'a local folder (not named here)'} ({model.family})",
         f"- method: {method.name}; student steps {list(getattr(method, 'student_steps', []))}, "
         f"teacher guidance {getattr(method, 'guidance_scale', None)}, trained {config.training.max_steps} steps",
-        f"- sampling: {steps} steps at sigmas [{listed}], guidance 1 (no classifier-free guidance), "
-        "each step predicts the clean latent and re-noises it to the next sigma",
+        (f"- sampling: {steps} steps at sigmas [{listed}], guidance 1 (no classifier-free guidance), "
+         "each step predicts the clean latent and re-noises it to the next sigma" if guidance is None else
+         f"- sampling: the flow-matching ODE by Euler steps ({steps} by default) with guidance {guidance}, "
+         "as the base model samples"),
         f"- training config sha256: {config_hash(run_dir)}", "",
         "## Sampling", "",
     ]
-    lines += _how_to_sample(pipeline, stock_schedule, causal, sigmas)
-    if pipeline is not None and not causal:
+    lines += _how_to_sample(pipeline, stock_schedule, causal, sigmas, guidance)
+    if pipeline is not None and not causal and guidance is None:
         lines += ["", "## ComfyUI (core nodes)", "",
                   f"`ManualSigmas` \"{listed}, 0\", `KSamplerSelect` \"lcm\" (predict x0, re-noise), cfg 1, "
                   "`SamplerCustomAdvanced`. `comfyui_workflow.json` (text-to-video) holds these nodes; it loads "
@@ -55,7 +61,7 @@ def card_text(config, role, sigmas, pipeline, stock_schedule, causal, run_dir) -
     return "\n".join(lines) + "\n"
 
 
-def _how_to_sample(pipeline, stock_schedule, causal, sigmas) -> List[str]:
+def _how_to_sample(pipeline, stock_schedule, causal, sigmas, guidance) -> List[str]:
     if causal:
         return ["A block-causal student: it generates chunk by chunk over its KV cache, which no stock",
                 "pipeline does. Sample it with `python -m distill.sample THIS_FOLDER --prompt \"...\" --out clip.mp4`."]
@@ -64,6 +70,9 @@ def _how_to_sample(pipeline, stock_schedule, causal, sigmas) -> List[str]:
                 "`python -m distill.sample THIS_FOLDER --prompt \"...\" --out clip.gif`."]
     lines = ["```python", "import torch", f"from diffusers import {pipeline}", "",
              f"pipe = {pipeline}.from_pretrained(\"THIS_FOLDER\", torch_dtype=torch.bfloat16).to(\"cuda\")"]
+    if guidance is not None:
+        return [*lines, f"video = pipe(prompt, num_inference_steps={len(sigmas)}, guidance_scale={guidance})"
+                        ".frames[0]", "```"]
     if not stock_schedule:
         lines += ["# these sigmas are not a shift / shift_terminal warp of an even grid: give them by hand",
                   *override_snippet(sigmas).splitlines()]
@@ -74,8 +83,12 @@ def _how_to_sample(pipeline, stock_schedule, causal, sigmas) -> List[str]:
 
 
 def config_hash(run_dir: Path) -> str:
-    path = Path(run_dir) / "config.yaml"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "unknown"
+    """sha256 of the training config: the run's config.yaml, or its newest checkpoint's copy."""
+    saved = sorted(Path(run_dir).glob("checkpoint-*/config.yaml"), key=lambda p: int(p.parent.name.split("-")[-1])
+                   if p.parent.name.split("-")[-1].isdigit() else -1)
+    candidates = [Path(run_dir) / "config.yaml", *saved[-1:]]
+    path = next((p for p in candidates if p.is_file()), None)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path else "unknown"
 
 
 def last_validation(run_dir: Path) -> Dict[str, float]:

@@ -116,7 +116,10 @@ def test_the_export_is_a_stock_pipeline_folder(exports, pipeline_folder):
     card = (export / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers\n") and "pipeline_tag: text-to-video" in card
     assert "num_inference_steps=3, guidance_scale=1.0" in card and "1, 0.757, 0.522, 0" in card
-    assert "sha256" in card and "| student_3step/accuracy |" not in card  # the tiny run has no digit metrics
+    assert "sha256: unknown" not in card and "| student_3step/accuracy |" not in card  # the tiny run has no digit metrics
+    critic = (export.parent / "critic" / "README.md").read_text()  # the critic: the Euler ODE with guidance
+    assert "by Euler steps" in critic and "guidance_scale=" in critic and "ManualSigmas" not in critic
+    assert "guidance_scale=1.0" not in critic and not (export.parent / "critic" / "comfyui_workflow.json").exists()
 
 
 def test_the_export_command_copies_the_parts_and_refuses_a_folder_without_them(exports, pipeline_folder, tmp_path,
