@@ -131,6 +131,7 @@ def test_failing_job_reads_as_failed_with_its_log(slurm, tmp_path):
 
 
 def test_bad_config_never_reaches_the_queue(slurm, tmp_path):
+    _wait(lambda: queue(slurm) == [], 60, "an empty queue")  # an earlier test's job may still be COMPLETING
     before = queue(slurm)
     bad = launch(slurm, [*SLURM, "method.student_steps=[]", f"hydra.run.dir={tmp_path / 'a'}"])
     assert bad.returncode != 0 and "method.student_steps is empty" in bad.stderr
