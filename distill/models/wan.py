@@ -214,7 +214,7 @@ class WanAdapter(FlowMatchingAdapter):
         condition = self.cfg.image_condition.value
         return StockPipeline(
             class_name="WanPipeline" if condition == "none" else "WanImageToVideoPipeline",
-            transformers=self._subfolders() if self.cfg.boundary_ratio is not None else ("transformer",),
+            transformers=self._subfolders() if self.cfg.boundary_ratio is not None else (self.cfg.subfolder,),
             parts=("tokenizer", "text_encoder", "vae"),
             optional_parts=("image_encoder", "image_processor") if condition != "none" else (),  # Wan2.1 I2V's
             config={"boundary_ratio": self.cfg.boundary_ratio, "expand_timesteps": condition == "first_frame"},
