@@ -132,9 +132,7 @@ class Trainer:
             last = micro == self.grad_accum_steps - 1
             for role in self.roles.values():
                 role.sync_gradients(last)
-            batch = {k: v if k in HOST_KEYS else v.to(self.runtime.device, non_blocking=True)
-                     for k, v in next(self.data).items()}
-            losses, metrics = self.method.step_losses(batch, iteration)
+            losses, metrics = self.method.step_losses(self.next_batch(), iteration, self.next_batch)
             sum(losses.values()).div(self.grad_accum_steps).backward()
             for key, value in [*((f"loss/{n}", l.detach()) for n, l in losses.items()), *metrics.items()]:
                 record[key] = record.get(key, 0.0) + value / self.grad_accum_steps
@@ -146,6 +144,10 @@ class Trainer:
             if role.trainable:
                 role.end_iteration(iteration)
         return record
+
+    def next_batch(self) -> Dict[str, torch.Tensor]:
+        return {k: v if k in HOST_KEYS else v.to(self.runtime.device, non_blocking=True)
+                for k, v in next(self.data).items()}
 
     def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self.runtime.distributed:

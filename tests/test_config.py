@@ -127,6 +127,20 @@ INVALID = [
     (["roles.student.lora.rank=-1"], "roles.student.lora.rank=-1: must be >= 0"),
     (["roles.teacher.lora.rank=4"], "roles.teacher.lora.rank=4: LoRA needs a trainable role"),
     (["model.family=nope"], "model.family=nope: no such model family (registered: wan"),
+    (["method.gan.enabled=true", "method.gan.blocks=[0,7,-3]"],
+     "method.gan.blocks=[0, 7, -3]: 7, -3 outside the 2 blocks of roles.critic's network (model.arch); allowed: -2 to 1"),
+    (["roles.student.lora.rank=4", "roles.student.lora.target_modules=[to_q,to_x]"],
+     "roles.student.lora.target_modules: no linear layer of the network (model.arch) matches to_x; its layers: "
+     "attn1.to_k, attn1.to_out.0"),
+    (["method.student_step_draw=per_sample"], "method.student_step_draw=per_sample: needs method.rollout=data"),
+    (["method.clean_step=true", "method.rollout=data"],
+     "method.clean_step=true needs method.student_step_draw=per_chunk (got shared)"),
+    (["method.student_step_draw=per_chunk", "method.rollout=data"],
+     "method.student_step_draw=per_chunk needs a block-causal student (model.chunk_frames"),
+    (["method.critic_sample=fresh", "method.critic_on_generator_iterations=false"],
+     "method.critic_sample=fresh with method.critic_on_generator_iterations=false"),
+    (["method.critic_on_generator_iterations=false", "method.generator_update_interval=1"],
+     "the critic would never train"),
 ]
 
 
@@ -151,6 +165,9 @@ def test_invalid_config_is_rejected(overrides, message):
         (["training.checkpoint_every=-1"], "Key 'checkpoint_every' not in 'TrainingConfig'"),
         (["checkpoint.every=-1"], "checkpoint.every=-1: must be >= 0"),
         (["validation.every=-3"], "validation.every=-3: must be >= 0"),
+        (["method.gan.enabled=true", "method.gan.blocks=[0,7]"], "method.gan.blocks=[0, 7]: 7 outside the 2 blocks"),
+        (["roles.student.lora.rank=4", "roles.student.lora.target_modules=[to_x]"],
+         "roles.student.lora.target_modules: no linear layer of the network (model.arch) matches to_x"),
     ],
 )
 def test_launch_rejects_bad_config_without_traceback(tmp_path, overrides, message):

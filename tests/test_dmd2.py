@@ -165,3 +165,100 @@ def test_update_schedule_over_ten_iterations(tmp_path):
         role = roles[name]
         assert role.optimizer.state[role.module.cond]["step"] == count
         assert role.scheduler.last_epoch == count
+
+
+def test_update_schedule_without_the_critic_on_generator_iterations(tmp_path):
+    """FastGen's DMD2: the critic steps on 4 of every 5 iterations, the student on the 5th."""
+    from distill.trainer import Trainer
+
+    method, roles = make_method([0.0] * 4, [0.0] * 4, [0.0] * 4, None, generator_update_interval=5,
+                                critic_on_generator_iterations=False)
+    assert method.updates_per_role(10) == {"student": 2, "critic": 8, "teacher": 0}
+    assert set(method.losses(batch(), iteration=0)[0]) == {"student"}
+    attach_optimizers(roles, method.updates_per_role(10), lrs={"student": 1e-3, "critic": 1e-3})
+    Trainer(method, roles, iter(batch, None), run_dir=tmp_path, max_steps=10).fit()
+    for name, count in (("student", 2), ("critic", 8)):
+        assert roles[name].optimizer.state[roles[name].module.cond]["step"] == count
+
+
+def numbered_batches(start=0):
+    """Batches whose sample ids count up from `start`, one sample each."""
+    position = start
+    while True:
+        yield dict(batch(), sample_id=torch.tensor([position]))
+        position += 1
+
+
+def test_a_fresh_critic_batch_is_the_next_one_and_a_fresh_sample_is_redrawn():
+    """critic_sample: reuse fits the student's own sample; fresh draws a new rollout on
+    the same batch (CausVid); fresh_batch on the next batch (Self-Forcing)."""
+    sampled = {}
+    for mode in ("reuse", "fresh", "fresh_batch"):
+        method, _ = make_method([1.0] * 4, [0.0] * 4, [0.0] * 4, None, critic_sample=mode, rollout=Rollout.data)
+        seen = []
+        sample = method.student_sample
+        method.student_sample = lambda b, cond, metrics: seen.append(int(b["sample_id"])) or sample(b, cond, metrics)
+        data = numbered_batches()
+        b = dict(next(data), latents=torch.zeros(SHAPE))
+        losses, _ = method.step_losses(b, 0, lambda: dict(next(data), latents=torch.zeros(SHAPE)))
+        assert set(losses) == {"student", "critic"}
+        sampled[mode] = seen
+    assert sampled == {"reuse": [0], "fresh": [0, 0], "fresh_batch": [0, 1]}
+
+
+def chunked_method(**cfg):
+    """A DMD2 over a block-causal layout: 21 latent frames, 3 per chunk, CausVid's steps."""
+    adapter = StandInAdapter(ModelConfig(shift=8.0, latent_shape=[1, 21, 1, 1], chunk_frames=3))
+    cfg = DMD2Config(student_steps=[1000, 757, 522], rollout=Rollout.data, **cfg)
+    return DMD2(cfg, adapter, {}, seed=0, device="cpu")
+
+
+def draw(method, ids, frames=21):
+    method.noise.start(list(ids))
+    return method.input_steps(len(ids), frames)
+
+
+def test_per_chunk_steps_follow_causvid_with_the_clean_step():
+    """CausVid draws each block's step uniformly from [1000, 757, 522, 0]: over 2,000
+    samples x 7 chunks every one of the 4 indices holds 1/4 of the draws (the binomial
+    standard deviation is 0.0037; the tolerance 0.015 is 4 of them), alike within a chunk."""
+    method = chunked_method(student_step_draw="per_chunk", clean_step=True)
+    steps = draw(method, range(2000))
+    assert steps.shape == (2000, 21)
+    chunks = steps.reshape(2000, 7, 3)
+    assert torch.equal(chunks, chunks[:, :, :1].expand(-1, -1, 3))
+    shares = torch.bincount(chunks[:, :, 0].flatten(), minlength=4).float() / chunks[:, :, 0].numel()
+    assert torch.allclose(shares, torch.full((4,), 0.25), atol=0.015), shares
+    # two ranks (every other sample each) draw what one rank draws
+    assert torch.equal(draw(method, range(0, 2000, 2)), steps[0::2])
+    assert torch.equal(draw(method, range(1, 2000, 2)), steps[1::2])
+
+
+def test_per_sample_steps_follow_fastgen_without_the_clean_step():
+    """FastGen's DMD2 draws one of the listed steps per sample, never t = 0."""
+    method = chunked_method(student_step_draw="per_sample")
+    steps = draw(method, range(3000))
+    assert steps.shape == (3000,)
+    shares = torch.bincount(steps, minlength=4).float() / 3000
+    assert torch.allclose(shares, torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]), atol=0.03), shares
+    assert torch.equal(draw(method, range(1, 3000, 2)), steps[1::2])
+
+
+def test_a_clean_chunk_is_the_data_latent_at_timestep_zero():
+    """Index 3 (one past the listed steps) is sigma 0: the chunk enters unnoised."""
+    method = chunked_method(student_step_draw="per_chunk", clean_step=True)
+    seen = []
+    method.roles = {"student": Role("student", RoleConfig(trainable=True),
+                                    lambda x_t, t, text: seen.append((x_t, t)) or torch.zeros_like(x_t))}
+    method.roles["student"].module.parameters = lambda: iter([torch.zeros(1)])
+    method.randn = lambda shape: torch.full(shape, 4.0)
+    method.input_steps = lambda n, frames: torch.tensor([[0] * 3 + [3] * 3 + [1] * 15])
+    latents = torch.full((1, 1, 21, 1, 1), 2.0)
+    metrics = {}
+    method.student_sample(dict(batch(), latents=latents), {}, metrics)
+    x_t, t = seen[0]
+    assert torch.allclose(x_t[0, 0, :3].flatten(), torch.full((3,), 4.0))  # sigma 1: the noise
+    assert torch.equal(x_t[0, 0, 3:6].flatten(), torch.full((3,), 2.0))  # sigma 0: the latent itself
+    assert torch.allclose(t[0, 3:6], torch.zeros(3)) and torch.allclose(t[0, :3], torch.full((3,), 1000.0))
+    assert torch.allclose(t[0, 6:], torch.full((15,), 757.0))
+    assert metrics["student_step"] == (3 * 0 + 3 * 3 + 15 * 1) / 21

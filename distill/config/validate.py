@@ -9,6 +9,7 @@ traceback.
 
 import dataclasses
 import os
+import re
 from typing import List
 
 from omegaconf import DictConfig, OmegaConf
@@ -45,10 +46,47 @@ def validate(cfg: DictConfig) -> Config:
         + _derive_accumulation(config)
         + _check_data(config, method)
         + family.check(config)
+        + method.check_model(config.method, config.model)
     )
+    if not errors:  # the networks' own configs are read once the keys naming them are sound
+        errors = _check_block_indices(config, method, family) + _check_lora_targets(config, family)
     if errors:
         raise ConfigError("\n".join(errors))
     return config
+
+
+def _check_block_indices(config: Config, method, family) -> List[str]:
+    """Block indices a method names (the GAN's feature taps) against the depth of the
+    network they index, read from its config file."""
+    errors = []
+    for key, (role, indices) in method.block_indices(config.method).items():
+        arch, source, error = family.role_architecture(config, role) if role in config.roles else (None, "", None)
+        depth = family.depth(arch) if arch is not None and error is None else None
+        outside = [i for i in indices if depth is not None and not -depth <= i < depth]
+        if outside:
+            errors.append(f"{key}={list(indices)}: {', '.join(map(str, outside))} outside the {depth} blocks of "
+                          f"roles.{role}'s network ({source}); allowed: {-depth} to {depth - 1}")
+    return errors
+
+
+def _check_lora_targets(config: Config, family) -> List[str]:
+    """Each lora.target_modules entry must name a linear layer of the network, as peft
+    matches it (the full name, or its end after a dot); built on the meta device."""
+    errors = []
+    for name, role in config.roles.items():
+        targets = role.lora.target_modules
+        if not role.lora.rank or not targets:
+            continue
+        arch, source, error = family.role_architecture(config, role.lora.base_role or name)
+        layers = family.layer_names(arch) if arch is not None and error is None else None
+        if layers is None:
+            continue
+        missing = [t for t in targets if not any(layer == t or layer.endswith(f".{t}") for layer in layers)]
+        if missing:
+            kinds = sorted({re.sub(r"^blocks\.\d+\.", "", layer) for layer in layers})
+            errors.append(f"roles.{name}.lora.target_modules: no linear layer of the network ({source}) matches "
+                          f"{', '.join(missing)}; its layers: {', '.join(kinds)}")
+    return errors
 
 
 def unknown_keys(node, path: str = "") -> List[str]:

@@ -8,7 +8,7 @@ looks at a method's config type.
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Set, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -50,6 +50,17 @@ class Method(ABC):
     def check(cls, cfg) -> List[str]:
         """Errors of this method's config, each naming its key."""
         return []
+
+    @classmethod
+    def check_model(cls, cfg, model) -> List[str]:
+        """Errors of this method's config that depend on the model section (ModelConfig)."""
+        return []
+
+    @classmethod
+    def block_indices(cls, cfg) -> Dict[str, Tuple[str, List[int]]]:
+        """Config key -> (role, indices of that role's network blocks it names), so that
+        an index outside the network's depth is refused before anything is built."""
+        return {}
 
     @classmethod
     def check_roles(cls, roles) -> List[str]:
@@ -110,7 +121,10 @@ class Method(ABC):
         # number of ranks, and a pure function of the data position.
         self.noise = SampleNoise(seed, self.device)
 
-    def step_losses(self, batch: Dict[str, torch.Tensor], iteration: int) -> Tuple[Losses, Metrics]:
+    def step_losses(self, batch: Dict[str, torch.Tensor], iteration: int,
+                    next_batch: Optional[Callable[[], Dict[str, torch.Tensor]]] = None) -> Tuple[Losses, Metrics]:
+        """The losses of one micro-step. `next_batch()` hands out a further batch, for
+        a method whose iteration reads two (DMD2's critic_sample=fresh_batch)."""
         self.noise.start(batch["sample_id"].tolist())
         return self.losses(batch, iteration)
 
@@ -135,6 +149,10 @@ class Method(ABC):
 
     def rand(self, n: int) -> torch.Tensor:
         return self.noise.draw(torch.rand, (n,))
+
+    def randint(self, high: int, shape) -> torch.Tensor:
+        """Integers in [0, high), drawn per sample like the noise (any rank count alike)."""
+        return self.noise.draw(lambda size, **kw: torch.randint(high, size, **kw), shape)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {"shared_rng": self.shared_rng.get_state()}

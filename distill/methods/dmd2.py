@@ -28,6 +28,22 @@ class Rollout(str, Enum):
     data = "data"  # noise a real latent to a listed step
 
 
+class StepDraw(str, Enum):
+    """Who shares the listed step the student's input is noised to (rollout=data)."""
+
+    shared = "shared"  # one for the whole batch, alike on every rank
+    per_sample = "per_sample"  # each sample its own (FastGen's DMD2)
+    per_chunk = "per_chunk"  # each chunk of each sample its own (CausVid; a block-causal student)
+
+
+class CriticSample(str, Enum):
+    """What the critic fits on an iteration that also trains the student."""
+
+    reuse = "reuse"  # the student's sample of this iteration, detached
+    fresh = "fresh"  # a new rollout on the same batch (CausVid)
+    fresh_batch = "fresh_batch"  # a new rollout on the next batch (Self-Forcing)
+
+
 @dataclass
 class DMD2Config(MethodConfig):
     name: str = "dmd2"
@@ -37,6 +53,14 @@ class DMD2Config(MethodConfig):
     # only the causal Self-Forcing pipelines do; FastVideo's DMD2 and FastWan use them raw
     warp_steps: bool = False
     rollout: Rollout = Rollout.simulate
+    student_step_draw: StepDraw = StepDraw.shared
+    # true: the per-chunk draw includes the clean end, sigma 0 (CausVid's step list
+    # [1000, 757, 522, 0]): such a chunk is the data latent itself, context for the later ones
+    clean_step: bool = False
+    critic_sample: CriticSample = CriticSample.reuse
+    # false: a generator iteration steps only the student, so the critic trains on
+    # generator_update_interval - 1 of every generator_update_interval iterations (FastGen)
+    critic_on_generator_iterations: bool = True
     # Teacher CFG as uncond + w * (cond - uncond). Recipes written as
     # cond + w' * (cond - uncond) use w = w' + 1.
     guidance_scale: float = 4.5
@@ -97,7 +121,37 @@ class DMD2(Method):
         for key in ("generator_lr", "critic_lr"):
             if not getattr(cfg, key) > 0:
                 errors.append(f"method.{key}={getattr(cfg, key)}: must be > 0")
-        return errors + check_gan(cfg.gan)
+        return errors + cls.check_sampling(cfg) + check_gan(cfg.gan)
+
+    @classmethod
+    def check_sampling(cls, cfg: DMD2Config) -> List[str]:
+        errors = []
+        draw = cfg.student_step_draw
+        if draw != StepDraw.shared and cfg.rollout != Rollout.data:
+            errors.append(f"method.student_step_draw={draw.value}: needs method.rollout=data (a simulated rollout "
+                          "runs one step count for the batch; allowed: shared)")
+        if cfg.clean_step and draw != StepDraw.per_chunk:
+            errors.append(f"method.clean_step=true needs method.student_step_draw=per_chunk (got {draw.value}): "
+                          "a clean clip gives the student no gradient; a clean chunk is context for the next")
+        if cfg.critic_sample != CriticSample.reuse and not cfg.critic_on_generator_iterations:
+            errors.append(f"method.critic_sample={cfg.critic_sample.value} with "
+                          "method.critic_on_generator_iterations=false: the critic never trains beside the student "
+                          "(allowed: reuse)")
+        if not cfg.critic_on_generator_iterations and cfg.generator_update_interval == 1:
+            errors.append("method.critic_on_generator_iterations=false with method.generator_update_interval=1: "
+                          "the critic would never train")
+        return errors
+
+    @classmethod
+    def check_model(cls, cfg: DMD2Config, model) -> List[str]:
+        if cfg.student_step_draw == StepDraw.per_chunk and not model.chunk_frames:
+            return ["method.student_step_draw=per_chunk needs a block-causal student (model.chunk_frames and "
+                    "roles.student.causal=true)"]
+        return []
+
+    @classmethod
+    def block_indices(cls, cfg: DMD2Config):
+        return {"method.gan.blocks": (cfg.gan.features, list(cfg.gan.blocks))} if cfg.gan.enabled else {}
 
     @classmethod
     def batch_keys(cls, cfg: DMD2Config) -> Set[str]:
@@ -134,7 +188,12 @@ class DMD2(Method):
             critic.append(Forward(gan.features, 1, gan.trunk_grad and gan.features == "critic"))  # real side
         scores = [Forward("critic", 1, False), Forward("teacher", cfg_samples, False)]
         gan_term = [Forward(gan.features)] if gan.enabled else []  # the generator's, through its input
-        return [MemoryPhase("generator", ["student", "critic"], rollout + [Forward("student")] + scores + gan_term + critic),
+        generator = rollout + [Forward("student")] + scores + gan_term
+        if not cfg.critic_on_generator_iterations:
+            return [MemoryPhase("generator", ["student"], generator), MemoryPhase("critic", ["critic"], rollout + critic)]
+        if cfg.critic_sample != CriticSample.reuse:  # the critic's own rollout, without gradient
+            critic = [Forward("student", 1, False)] + critic
+        return [MemoryPhase("generator", ["student", "critic"], generator + critic),
                 MemoryPhase("critic", ["critic"], rollout + critic)]
 
     @classmethod
@@ -162,24 +221,46 @@ class DMD2(Method):
         self.student_sigmas = student_sigmas(cfg, adapter)
 
     def roles_to_step(self, iteration: int) -> List[str]:
-        return ["student", "critic"] if self.is_generator_iteration(iteration) else ["critic"]
+        return ["student", "critic"][: 2 if self.trains_critic(iteration) else 1] \
+            if self.is_generator_iteration(iteration) else ["critic"]
 
     def is_generator_iteration(self, iteration: int) -> bool:
         return iteration % self.cfg.generator_update_interval == 0
 
+    def trains_critic(self, iteration: int) -> bool:
+        return not self.is_generator_iteration(iteration) or self.cfg.critic_on_generator_iterations
+
+    def step_losses(self, batch, iteration, next_batch=None) -> Tuple[Losses, Metrics]:
+        losses, metrics = super().step_losses(batch, iteration)
+        if "student" in losses and self.trains_critic(iteration) and self.cfg.critic_sample == CriticSample.fresh_batch:
+            critic_batch = next_batch()
+            self.noise.start(critic_batch["sample_id"].tolist())
+            losses["critic"] = self.fresh_critic_loss(critic_batch, metrics)
+        return losses, metrics
+
     def losses(self, batch, iteration) -> Tuple[Losses, Metrics]:
+        """The student's loss on a generator iteration, and the critic's on the same
+        sample (critic_sample=reuse), a fresh one (fresh), or none here (fresh_batch:
+        step_losses adds it from the next batch)."""
+        metrics: Metrics = {}
+        if not self.is_generator_iteration(iteration):
+            return {"critic": self.fresh_critic_loss(batch, metrics)}, metrics
         text, uncond = batch["text_embeds"], batch["negative_text_embeds"]
         cond = self.adapter.conditioning(batch)
-        train_student = self.is_generator_iteration(iteration)
-        metrics: Metrics = {}
-        with torch.set_grad_enabled(train_student):
-            x0 = self.student_sample(batch, cond, metrics)
-        losses = {}
-        if train_student:
-            losses["student"] = self.generator_loss(x0, text, uncond, cond, metrics)
-        # the same sample serves the critic: no second rollout
-        losses["critic"] = self.critic_loss(x0.detach(), text, cond, metrics, batch.get("latents"))
+        x0 = self.student_sample(batch, cond, metrics)
+        losses = {"student": self.generator_loss(x0, text, uncond, cond, metrics)}
+        if self.trains_critic(iteration) and self.cfg.critic_sample == CriticSample.reuse:
+            losses["critic"] = self.critic_loss(x0.detach(), text, cond, metrics, batch.get("latents"))
+        elif self.trains_critic(iteration) and self.cfg.critic_sample == CriticSample.fresh:
+            losses["critic"] = self.fresh_critic_loss(batch, metrics)
         return losses, metrics
+
+    def fresh_critic_loss(self, batch, metrics: Metrics) -> torch.Tensor:
+        """The critic's loss on a new student sample of `batch`, drawn without gradient."""
+        cond = self.adapter.conditioning(batch)
+        with torch.no_grad():
+            x0 = self.student_sample(batch, cond, metrics)
+        return self.critic_loss(x0, batch["text_embeds"], cond, metrics, batch.get("latents"))
 
     def sample_sigma(self, n: int) -> torch.Tensor:
         """Uniform, shifted, clamped to [min_timestep_ratio, max_timestep_ratio]."""
@@ -190,21 +271,38 @@ class DMD2(Method):
         """A random listed step, the same on every rank."""
         return int(torch.randint(len(self.student_sigmas), (1,), generator=self.shared_rng))
 
+    def input_steps(self, n: int, frames: int) -> torch.Tensor:
+        """Indices into the listed steps (and, with clean_step, one past them: sigma 0)
+        for the student's data-rollout input: [n] (shared, per_sample) or [n, frames]
+        (per_chunk, alike within a chunk). Per-sample draws follow the sample ids, so
+        any number of ranks draws the same."""
+        draw, choices = self.cfg.student_step_draw, len(self.student_sigmas) + int(self.cfg.clean_step)
+        if draw == StepDraw.shared:
+            return torch.full((n,), self.exit_step(), dtype=torch.long)
+        if draw == StepDraw.per_sample:
+            return self.randint(choices, (n,)).cpu()
+        size = self.adapter.cfg.chunk_frames
+        per_chunk = self.randint(choices, (n, -(-frames // size))).cpu()
+        return per_chunk.repeat_interleave(size, dim=1)[:, :frames]
+
     def student_sample(self, batch, cond, metrics: Metrics) -> torch.Tensor:
         """x0 from the student at a random listed step; grad flows only through that last step."""
         sigmas = self.student_sigmas.to(self.device)
-        step = self.exit_step()
-        metrics.update({"student_step": step, "sigma/student": sigmas[step]})
         n = batch["text_embeds"].shape[0]
         student, text = self.roles["student"], batch["text_embeds"]
         if self.cfg.rollout.value == "data":
             latents = batch["latents"]
-            x = self.adapter.add_noise(latents, self.randn(latents.shape), sigmas[step].expand(n))
-        else:
-            # backward simulation: run only the steps before the target
-            x = self.randn((n, *self.adapter.latent_shape))
-            with torch.no_grad():
-                x = rollout(self.adapter, student, x, sigmas, text, self.randn, step, **cond)
+            steps = self.input_steps(n, latents.shape[2])
+            sigma = torch.cat([sigmas, sigmas.new_zeros(1)])[steps.to(self.device)]  # index len(sigmas): clean
+            metrics.update({"student_step": steps.float().mean(), "sigma/student": sigma.mean()})
+            x = self.adapter.add_noise(latents, self.randn(latents.shape), sigma)
+            return self.adapter.predict_x0(student, x, sigma, text, **cond)
+        step = self.exit_step()
+        metrics.update({"student_step": step, "sigma/student": sigmas[step]})
+        # backward simulation: run only the steps before the target
+        x = self.randn((n, *self.adapter.latent_shape))
+        with torch.no_grad():
+            x = rollout(self.adapter, student, x, sigmas, text, self.randn, step, **cond)
         return self.adapter.predict_x0(student, x, sigmas[step].expand(n), text, **cond)
 
     def generator_loss(self, x0: torch.Tensor, text, uncond, cond, metrics: Metrics) -> torch.Tensor:

@@ -193,6 +193,22 @@ class FlowMatchingAdapter(ABC):
         (architecture read from the model folders), each naming its key."""
         return []
 
+    @classmethod
+    def role_architecture(cls, config, name: str) -> Tuple[Optional[dict], str, Optional[str]]:
+        """roles.<name>'s network architecture as its config states it, read without
+        loading weights: (arch or None when unknown, the key it comes from, an error)."""
+        return None, "", None
+
+    @classmethod
+    def depth(cls, arch: dict) -> Optional[int]:
+        """The number of blocks `arch` has (what block indices may name); None: unknown."""
+        return None
+
+    @classmethod
+    def layer_names(cls, arch: dict) -> Optional[List[str]]:
+        """Full names of the layers LoRA may adapt in a network of `arch`; None: unknown."""
+        return None
+
     def decode_with_vae(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no VAE decoder")
 

@@ -20,6 +20,7 @@ LOW_NOISE_SUBFOLDER = "transformer_2"  # Wan2.2 A14B's second expert
 COMFY_LORA_FILE = "comfyui_lora.safetensors"
 
 # the attention (self and cross) and FFN projections of every block
+DIFFUSERS_DEFAULT_LAYERS = 40  # WanTransformer3DModel's num_layers when a config.json leaves it out
 WAN_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 
 
@@ -304,30 +305,49 @@ class WanAdapter(FlowMatchingAdapter):
         if causal and config.parallel.context > 1:
             errors.append(f"roles.{causal[0]}.causal=true with parallel.context={config.parallel.context}: "
                           "the block-causal Wan has no context parallelism")
-        for name, role in config.roles.items():
-            key = f"roles.{name}.path" if role.path else "model.path"
-            path = role.path or model.path
-            if path is None:
-                if not model.arch:
-                    errors.append(f"{key} is null and model.arch is empty: give a model folder or an architecture")
-                    continue
-                arch = dict(model.arch)
-            elif config.plan and path in PUBLIC_ARCHITECTURES and resolve_model_folder(path, model.subfolder) is None:
-                arch = dict(PUBLIC_ARCHITECTURES[path])  # a plan needs the shapes, not the weights
-            else:
-                arch, error = read_component_config(path, model.subfolder, key)
-                if error:
-                    errors.append(error)
-                    continue
-                if model.boundary_ratio is not None:  # the low-noise expert beside it
-                    _, error = read_component_config(path, LOW_NOISE_SUBFOLDER, key)
-                    if error:
-                        errors.append(f"{error} (model.boundary_ratio={model.boundary_ratio}: two experts)")
-                        continue
-            source = key if path else "model.arch"
+        for name in config.roles:
+            arch, source, error = cls.role_architecture(config, name)
+            if error:
+                errors.append(error)
+                continue
             errors += cls.check_arch(arch, model, source)
             errors += cls.check_context_parallel(arch, model, config.parallel.context, source)
         return list(dict.fromkeys(errors))
+
+    @classmethod
+    def role_architecture(cls, config, name: str) -> Tuple[Optional[dict], str, Optional[str]]:
+        """The transformer config.json of roles.<name>'s network (its path, else model.path,
+        else model.arch), read without loading weights: (arch, the key it comes from, error)."""
+        model, role = config.model, config.roles[name]
+        key = f"roles.{name}.path" if role.path else "model.path"
+        path = role.path or model.path
+        if path is None:
+            if not model.arch:
+                return None, key, f"{key} is null and model.arch is empty: give a model folder or an architecture"
+            return dict(model.arch), "model.arch", None
+        if config.plan and path in PUBLIC_ARCHITECTURES and resolve_model_folder(path, model.subfolder) is None:
+            return dict(PUBLIC_ARCHITECTURES[path]), key, None  # a plan needs the shapes, not the weights
+        arch, error = read_component_config(path, model.subfolder, key)
+        if error is None and model.boundary_ratio is not None:  # the low-noise expert beside it
+            _, error = read_component_config(path, LOW_NOISE_SUBFOLDER, key)
+            if error:
+                error = f"{error} (model.boundary_ratio={model.boundary_ratio}: two experts)"
+        return arch, key, error
+
+    @classmethod
+    def depth(cls, arch: dict) -> int:
+        return arch.get("num_layers", DIFFUSERS_DEFAULT_LAYERS)
+
+    @classmethod
+    def layer_names(cls, arch: dict) -> List[str]:
+        """The network's linear layers (what LoRA can adapt), from a meta-device build of
+        `arch`: no weights are read or allocated."""
+        from accelerate import init_empty_weights
+        from diffusers import WanTransformer3DModel
+
+        with init_empty_weights():
+            network = WanTransformer3DModel.from_config(arch)
+        return [name for name, module in network.named_modules() if isinstance(module, nn.Linear)]
 
     @classmethod
     def check_experts(cls, config) -> List[str]:
