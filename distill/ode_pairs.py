@@ -7,12 +7,16 @@ For every row of the prompt dataset (data=parquet, or data=digits; only the
 text embeddings are read) the teacher (method.teacher_path, else model.path) runs the
 flow ODE by Euler steps with classifier-free guidance
 (method.guidance_scale, the dataset's negative embedding) from noise seeded
-by (seed, row id). The Euler grid passes through every listed student sigma
-(method.teacher_steps split evenly over the segments between them, and 0),
-so the states stored there lie on the trajectory exactly. Each output row
-holds the prompt's columns, `ode_trajectory` [S + 1, C, T, H, W] (the states
-at the S listed sigmas, then the clean end, in model space) and
-`ode_sigmas`.
+by (seed, row id). The Euler grid is the teacher's own sampling schedule:
+method.teacher_steps evenly spaced sigmas passed through the model's shift,
+then 0 (as CausVid's and Self-Forcing's pairs are made). The state stored for
+each listed student sigma is the grid's state nearest it (CausVid's 50-step
+grid at shift 8 keeps its points 36 and 44, sigma 0.7568 and 0.5217, for the
+student's 757 and 522); a grid too coarse to give each listed sigma its own
+point is refused. Each output row holds the prompt's columns,
+`ode_trajectory` [S + 1, C, T, H, W] (the states for the S listed sigmas,
+then the clean end, in model space) and `ode_sigmas`, the listed sigmas the
+student is trained at.
 
 Ids already in OUT are skipped, so a rerun finishes an interrupted job;
 shards are written under a temporary name and renamed.
@@ -43,25 +47,35 @@ def row_seed(seed: int, sample_id: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def euler_grid(listed: torch.Tensor, steps: int) -> List[torch.Tensor]:
-    """The Euler grid of each segment [listed[k], listed[k+1]] (the last ends at 0):
-    `steps` split as evenly as they go, each segment's end included."""
-    ends = torch.cat([listed, torch.zeros(1)])
-    segments = len(listed)
-    counts = [steps // segments + (1 if k < steps % segments else 0) for k in range(segments)]
-    return [torch.linspace(float(ends[k]), float(ends[k + 1]), counts[k] + 1) for k in range(segments)]
+def teacher_grid(adapter, steps: int) -> torch.Tensor:
+    """The teacher's Euler grid: its `steps`-step shifted schedule, ending at 0."""
+    return torch.tensor([*adapter.euler_sigmas(steps), 0.0])
+
+
+def stored_points(grid: torch.Tensor, listed: torch.Tensor) -> List[int]:
+    """The index of the grid point nearest each listed sigma; ConfigError where two
+    listed sigmas would share one (the grid is too coarse for them)."""
+    from distill.config import ConfigError
+
+    points = [int((grid[:-1] - sigma).abs().argmin()) for sigma in listed.tolist()]
+    if len(set(points)) < len(points):
+        near = ", ".join(f"{s:.4f} -> {float(grid[p]):.4f}" for s, p in zip(listed.tolist(), points))
+        raise ConfigError(f"method.teacher_steps={len(grid) - 1}: the teacher's grid gives two listed sigmas one "
+                         f"point ({near}); raise method.teacher_steps")
+    return points
 
 
 @torch.no_grad()
-def trajectory(adapter, teacher, noise: torch.Tensor, text, uncond, listed: torch.Tensor, steps: int,
+def trajectory(adapter, teacher, noise: torch.Tensor, text, uncond, grid: torch.Tensor, points: List[int],
                scale: float) -> torch.Tensor:
-    """[B, S + 1, C, T, H, W]: the states at the listed sigmas and the clean end."""
+    """[B, S + 1, C, T, H, W]: the guided Euler states at the grid's `points`, then the clean end."""
     from distill.sampling import guided_euler
 
-    states, x = [noise], noise
-    for grid in euler_grid(listed, steps):
-        x = guided_euler(adapter, teacher, x, grid.to(x.device), text, uncond, scale)
+    states, x, at = [], noise, 0
+    for end in [*points, len(grid) - 1]:
+        x = guided_euler(adapter, teacher, x, grid[at:end + 1].to(x.device), text, uncond, scale)
         states.append(x)
+        at = end
     return torch.stack(states, dim=1).float()
 
 
@@ -95,10 +109,13 @@ def make_pairs(config, out: Path, batch_size: int = 4, rows_per_shard: int = 256
     from distill.roles import Role
 
     rank, world, _ = rank_env()
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, method = config.model, config.method
     adapter = build_adapter(model)
+    listed = student_sigmas(method, adapter)
+    grid = teacher_grid(adapter, method.teacher_steps)
+    points = stored_points(grid, listed)  # before anything is loaded or written
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = Shapes(None, model.text_len, model.text_dim)
     negative_file = negative_embedding_file(config.data)
     uncond = _negative(negative_file, shapes)
@@ -108,7 +125,9 @@ def make_pairs(config, out: Path, batch_size: int = 4, rows_per_shard: int = 256
     teacher_cfg = RoleConfig(precision=config.roles["student"].precision)  # computes at the student's precision
     network = adapter.load(method.teacher_path or model.path, config.seed, DTYPES[teacher_cfg.precision])
     teacher = Role("teacher", teacher_cfg, network.to(device).eval().requires_grad_(False))
-    listed = student_sigmas(method, adapter)
+    log.info("teacher grid of %d steps; states stored at its points %s (sigmas %s) for the listed %s",
+             method.teacher_steps, points, [round(float(grid[p]), 4) for p in points],
+             [round(s, 4) for s in listed.tolist()])
     done = done_ids(out)
     mine = [row for i, row in enumerate(prompts(prompt_folder(config.data, config.seed)))
             if i % world == rank and row[0] not in done]
@@ -121,8 +140,7 @@ def make_pairs(config, out: Path, batch_size: int = 4, rows_per_shard: int = 256
         noise = torch.stack([torch.randn(adapter.latent_shape, generator=torch.Generator().manual_seed(
             row_seed(config.seed, sample_id))) for sample_id, _, _ in rows])
         states = trajectory(adapter, teacher, noise.to(device), texts.to(device),
-                            uncond.expand(len(rows), -1, -1).to(device), listed.to(device), method.teacher_steps,
-                            method.guidance_scale).cpu()
+                            uncond.expand(len(rows), -1, -1).to(device), grid, points, method.guidance_scale).cpu()
         for (sample_id, caption, text), trajectory_states in zip(rows, states):
             shards.add(make_row(sample_id, text, caption, ode=trajectory_states, ode_sigmas=listed.tolist()))
         written += len(rows)
@@ -156,7 +174,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"config error:\nmethod.name={config.method.name}: ODE pairs are made for method=ode_init",
               file=sys.stderr)
         return 2
-    written = make_pairs(config, Path(argv[0]), batch_size=batch_size)
+    try:
+        written = make_pairs(config, Path(argv[0]), batch_size=batch_size)
+    except ConfigError as err:  # raised before the teacher is loaded
+        print(f"config error:\n{err}", file=sys.stderr)
+        return 2
     print(f"{written} ODE pairs written to {argv[0]}")
     return 0
 

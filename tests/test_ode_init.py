@@ -34,6 +34,9 @@ def pairs(tmp_path_factory):
 
 
 def test_stored_states_regenerate_by_hand(pairs):
+    """The teacher's 6-step grid at shift 3 is 3s / (1 + 2s) of s = 1, 5/6, ..., 1/6, then 0:
+    1, 0.9375, 0.8571, 0.75, 0.6, 0.375, 0. The listed sigmas (1000, 750, 500 warped by
+    the shift: 1, 0.9, 0.75) keep its points 0, 1 (0.9375, nearer 0.9 than 0.8571) and 3."""
     from distill.data import _negative
     from distill.data.parquet import Shapes
     from distill.ode_pairs import done_ids, main, prompts, row_seed
@@ -53,20 +56,23 @@ def test_stored_states_regenerate_by_hand(pairs):
     sample_id = table["id"][1]
     noise = torch.randn((16, 3, 8, 8), generator=torch.Generator().manual_seed(row_seed(config.seed, sample_id)))
     assert torch.equal(states[0], noise)  # the first listed sigma is 1: pure noise
-    # by hand: 2 Euler steps (6 over 3 segments) of the guided ODE from sigma_0 to sigma_1
+    # by hand: the guided Euler steps of the shifted grid, 1 to 0.9375, then on to 0.75
     text = dict((i, t) for i, _, t in prompts(prompts_dir))[sample_id]
     cond = torch.zeros(1, 8, 32)
     cond[0, : len(text)] = text
     uncond = _negative(str(prompts_dir / "negative_embedding.safetensors"), Shapes(None, 8, 32))[None]
     teacher = Role("teacher", RoleConfig(), adapter.load(str(teacher_dir), 0).eval())
     x = noise[None]
-    grid = torch.linspace(sigmas[0], sigmas[1], 3)
+    grid = torch.tensor([1.0, 0.9375, 6 / 7, 0.75])
+    by_hand = []
     with torch.no_grad():
         for a, b in zip(grid[:-1], grid[1:]):
             v_c = adapter.predict_velocity(teacher, x, a.expand(1), cond)
             v_u = adapter.predict_velocity(teacher, x, a.expand(1), uncond)
             x = x + (b - a) * (v_u + 3.0 * (v_c - v_u))
-    assert torch.allclose(states[1], x[0], atol=1e-5)
+            by_hand.append(x[0])
+    assert torch.allclose(states[1], by_hand[0], atol=1e-5)  # grid point 1
+    assert torch.allclose(states[2], by_hand[2], atol=1e-5)  # grid point 3
     # a rerun finds every prompt done
     assert len(done_ids(out)) == 6
     assert main([str(out), *overrides]) == 0 and len(done_ids(out)) == 6
@@ -89,3 +95,81 @@ def test_ode_init_fits_the_pairs_and_exports_a_causal_student(pairs, tmp_path):
     bad = run_launch([*train, f"data.path={out}", "method.student_steps=[1000,500,250]", "training.max_steps=1",
                       f"hydra.run.dir={tmp_path / 'bad'}"])
     assert bad.returncode == 3 and "the ODE pairs were made at sigmas" in bad.stderr
+
+
+def test_a_too_coarse_teacher_grid_is_refused_before_anything_is_written(pairs, tmp_path, capsys):
+    """3 steps at shift 3 give the grid 1, 0.857, 0.6, 0: both 0.9 and 0.75 are nearest 0.857."""
+    from distill.ode_pairs import main
+
+    _, _, _, overrides = pairs
+    assert main([str(tmp_path / "out"), *overrides, "method.teacher_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "method.teacher_steps=3: the teacher's grid gives two listed sigmas one point" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_clean_chunk_is_context_and_out_of_the_loss():
+    """CausVid's ODE init: a chunk that draws the clean end enters at sigma 0 (the
+    clean latent), the loss averages over the other chunks' frames only, and the
+    later chunks see the clean one through the block mask."""
+    from distill.config.schema import RoleConfig
+    from distill.methods.ode_init import OdeInit
+    from distill.roles import Role
+
+    config = validate(compose_config(["experiment=tiny", "method=ode_init", "method.student_steps=[1000,750,500]",
+                                      "method.clean_step=true", "model.latent_shape=[16,3,8,8]",
+                                      "model.chunk_frames=1", "roles.student.causal=true"]))
+    adapter = build_adapter(config.model)
+    network = adapter.make_causal(adapter.load(None, seed=0)).eval()
+    student = Role("student", RoleConfig(trainable=True, causal=True), network)
+    method = OdeInit(config.method, adapter, {"student": student}, seed=0, device="cpu")
+    torch.manual_seed(0)
+    states = torch.randn(1, 4, 16, 3, 8, 8)  # 3 listed sigmas, then the clean end
+    text = torch.randn(1, config.model.text_len, config.model.text_dim)
+    batch = {"ode_trajectory": states, "ode_sigmas": method.sigmas[None], "text_embeds": text,
+             "sample_id": torch.tensor([0])}
+    method.randint = lambda high, shape: torch.tensor([[3, 1, 0]]) if high == 4 else None  # chunk 0 clean
+    with torch.no_grad():
+        loss = method.step_losses(batch, 0)[0]["student"]
+        x_t = torch.stack([states[0, 3, :, 0], states[0, 1, :, 1], states[0, 0, :, 2]], dim=1)[None]
+        sigma = torch.stack([torch.tensor(0.0), method.sigmas[1], method.sigmas[0]])[None]
+        x0 = adapter.predict_x0(student, x_t, sigma, text)
+        assert torch.equal(x0[:, :, 0], states[:, 3, :, 0])  # sigma 0: the clean latent comes back
+        by_hand = ((x0[:, :, 1:] - states[:, 3, :, 1:]) ** 2).mean()  # frames 1 and 2 only
+        assert torch.allclose(loss, by_hand, rtol=1e-5)
+        changed = states.clone()
+        changed[0, 3, :, 0] += 1.0  # only the clean chunk (its own error is not counted)
+        other = method.step_losses(dict(batch, ode_trajectory=changed), 0)[0]["student"]
+    assert (other - loss).abs() > 1e-4  # the later chunks attended to it
+
+
+def test_state_picks_follow_the_sample_not_the_rank():
+    """Each sample draws its own states: a batch of two samples on one rank gives the
+    mean of the two samples' losses on two ranks."""
+    from distill.config.schema import RoleConfig
+    from distill.methods.ode_init import OdeInit
+    from distill.roles import Role
+
+    config = validate(compose_config(["experiment=tiny", "method=ode_init", "method.student_steps=[1000,750,500]",
+                                      "model.latent_shape=[16,3,8,8]", "model.chunk_frames=1",
+                                      "roles.student.causal=true"]))
+    adapter = build_adapter(config.model)
+    student = Role("student", RoleConfig(trainable=True, causal=True),
+                   adapter.make_causal(adapter.load(None, seed=0)).eval())
+    torch.manual_seed(0)
+    states, text = torch.randn(2, 4, 16, 3, 8, 8), torch.randn(2, config.model.text_len, config.model.text_dim)
+
+    def losses(rows):
+        method = OdeInit(config.method, adapter, {"student": student}, seed=0, device="cpu")
+        picks = []
+        draw = method.randint
+        method.randint = lambda high, shape: picks.append(draw(high, shape)) or picks[-1]
+        batch = {"ode_trajectory": states[rows], "ode_sigmas": method.sigmas[None].expand(len(rows), -1),
+                 "text_embeds": text[rows], "sample_id": torch.tensor(rows)}
+        with torch.no_grad():
+            return method.step_losses(batch, 0)[0]["student"], picks[0]
+
+    both, picks = losses([0, 1])
+    (first, pick0), (second, pick1) = losses([0]), losses([1])
+    assert torch.equal(picks, torch.cat([pick0, pick1]))
+    assert torch.allclose(both, (first + second) / 2, rtol=1e-4)

@@ -3,11 +3,15 @@ prediction from the teacher's ODE states onto the ODE's clean end.
 
 The pairs come from `python -m distill.ode_pairs` with this same config: for
 each prompt, the teacher's Euler + CFG trajectory from noise, stored at the
-student's listed sigmas beside its clean end. Each sample takes one stored
+student's listed sigmas beside its clean end. Each sample draws one stored
 state per chunk of model.chunk_frames latent frames (a block-causal student:
 every chunk at its own noise level, as CausVid's per-block timesteps) or one
-for the whole clip (a full-attention student), and the loss is the mean
-squared error of the predicted x0 against the clean end.
+for the whole clip (a full-attention student), per sample, so that any number
+of ranks draws alike. The loss is the mean squared error of the predicted x0
+against the clean end. With `clean_step` a chunk may also draw the clean end
+itself at sigma 0 (CausVid: one in four with three listed steps): the chunk
+is masked out of the loss but stays in the input, context for the chunks
+after it, as the KV cache holds clean chunks at inference.
 """
 
 from dataclasses import dataclass, field
@@ -35,6 +39,8 @@ class OdeInitConfig(MethodConfig):
     guidance_scale: float = 6.0  # the teacher's CFG, uncond + w * (cond - uncond)
     teacher_path: Optional[str] = None  # the teacher of the ODE pairs; null: model.path
     lr: float = 2e-6  # the student's learning rate
+    # true: a chunk may draw the clean end (sigma 0), kept as context, masked out of the loss (CausVid)
+    clean_step: bool = False
 
 
 @register_method
@@ -56,6 +62,13 @@ class OdeInit(Method):
         if not cfg.lr > 0:
             errors.append(f"method.lr={cfg.lr}: must be > 0")
         return errors
+
+    @classmethod
+    def check_model(cls, cfg: OdeInitConfig, model) -> List[str]:
+        if cfg.clean_step and not model.chunk_frames:
+            return ["method.clean_step=true needs a block-causal student (model.chunk_frames): "
+                    "a clean clip is all masked out of the loss"]
+        return []
 
     @classmethod
     def batch_keys(cls, cfg: OdeInitConfig) -> Set[str]:
@@ -92,13 +105,20 @@ class OdeInit(Method):
                             "make them again with this config")
         n, _, c, frames, h, w = states.shape
         size = self.adapter.cfg.chunk_frames if self.causal else frames
-        chunks = -(-frames // size)
-        pick = torch.randint(len(self.sigmas), (n, chunks), generator=self.shared_rng)  # a state per chunk
-        per_frame = pick.repeat_interleave(size, dim=1)[:, :frames].to(states.device)  # [n, frames]
+        pick = self.randint(len(self.sigmas) + int(self.cfg.clean_step), (n, -(-frames // size))).cpu()
+        per_frame = pick.repeat_interleave(size, dim=1)[:, :frames].to(states.device)  # [n, frames]; S: the clean end
         x_t = states.gather(1, per_frame[:, None, None, :, None, None].expand(n, 1, c, frames, h, w)).squeeze(1)
-        sigma = self.sigmas.to(states.device)[per_frame]
+        sigma = torch.cat([self.sigmas, torch.zeros(1)]).to(states.device)[per_frame]
         if not self.causal:
             sigma = sigma[:, 0]  # one noise level for the whole clip
         x0 = self.adapter.predict_x0(self.roles["student"], x_t, sigma, batch["text_embeds"])
-        loss = F.mse_loss(x0, states[:, -1].float())
-        return {"student": loss}, {"sigma/student": sigma.mean()}
+        noised = (per_frame < len(self.sigmas)).float()  # [n, frames]: the frames the loss counts
+        loss = masked_mse(x0, states[:, -1].float(), noised)
+        return {"student": loss}, {"sigma/student": sigma.mean(), "clean_fraction": 1 - noised.mean()}
+
+
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """The mean squared error over the latent frames where `frames` [B, T] is 1
+    (0 when none is; the prediction keeps its graph)."""
+    weight = frames[:, None, :, None, None].expand_as(prediction)
+    return ((prediction.float() - target) ** 2 * weight).sum() / weight.sum().clamp(min=1)
