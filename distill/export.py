@@ -131,7 +131,8 @@ def write_stock_parts(out: Path, adapter, role_cfg, sampler, plan, parts_mode: s
             print(f"{out}: the sigmas {list(sampler.sigmas)} are not representable by a stock scheduler config; "
                   "README.md gives the lines that set them", file=sys.stderr)
     if few_step and not role_cfg.causal:
-        graph = adapter.comfyui_workflow(list(sampler.sigmas), f"{adapter.cfg.subfolder}.safetensors")
+        graph = adapter.comfyui_workflow(list(sampler.sigmas), f"{adapter.cfg.subfolder}.safetensors",
+                                         getattr(sampler, "deterministic", False))
         if graph is not None:  # it loads the --single-file export by that name
             (out / WORKFLOW_FILE).write_text(json.dumps(graph, indent=1) + "\n")
     return stock_schedule

@@ -28,6 +28,9 @@ def card_text(config, role, sampler, pipeline, stock_schedule, causal, run_dir) 
     base = _repo_id(model.path)
     sigmas, steps = list(sampler.sigmas), len(sampler.sigmas)
     guidance = getattr(sampler, "guidance_scale", None)  # Euler roles only
+    deterministic = getattr(sampler, "deterministic", False)
+    step = ("moves to the next sigma by the flow ODE's Euler step (deterministic)" if deterministic else
+            "re-noises it to the next sigma")
     tag = "image-to-video" if model.image_condition.value != "none" else "text-to-video"
     front = ["---", "library_name: diffusers"] + ([f"base_model: {base}"] if base else []) + [
         f"pipeline_tag: {tag}", "tags:", "- distillation", "- few-step", f"- {method.name}", f"- {model.family}", "---"]
@@ -40,16 +43,17 @@ def card_text(config, role, sampler, pipeline, stock_schedule, causal, run_dir) 
         f"- method: {method.name}; student steps {list(getattr(method, 'student_steps', []))}, "
         f"teacher guidance {getattr(method, 'guidance_scale', None)}, trained {config.training.max_steps} steps",
         (f"- sampling: {steps} steps at sigmas [{listed}], guidance 1 (no classifier-free guidance), "
-         "each step predicts the clean latent and re-noises it to the next sigma" if guidance is None else
+         f"each step predicts the clean latent and {step}" if guidance is None else
          f"- sampling: the flow-matching ODE by Euler steps ({steps} by default) with guidance {guidance}, "
          "as the base model samples"),
         f"- training config sha256: {config_hash(run_dir)}", "",
         "## Sampling", "",
     ]
-    lines += _how_to_sample(pipeline, stock_schedule, causal, sigmas, guidance)
+    lines += _how_to_sample(pipeline, stock_schedule, causal, sigmas, guidance, deterministic)
     if pipeline is not None and not causal and guidance is None:
+        comfy_sampler = '"euler" (the ODE step)' if deterministic else '"lcm" (predict x0, re-noise)'
         lines += ["", "## ComfyUI (core nodes)", "",
-                  f"`ManualSigmas` \"{listed}, 0\", `KSamplerSelect` \"lcm\" (predict x0, re-noise), cfg 1, "
+                  f"`ManualSigmas` \"{listed}, 0\", `KSamplerSelect` {comfy_sampler}, cfg 1, "
                   "`SamplerCustomAdvanced`. `comfyui_workflow.json` (text-to-video) holds these nodes; it loads "
                   "`single_file/transformer.safetensors` (written by `python -m distill.export RUN --single-file`, "
                   "Wan's original keys) from `models/diffusion_models/`; LoRA students also ship "
@@ -61,7 +65,7 @@ def card_text(config, role, sampler, pipeline, stock_schedule, causal, run_dir) 
     return "\n".join(lines) + "\n"
 
 
-def _how_to_sample(pipeline, stock_schedule, causal, sigmas, guidance) -> List[str]:
+def _how_to_sample(pipeline, stock_schedule, causal, sigmas, guidance, deterministic=False) -> List[str]:
     if causal:
         return ["A block-causal student: it generates chunk by chunk over its KV cache, which no stock",
                 "pipeline does. Sample it with `python -m distill.sample THIS_FOLDER --prompt \"...\" --out clip.mp4`."]
@@ -75,10 +79,11 @@ def _how_to_sample(pipeline, stock_schedule, causal, sigmas, guidance) -> List[s
                         ".frames[0]", "```"]
     if not stock_schedule:
         lines += ["# these sigmas are not a shift / shift_terminal warp of an even grid: give them by hand",
-                  *override_snippet(sigmas).splitlines()]
-    lines += [f"video = pipe(prompt, num_inference_steps={len(sigmas)}, guidance_scale=1.0).frames[0]", "```",
-              "The re-noising draws from torch's global generator (the pipeline's `generator` does not reach",
-              "the scheduler): seed it with `torch.manual_seed` for repeatable samples."]
+                  *override_snippet(sigmas, stochastic=not deterministic).splitlines()]
+    lines += [f"video = pipe(prompt, num_inference_steps={len(sigmas)}, guidance_scale=1.0).frames[0]", "```"]
+    if not deterministic:
+        lines += ["The re-noising draws from torch's global generator (the pipeline's `generator` does not reach",
+                  "the scheduler): seed it with `torch.manual_seed` for repeatable samples."]
     return lines
 
 

@@ -2,7 +2,7 @@
 
 `scheduler/` always: for a few-step role, a FlowMatchEulerDiscreteScheduler whose
 plain `set_timesteps(N)` gives the role's sigmas where the list is representable
-(distill/stock_scheduler.py), with `stochastic_sampling` (predict x0, re-noise);
+(distill/stock_scheduler.py), with `stochastic_sampling` (predict x0, re-noise; off for a deterministic student);
 the written file is loaded back and checked. Where the family names a stock
 pipeline (`FlowMatchingAdapter.stock_pipeline`), also `model_index.json` and the
 parts of the model folder the run read (text encoder, tokenizer, VAE, image
@@ -36,10 +36,11 @@ def write_scheduler(folder: Path, sampler: Sampler, shift: float) -> bool:
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
         stock = False
     else:
-        fitted = scheduler_config(list(sampler.sigmas))
+        stochastic = not getattr(sampler, "deterministic", False)  # re-noise, or step the ODE
+        fitted = scheduler_config(list(sampler.sigmas), stochastic=stochastic)
         stock = fitted is not None
         # not representable: shift 1 leaves sigmas given by hand as they are (the card's override)
-        scheduler = FlowMatchEulerDiscreteScheduler(**(fitted or {"shift": 1.0, "stochastic_sampling": True}))
+        scheduler = FlowMatchEulerDiscreteScheduler(**(fitted or {"shift": 1.0, "stochastic_sampling": stochastic}))
     scheduler.save_config(folder)
     if stock:
         check_scheduler(folder, list(sampler.sigmas))

@@ -84,7 +84,8 @@ class Role:
     def clip_and_step(self, step: int) -> torch.Tensor:
         """Clip the gradient, step optimizer, schedule and EMA; returns the pre-clip
         norm, a device tensor (read at log steps only)."""
-        norm = torch.nn.utils.clip_grad_norm_(self.trained_parameters(), self.cfg.max_grad_norm)
+        limit = float("inf") if self.cfg.max_grad_norm is None else self.cfg.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.trained_parameters(), limit)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         self.optimizer.step()

@@ -1,6 +1,8 @@
 """Sampling: the few-step sampler DMD2 students use (predict x0, re-noise
-to the next listed sigma with fresh noise) and the Euler flow-matching ODE
-sampler with classifier-free guidance that teachers use.
+to the next listed sigma with fresh noise, or, deterministic, with the noise
+the prediction implies: an Euler step of the flow ODE, FastGen's "ode"
+student sampler) and the Euler flow-matching ODE sampler with
+classifier-free guidance that teachers use.
 
 A method says which one a trained role uses (`Method.sampler`); validation,
 export and `python -m distill.sample` call it without knowing the method.
@@ -14,20 +16,23 @@ import torch
 
 
 def rollout(adapter, role, x: torch.Tensor, sigmas: Sequence, text: torch.Tensor, randn: Callable, steps: int,
-            **cond):
+            deterministic: bool = False, **cond):
     """Run `steps` student steps from x at sigmas[0]; returns x at sigmas[steps]."""
     n = x.shape[0]
     for k in range(steps):
-        x0 = adapter.predict_x0(role, x, sigmas[k].expand(n), text, **cond)
-        x = adapter.add_noise(x0, randn(x0.shape), sigmas[k + 1].expand(n))
+        sigma = sigmas[k].expand(n)
+        x0 = adapter.predict_x0(role, x, sigma, text, **cond)
+        noise = adapter.implied_noise(x, x0, sigma) if deterministic else randn(x0.shape)
+        x = adapter.add_noise(x0, noise, sigmas[k + 1].expand(n))
     return x
 
 
 @torch.no_grad()
-def sample(adapter, role, sigmas: torch.Tensor, text: torch.Tensor, randn: Callable, **cond) -> torch.Tensor:
+def sample(adapter, role, sigmas: torch.Tensor, text: torch.Tensor, randn: Callable, deterministic: bool = False,
+           **cond) -> torch.Tensor:
     """x0 after all listed steps, starting from pure noise."""
     x = randn((text.shape[0], *adapter.latent_shape))
-    x = rollout(adapter, role, x, sigmas, text, randn, len(sigmas) - 1, **cond)
+    x = rollout(adapter, role, x, sigmas, text, randn, len(sigmas) - 1, deterministic, **cond)
     return adapter.predict_x0(role, x, sigmas[-1].expand(x.shape[0]), text, **cond)
 
 
@@ -111,15 +116,19 @@ class Sampler:
 
 @dataclass
 class FewStepSampler(Sampler):
-    """The student's listed sigmas: x0 at each, re-noised to the next."""
+    """The student's listed sigmas: x0 at each, re-noised to the next (deterministic:
+    with the noise x0 implies, which is an Euler step of the flow ODE)."""
 
     sigmas: List[float]
+    deterministic: bool = False
 
     def __call__(self, adapter, role, text, uncond, randn, **cond):
-        return sample(adapter, role, torch.tensor(self.sigmas, device=text.device), text, randn, **cond)
+        return sample(adapter, role, torch.tensor(self.sigmas, device=text.device), text, randn, self.deterministic,
+                      **cond)
 
     def to_json(self) -> Dict:
-        return {"kind": "few_step", "sigmas": list(self.sigmas)}
+        info = {"kind": "few_step", "sigmas": list(self.sigmas)}
+        return {**info, "deterministic": True} if self.deterministic else info
 
 
 @dataclass

@@ -13,7 +13,8 @@ last one lands on it:
 So a list that starts at 1 has its end fixed by `shift_terminal` and its
 interior by `shift` alone: one unknown, found on the second sigma (a scan of a
 log grid for sign changes, then bisection), then checked on every point. `stochastic_sampling=True` makes `step` the few-step
-sampler's own: predict x0, re-noise to the next sigma with fresh noise.
+sampler's own: predict x0, re-noise to the next sigma with fresh noise; False
+(a deterministic student sampler) is the plain Euler step of the flow ODE.
 """
 
 import math
@@ -76,20 +77,20 @@ def _shifts_through(target: float, n: int, terminal: float, train_steps: int) ->
     return found
 
 
-def scheduler_config(sigmas: List[float], train_steps: int = 1000) -> Optional[Dict]:
+def scheduler_config(sigmas: List[float], train_steps: int = 1000, stochastic: bool = True) -> Optional[Dict]:
     """The FlowMatchEulerDiscreteScheduler config that samples `sigmas` from a plain
     `set_timesteps(len(sigmas))`, or None when the list is not representable."""
     fitted = fit(sigmas, train_steps)
     if fitted is None:
         return None
     return {"num_train_timesteps": train_steps, "shift": fitted["shift"], "shift_terminal": fitted["shift_terminal"],
-            "use_dynamic_shifting": False, "stochastic_sampling": True}
+            "use_dynamic_shifting": False, "stochastic_sampling": stochastic}
 
 
-def override_snippet(sigmas: List[float]) -> str:
+def override_snippet(sigmas: List[float], stochastic: bool = True) -> str:
     """The lines that make a stock pipeline sample a list the config cannot hold: its
     `set_timesteps` given the sigmas, under shift 1 (which leaves them as they are)."""
     listed = ", ".join(f"{s:.6g}" for s in sigmas)
     return ("from functools import partial; from diffusers import FlowMatchEulerDiscreteScheduler\n"
-            "pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=True)\n"
+            f"pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling={stochastic})\n"
             f"pipe.scheduler.set_timesteps = partial(pipe.scheduler.set_timesteps, sigmas=[{listed}])")

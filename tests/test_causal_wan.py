@@ -78,3 +78,21 @@ def test_attention_settings_set_by_diffusers_reach_the_processor_that_runs():
         causal = block.attn1.processor
         assert causal.wan is not causal and causal.wan._attention_backend == "native"
         assert causal._attention_backend == "native"
+
+
+@torch.no_grad()
+def test_the_block_mask_is_built_once_per_layout(monkeypatch):
+    """Every layer and every call of one layout share one mask; a new layout builds its own."""
+    import distill.models.causal_wan as causal_wan
+
+    built = []
+    original = causal_wan.block_mask
+    monkeypatch.setattr(causal_wan, "block_mask", lambda *args: built.append(args[:3]) or original(*args))
+    model = tiny(causal_chunk=1)
+    text = torch.randn(1, 8, 32)
+    first = run(model, torch.randn(1, 16, 3, 8, 8), torch.tensor([500.0]), text)
+    run(model, torch.randn(1, 16, 3, 8, 8), torch.tensor([700.0]), text)
+    assert built == [(3, 16, 1)]  # 2 layers x 2 calls, one build
+    run(model, torch.randn(1, 16, 2, 8, 8), torch.tensor([500.0]), text)
+    assert built == [(3, 16, 1), (2, 16, 1)]
+    assert torch.isfinite(first).all()

@@ -45,8 +45,18 @@ def test_demo_experiment_validates(option):
 
 @pytest.mark.parametrize("option", [o for o in options("experiment") if o.startswith("wan")])
 def test_wan_experiment_composes_and_only_lacks_weights(option, tmp_path):
+    """A recipe that starts from a pretrained student lists it under `required`: without it
+    the refusal is one line per key, before any model folder is looked at."""
     cfg = compose_config([f"experiment={option}", f"data.path={tmp_path}"])
     assert cfg.model.path.startswith("Wan-AI/")
+    required = dict(cfg.required)
+    if required:
+        with pytest.raises(ConfigError) as err:
+            validate(cfg)
+        assert str(err.value).splitlines() == [f"{key} is null: this recipe needs it ({why})"
+                                               for key, why in required.items()]
+        cfg = compose_config([f"experiment={option}", f"data.path={tmp_path}",
+                              *(f"{key}={tmp_path / 'pretrained'}" for key in required)])
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert all("path" in line and "no model there" in line for line in str(err.value).splitlines())
@@ -141,6 +151,37 @@ INVALID = [
      "method.critic_sample=fresh with method.critic_on_generator_iterations=false"),
     (["method.critic_on_generator_iterations=false", "method.generator_update_interval=1"],
      "the critic would never train"),
+    (["roles.student.optimizer.weight_decay=-1"], "roles.student.optimizer.weight_decay=-1.0: must be >= 0"),
+    (["roles.student.optimizer.eps=0"], "roles.student.optimizer.eps=0.0: must be > 0"),
+    (["roles.student.scheduler.total_steps=0"], "roles.student.scheduler.total_steps=0: must be >= 1"),
+    (["roles.student.scheduler.name=cosine", "roles.student.scheduler.warmup_steps=50",
+      "roles.student.scheduler.total_steps=10"],
+     "roles.student.scheduler.warmup_steps=50 exceeds roles.student.scheduler.total_steps=10"),
+    (["roles.student.ema_start_step=-1"], "roles.student.ema_start_step=-1: must be >= 0"),
+    (["roles.teacher.ema_decay=0.9"], "roles.teacher.ema_decay=0.9: an average of weights needs a trainable role"),
+    (["roles.student.max_grad_norm=0"], "roles.student.max_grad_norm=0.0: must be > 0 (null: no clipping)"),
+    (["training.torch_threads=0"], "training.torch_threads=0: must be >= 1"),
+    (["training.collective_timeout_s=0"], "training.collective_timeout_s=0: must be >= 1"),
+    (["checkpoint.resume_from=/nonexistent/ckpt"], "checkpoint.resume_from=/nonexistent/ckpt: no such folder"),
+    (["data.shuffle_window=0"], "data.shuffle_window=0: must be >= 1"),
+    (["data.negative_embedding=/nonexistent.safetensors"], "data.negative_embedding=/nonexistent.safetensors: no such file"),
+    (["validation.teacher_steps=0"], "validation.teacher_steps=0: must be >= 1"),
+    (["validation.fps=0"], "validation.fps=0: must be >= 1"),
+    (["validation.guidance_scale=-1"], "validation.guidance_scale=-1.0: must be >= 0"),
+    (["launcher=slurm", "launcher.signal_delay_s=-1"], "launcher.signal_delay_s=-1: must be >= 0"),
+    (["launcher=slurm", "launcher.mem_gb=0"], "launcher.mem_gb=0: must be >= 1"),
+    (["launcher.gpu_memory_gib=0"], "launcher.gpu_memory_gib=0.0: must be > 0"),
+    (["model.shift=0"], "model.shift=0.0: must be > 0 (1: no shift)"),
+    (["model.text_len=0"], "model.text_len=0: must be >= 1"),
+    (["model.latents_mean=[0.0]", "model.latents_std=[1.0]"],
+     "model.latents_mean has 1 values for the 16 latent channels (model.latent_shape[0])"),
+    (["model.latents_std=[0.0]"], "model.latents_mean and model.latents_std: give both (or neither)"),
+    (["model.latent_shape=[16,0,4,4]"], "model.latent_shape=[16, 0, 4, 4]: every size must be >= 1"),
+    (["logger=wandb", "logger.project="], "logger.project is empty: wandb needs a project name"),
+    (["method=ode_init", "method.clean_step=true", "model.chunk_frames=null", "roles.student.causal=false"],
+     "method.clean_step=true needs a block-causal student"),
+    (["method.student_sampler=deterministic", "model.chunk_frames=2", "roles.student.causal=true"],
+     "method.student_sampler=deterministic with model.chunk_frames: the chunk-by-chunk sampler re-noises"),
 ]
 
 
@@ -168,6 +209,8 @@ def test_invalid_config_is_rejected(overrides, message):
         (["method.gan.enabled=true", "method.gan.blocks=[0,7]"], "method.gan.blocks=[0, 7]: 7 outside the 2 blocks"),
         (["roles.student.lora.rank=4", "roles.student.lora.target_modules=[to_x]"],
          "roles.student.lora.target_modules: no linear layer of the network (model.arch) matches to_x"),
+        (["method.student_step_draw=per_sample"], "method.student_step_draw=per_sample: needs method.rollout=data"),
+        (["model.shift=0"], "model.shift=0.0: must be > 0"),
     ],
 )
 def test_launch_rejects_bad_config_without_traceback(tmp_path, overrides, message):

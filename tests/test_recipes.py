@@ -156,9 +156,17 @@ def test_fastgen_gan_recipe_holds_its_published_numbers(tmp_path):
     assert gan.enabled and gan.features == "teacher" and list(gan.blocks) == [15, 22, 29]
     assert (gan.generator_weight, gan.discriminator_weight, gan.r1_weight, gan.trunk_grad) == (0.03, 1.0, 0.0, False)
     assert list(student.optimizer.betas) == [0.9, 0.999] and student.optimizer.weight_decay == 0.01
-    assert student.max_grad_norm == 10.0
+    assert (student.max_grad_norm, critic.max_grad_norm) == (10.0, None)  # FastGen clips the student only
     assert (config.training.global_batch_size, config.training.max_steps) == (64, 6000)
     assert list(config.model.latent_shape) == [16, 21, 60, 104]
+    assert_fastgen_loop(method)
+
+
+def assert_fastgen_loop(method):
+    """FastGen's DMD2: a step per sample, never t = 0; the critic on 4 of 5 iterations; its
+    "ode" student sampler."""
+    assert (method.student_step_draw.value, method.clean_step) == ("per_sample", False)
+    assert (method.critic_on_generator_iterations, method.student_sampler.value) == (False, "deterministic")
 
 
 def test_self_forcing_recipe_holds_its_published_numbers(tmp_path):
@@ -167,6 +175,9 @@ def test_self_forcing_recipe_holds_its_published_numbers(tmp_path):
     from distill.models import build_adapter
 
     config = composed("wan21_t2v_1.3b_self_forcing_dmd_4step", tmp_path)
+    assert config.required == {"roles.student.path": "the ODE-init student's export, as Self-Forcing's "
+                               "generator_ckpt: experiment=wan21_t2v_1.3b_ode_init_causal at these steps"}
+    assert (config.training.max_steps, config.checkpoint.every) == (600, 50)
     method, student, critic = config.method, config.roles["student"], config.roles["critic"]
     used = student_sigmas(method, build_adapter(config.model)).tolist()
     # [1000, 750, 500, 250] warped with shift 5: 5s / (1 + 4s)
@@ -176,6 +187,7 @@ def test_self_forcing_recipe_holds_its_published_numbers(tmp_path):
     assert (method.generator_lr, method.critic_lr, method.generator_update_interval) == (2e-6, 4e-7, 5)
     assert (method.min_timestep_ratio, method.max_timestep_ratio) == (0.02, 0.98)
     assert (method.exit_per_chunk, method.context_timestep, method.rollout.value) == (False, 0, "simulate")
+    assert (method.critic_sample.value, method.critic_on_generator_iterations) == ("fresh_batch", True)
     assert list(student.optimizer.betas) == list(critic.optimizer.betas) == [0.0, 0.999]
     assert student.optimizer.weight_decay == critic.optimizer.weight_decay == 0.01
     assert (student.max_grad_norm, critic.max_grad_norm) == (10.0, 10.0)
@@ -193,6 +205,7 @@ def test_causvid_recipes_hold_their_published_numbers(tmp_path):
     assert (ode.method.teacher_steps, ode.method.guidance_scale, ode.method.lr) == (50, 6.0, 2e-6)
     assert (ode.model.shift, ode.model.chunk_frames, ode.roles["student"].causal) == (8.0, 3, True)
     assert list(ode.roles["student"].optimizer.betas) == [0.9, 0.999] and ode.data.batch_size == 2
+    assert ode.method.clean_step and ode.roles["student"].max_grad_norm == 10.0  # train_ode.py clips at 10
     dmd = composed("wan21_t2v_1.3b_causvid_dmd_3step", tmp_path)
     method, student = dmd.method, dmd.roles["student"]
     assert (method.name, list(method.student_steps), method.warp_steps, method.rollout.value) == (
@@ -200,6 +213,8 @@ def test_causvid_recipes_hold_their_published_numbers(tmp_path):
     assert method.guidance_scale == 3.5 + 1 and (method.generator_lr, method.critic_lr) == (2e-6, 2e-6)
     assert (dmd.model.shift, dmd.model.chunk_frames, student.causal, dmd.roles["critic"].causal) == (8.0, 3, True, False)
     assert list(student.optimizer.betas) == [0.9, 0.999] and student.max_grad_norm == 10.0
+    assert (method.student_step_draw.value, method.clean_step, method.critic_sample.value) == ("per_chunk", True, "fresh")
+    assert method.critic_on_generator_iterations and list(dmd.required) == ["roles.student.path"]
 
 
 def test_fastgen_self_forcing_14b_recipe_holds_its_published_numbers(tmp_path):
@@ -214,6 +229,15 @@ def test_fastgen_self_forcing_14b_recipe_holds_its_published_numbers(tmp_path):
     assert gan.enabled and gan.features == "teacher" and list(gan.blocks) == [21, 30, 39]
     assert gan.generator_weight == 0.003 and config.roles["teacher"].activation_checkpointing == "full"
     assert student.causal and list(student.optimizer.betas) == [0.9, 0.999] and config.training.max_steps == 5000
+    assert (method.critic_on_generator_iterations, student.max_grad_norm, config.roles["critic"].max_grad_norm) == (
+        False, 10.0, None)
+    assert list(config.required) == ["roles.student.path"]  # FastGen: pretrain the causal student first
+    planned = validate(compose_config(["experiment=wan21_t2v_14b_self_forcing_dmd_gan_4step", "plan=true"]))
+    from distill.models import build_adapter
+    from distill.plan import layout_of, make_plan
+
+    plan = make_plan(planned, build_adapter(planned.model), layout_of(planned), 80)
+    assert plan.peak / 2**30 == pytest.approx(66.0, abs=0.1)  # fits 80 GB: no critic graph beside the student's
 
 
 def test_ti2v_5b_i2v_recipe_holds_fastgens_numbers_and_fits_one_node(tmp_path):
@@ -235,10 +259,12 @@ def test_ti2v_5b_i2v_recipe_holds_fastgens_numbers_and_fits_one_node(tmp_path):
     assert (method.min_timestep_ratio, method.max_timestep_ratio) == (0.001, 0.999)
     assert list(method.gan.blocks) == [15, 22, 29] and method.gan.generator_weight == 0.03
     assert config.data.batch_size == 2
+    assert_fastgen_loop(method)
+    assert (config.roles["student"].max_grad_norm, config.roles["critic"].max_grad_norm) == (10.0, None)
     planned = validate(compose_config(["experiment=wan22_ti2v_5b_i2v_dmd2_4step", "plan=true"]))
     plan = make_plan(planned, build_adapter(planned.model), Layout(8, 1, 1), 80)  # 1 node x 8 GPUs
     assert plan.tokens == 21 * 22 * 40
-    assert plan.peak / 2**30 == pytest.approx(60.0, abs=0.1) and plan.peak / 2**30 < 72
+    assert plan.peak / 2**30 == pytest.approx(49.25, abs=0.1) and plan.peak / 2**30 < 72
 
 
 def test_i2v_14b_recipes_hold_fastgens_numbers_and_fit(tmp_path):
@@ -255,6 +281,7 @@ def test_i2v_14b_recipes_hold_fastgens_numbers_and_fit(tmp_path):
         assert (method.guidance_scale, method.generator_lr, method.critic_lr) == (5.0, 1e-5, 1e-5)
         assert list(method.gan.blocks) == [21, 30, 39] and method.gan.generator_weight == 0.03
         assert (config.launcher.nodes, config.parallel.context) == (nodes, context)
+        assert_fastgen_loop(method)
         planned = validate(compose_config([f"experiment={name}", "plan=true"]))
         assert make_plan(planned, build_adapter(planned.model), layout_of(planned), 80).peak / 2**30 < 72
 

@@ -37,7 +37,8 @@ def distil(base, run, overrides=()):
 @pytest.fixture(scope="module")
 def exports(pipeline_folder, tmp_path_factory):
     """Students of 3 iterations: the recipe's 3 listed sigmas, 4 warped by shift 5, 4 that
-    no shift / shift_terminal pair gives, and two experts (Wan2.2 A14B's layout) at 3."""
+    no shift / shift_terminal pair gives, two experts (Wan2.2 A14B's layout) at 3, and a
+    deterministic student sampler (FastGen's "ode") at 3."""
     root = tmp_path_factory.mktemp("stock")
     pair = root / "pair-model"
     shutil.copytree(pipeline_folder, pair)
@@ -47,6 +48,7 @@ def exports(pipeline_folder, tmp_path_factory):
         4: distil(pipeline_folder, root / "four", ["method.student_steps=[1000,750,500,250]", "method.warp_steps=true"]),
         "uneven": distil(pipeline_folder, root / "uneven", ["method.student_steps=[1000,900,300,200]"]),
         "pair": distil(pair, root / "pair", ["model.boundary_ratio=0.9"]),
+        "ode": distil(pipeline_folder, root / "ode", ["method.student_sampler=deterministic"]),
     }
 
 
@@ -80,7 +82,7 @@ def sample_ours(export, seed, tmp_path):
     return load_file(out)["samples"]
 
 
-@pytest.mark.parametrize("name,steps", [(3, 3), (4, 4), ("pair", 3)])
+@pytest.mark.parametrize("name,steps", [(3, 3), (4, 4), ("pair", 3), ("ode", 3)])
 def test_the_stock_pipeline_samples_the_student_as_distill_sample_does(exports, name, steps, tmp_path):
     """Two experts: the pipeline's transformer at t >= 900, transformer_2 below, as the pair routes."""
     export = exports[name]
@@ -96,6 +98,19 @@ def test_the_stock_pipeline_samples_the_student_as_distill_sample_does(exports, 
                                         for s in sigmas]
     # the seed matters: a different one gives a different sample
     assert not torch.allclose(sample_stock(export, steps, 1)[0], ours, atol=1e-3)
+
+
+def test_a_deterministic_student_exports_the_ode_step(exports):
+    """student_sampler=deterministic: plain Euler steps in diffusers (no stochastic_sampling),
+    ComfyUI's euler sampler, and a card that says so."""
+    export = exports["ode"]
+    assert json.loads((export / "distill.json").read_text())["sampler"]["deterministic"] is True
+    assert json.loads((export / "scheduler" / "scheduler_config.json").read_text())["stochastic_sampling"] is False
+    nodes = json.loads((export / "comfyui_workflow.json").read_text())
+    assert nodes["8"]["inputs"]["sampler_name"] == "euler"
+    card = (export / "README.md").read_text()
+    assert "Euler step (deterministic)" in card and "global generator" not in card
+    assert "deterministic" not in json.loads((exports[3] / "distill.json").read_text())["sampler"]
 
 
 def test_the_export_is_a_stock_pipeline_folder(exports, pipeline_folder):

@@ -149,7 +149,7 @@ class RoleConfig:
     activation_checkpointing: Checkpointing = Checkpointing.none
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    max_grad_norm: float = 1.0
+    max_grad_norm: Optional[float] = 1.0  # null: no clipping (the norm is still logged)
     # exponential moving average of a trainable role's weights (null: none):
     # shadow = decay * shadow + (1 - decay) * weights at each update (ema_update);
     # an update in an iteration up to ema_start_step (1-based) copies the weights
@@ -333,6 +333,9 @@ class Config:
     # print the memory each GPU needs (distill/plan.py) and exit: nothing is built
     # on a device and the weights need not be on this machine
     plan: bool = False
+    # keys a recipe needs given (non-null) -> why, e.g. the pretrained student it starts from;
+    # checked before anything is built (not for a plan, which reads no weights)
+    required: Dict[str, str] = field(default_factory=dict)
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 def validate(cfg: DictConfig) -> Config:
     """Resolve the composed config into typed dataclasses and check it."""
-    unknown = unknown_keys(cfg)
+    unknown = unknown_keys(cfg) + _check_required(cfg)
     if unknown:
         raise ConfigError("\n".join(unknown))
     try:
@@ -41,6 +41,7 @@ def validate(cfg: DictConfig) -> Config:
         _check_roles(config, method)
         + [*method.check(config.method)]
         + _check_training(config)
+        + _check_ranges(config)
         + _check_attention_backend(config.model.attention_backend)
         + _check_parallel(config, family)
         + _derive_accumulation(config)
@@ -89,6 +90,15 @@ def _check_lora_targets(config: Config, family) -> List[str]:
     return errors
 
 
+def _check_required(cfg: DictConfig) -> List[str]:
+    """The keys the recipe lists under `required` that are still null."""
+    if OmegaConf.select(cfg, "plan"):
+        return []
+    required = OmegaConf.select(cfg, "required") or {}
+    return [f"{key} is null: this recipe needs it ({why})" for key, why in required.items()
+            if OmegaConf.select(cfg, key) is None]
+
+
 def unknown_keys(node, path: str = "") -> List[str]:
     """Keys of typed nodes that their dataclass lacks. Hydra lets `+key=value`
     add a key even to a typed node; such a key would be silently dropped."""
@@ -133,6 +143,8 @@ def _check_roles(config: Config, method) -> List[str]:
         if not cfg.trainable:
             if cfg.lora.rank:
                 errors.append(f"roles.{role}.lora.rank={cfg.lora.rank}: LoRA needs a trainable role")
+            if cfg.ema_decay is not None:
+                errors.append(f"roles.{role}.ema_decay={cfg.ema_decay}: an average of weights needs a trainable role")
             continue
         errors += _check_optimizer(role, cfg, method_lrs)
         errors += _check_lora(role, cfg.lora)
@@ -190,10 +202,22 @@ def _check_optimizer(role: str, cfg, method_lrs) -> List[str]:
         errors.append(f"roles.{role}.optimizer.lr is null: the method sets no learning rate for {role}; give one")
     elif opt.lr is not None and not opt.lr > 0:
         errors.append(f"roles.{role}.optimizer.lr={opt.lr}: must be > 0")
+    if opt.weight_decay < 0:
+        errors.append(f"roles.{role}.optimizer.weight_decay={opt.weight_decay}: must be >= 0")
+    if not opt.eps > 0:
+        errors.append(f"roles.{role}.optimizer.eps={opt.eps}: must be > 0")
+    sched = cfg.scheduler
+    if sched.total_steps is not None and sched.total_steps < 1:
+        errors.append(f"roles.{role}.scheduler.total_steps={sched.total_steps}: must be >= 1 (null: the run's length)")
+    elif sched.total_steps is not None and sched.warmup_steps > sched.total_steps:
+        errors.append(f"roles.{role}.scheduler.warmup_steps={sched.warmup_steps} exceeds "
+                      f"roles.{role}.scheduler.total_steps={sched.total_steps}")
+    if cfg.ema_start_step < 0:
+        errors.append(f"roles.{role}.ema_start_step={cfg.ema_start_step}: must be >= 0")
     if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
         errors.append(f"roles.{role}.optimizer.betas={list(opt.betas)}: must be two numbers in [0, 1)")
-    if not cfg.max_grad_norm > 0:
-        errors.append(f"roles.{role}.max_grad_norm={cfg.max_grad_norm}: must be > 0")
+    if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
+        errors.append(f"roles.{role}.max_grad_norm={cfg.max_grad_norm}: must be > 0 (null: no clipping)")
     if cfg.scheduler.warmup_steps < 0:
         errors.append(f"roles.{role}.scheduler.warmup_steps={cfg.scheduler.warmup_steps}: must be >= 0")
     if cfg.ema_decay is not None and not 0.0 <= cfg.ema_decay < 1.0:
@@ -262,6 +286,43 @@ def _check_training(config: Config) -> List[str]:
             errors.append("launcher.gpus_per_node and launcher.max_requeues must be >= 0")
         if launcher.tasks_per_node is not None and launcher.tasks_per_node < 1:
             errors.append(f"launcher.tasks_per_node={launcher.tasks_per_node}: must be >= 1")
+    return errors
+
+
+def _check_ranges(config: Config) -> List[str]:
+    """Single values of the model, training, data, validation, logger and launcher
+    sections that no run can use."""
+    m, t, d, v, launcher = config.model, config.training, config.data, config.validation, config.launcher
+    minimum = {"model.text_len": (m.text_len, 1), "model.text_dim": (m.text_dim, 1),
+               "training.collective_timeout_s": (t.collective_timeout_s, 1),
+               "training.torch_threads": (t.torch_threads, 1), "data.shuffle_window": (d.shuffle_window, 1),
+               "validation.teacher_steps": (v.teacher_steps, 1), "validation.fps": (v.fps, 1),
+               "launcher.signal_delay_s": (launcher.signal_delay_s, 0), "launcher.mem_gb": (launcher.mem_gb, 1)}
+    errors = [f"{key}={value}: must be >= {low}" for key, (value, low) in minimum.items()
+              if value is not None and value < low]
+    if not m.shift > 0:
+        errors.append(f"model.shift={m.shift}: must be > 0 (1: no shift)")
+    if any(n < 1 for n in m.latent_shape):
+        errors.append(f"model.latent_shape={list(m.latent_shape)}: every size must be >= 1")
+    for key, stats in (("model.latents_mean", m.latents_mean), ("model.latents_std", m.latents_std)):
+        if stats is not None and m.latent_shape and len(stats) != m.latent_shape[0]:
+            errors.append(f"{key} has {len(stats)} values for the {m.latent_shape[0]} latent channels "
+                          f"(model.latent_shape[0])")
+    if (m.latents_mean is None) != (m.latents_std is None):
+        errors.append("model.latents_mean and model.latents_std: give both (or neither)")
+    if m.latents_std is not None and any(not s > 0 for s in m.latents_std):
+        errors.append(f"model.latents_std={list(m.latents_std)}: every value must be > 0")
+    if v.guidance_scale is not None and v.guidance_scale < 0:
+        errors.append(f"validation.guidance_scale={v.guidance_scale}: must be >= 0 (null: the method's)")
+    if launcher.gpu_memory_gib is not None and not launcher.gpu_memory_gib > 0:
+        errors.append(f"launcher.gpu_memory_gib={launcher.gpu_memory_gib}: must be > 0 (null: the local GPU's, else 80)")
+    if config.logger.name.value == "wandb" and not config.logger.project:
+        errors.append("logger.project is empty: wandb needs a project name")
+    ckpt = config.checkpoint.resume_from
+    if ckpt and not os.path.isdir(ckpt):
+        errors.append(f"checkpoint.resume_from={ckpt}: no such folder")
+    if d.negative_embedding and not os.path.isfile(d.negative_embedding):
+        errors.append(f"data.negative_embedding={d.negative_embedding}: no such file")
     return errors
 
 

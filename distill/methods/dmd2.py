@@ -36,6 +36,13 @@ class StepDraw(str, Enum):
     per_chunk = "per_chunk"  # each chunk of each sample its own (CausVid; a block-causal student)
 
 
+class StudentSampler(str, Enum):
+    """How the student moves between its listed steps, sampling and in the rollout."""
+
+    stochastic = "stochastic"  # re-noise x0 with fresh noise (DMD2, CausVid, Self-Forcing)
+    deterministic = "deterministic"  # with the noise x0 implies: an Euler ODE step (FastGen's "ode")
+
+
 class CriticSample(str, Enum):
     """What the critic fits on an iteration that also trains the student."""
 
@@ -53,6 +60,7 @@ class DMD2Config(MethodConfig):
     # only the causal Self-Forcing pipelines do; FastVideo's DMD2 and FastWan use them raw
     warp_steps: bool = False
     rollout: Rollout = Rollout.simulate
+    student_sampler: StudentSampler = StudentSampler.stochastic
     student_step_draw: StepDraw = StepDraw.shared
     # true: the per-chunk draw includes the clean end, sigma 0 (CausVid's step list
     # [1000, 757, 522, 0]): such a chunk is the data latent itself, context for the later ones
@@ -144,10 +152,14 @@ class DMD2(Method):
 
     @classmethod
     def check_model(cls, cfg: DMD2Config, model) -> List[str]:
+        errors = []
         if cfg.student_step_draw == StepDraw.per_chunk and not model.chunk_frames:
-            return ["method.student_step_draw=per_chunk needs a block-causal student (model.chunk_frames and "
-                    "roles.student.causal=true)"]
-        return []
+            errors.append("method.student_step_draw=per_chunk needs a block-causal student (model.chunk_frames and "
+                          "roles.student.causal=true)")
+        if cfg.student_sampler == StudentSampler.deterministic and model.chunk_frames:
+            errors.append("method.student_sampler=deterministic with model.chunk_frames: the chunk-by-chunk sampler "
+                          "re-noises (allowed: stochastic)")
+        return errors
 
     @classmethod
     def block_indices(cls, cfg: DMD2Config):
@@ -213,7 +225,7 @@ class DMD2(Method):
         if role == "student" and adapter.cfg.chunk_frames:  # a block-causal student: chunk by chunk
             return CausalSampler(student_sigmas(cfg, adapter).tolist(), adapter.cfg.chunk_frames)
         if role == "student":
-            return FewStepSampler(student_sigmas(cfg, adapter).tolist())
+            return FewStepSampler(student_sigmas(cfg, adapter).tolist(), cfg.student_sampler == StudentSampler.deterministic)
         return super().sampler(cfg, adapter, role)
 
     def __init__(self, cfg, adapter, roles, seed, device):
@@ -302,7 +314,8 @@ class DMD2(Method):
         # backward simulation: run only the steps before the target
         x = self.randn((n, *self.adapter.latent_shape))
         with torch.no_grad():
-            x = rollout(self.adapter, student, x, sigmas, text, self.randn, step, **cond)
+            x = rollout(self.adapter, student, x, sigmas, text, self.randn, step,
+                        self.cfg.student_sampler == StudentSampler.deterministic, **cond)
         return self.adapter.predict_x0(student, x, sigmas[step].expand(n), text, **cond)
 
     def generator_loss(self, x0: torch.Tensor, text, uncond, cond, metrics: Metrics) -> torch.Tensor:

@@ -53,12 +53,24 @@ class CausalState:
     frames: int = 0  # latent frames of the current input (after patching)
     tokens_per_frame: int = 0
     cache: Optional[KVCache] = None
+    # the mask of the last layout (and its key), reused by every layer and call of that
+    # layout: at 81x480x832 it is 32,760^2 booleans, 1 GiB, which each layer call used to rebuild
+    _mask_key: Optional[tuple] = field(default=None, repr=False)
+    _mask: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def mask(self, device: torch.device) -> torch.Tensor:
         """[tokens, tokens], True where a query token may attend a key token: same or earlier chunk."""
-        chunk = torch.arange(self.frames, device=device).div(self.chunk_frames, rounding_mode="floor")
-        chunk = chunk.repeat_interleave(self.tokens_per_frame)
-        return chunk[:, None] >= chunk[None, :]
+        key = (self.frames, self.tokens_per_frame, device)
+        if key != self._mask_key:
+            self._mask, self._mask_key = block_mask(self.frames, self.tokens_per_frame, self.chunk_frames, device), key
+        return self._mask
+
+
+def block_mask(frames: int, tokens_per_frame: int, chunk_frames: int, device: torch.device) -> torch.Tensor:
+    """The block-causal mask of `frames` latent frames in chunks of `chunk_frames`."""
+    chunk = torch.arange(frames, device=device).div(chunk_frames, rounding_mode="floor")
+    chunk = chunk.repeat_interleave(tokens_per_frame)
+    return chunk[:, None] >= chunk[None, :]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

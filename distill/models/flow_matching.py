@@ -72,6 +72,11 @@ class FlowMatchingAdapter(ABC):
         s = _per_sample(sigma, x0)
         return (1 - s) * x0 + s * noise
 
+    def implied_noise(self, x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The noise that x_t = (1 - sigma) x0 + sigma noise implies for a predicted x0."""
+        s = _per_sample(sigma, x_t)
+        return (x_t - (1 - s) * x0) / s
+
     def velocity_target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return noise - x0
 
@@ -307,9 +312,10 @@ class FlowMatchingAdapter(ABC):
         """Each network as one file in the family's original (non-diffusers) key layout."""
         raise NotImplementedError(f"model.family={self.family} has no single-file layout")
 
-    def comfyui_workflow(self, sigmas: List[float], network_file: str) -> Optional[Dict]:
+    def comfyui_workflow(self, sigmas: List[float], network_file: str, deterministic: bool = False) -> Optional[Dict]:
         """A ComfyUI workflow (API format, core nodes) sampling the exported few-step
-        network `network_file` at `sigmas`, or None where the family has none."""
+        network `network_file` at `sigmas` (re-noising, or by Euler steps when
+        `deterministic`), or None where the family has none."""
         return None
 
     def stock_pipeline(self) -> Optional[StockPipeline]:

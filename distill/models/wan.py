@@ -221,14 +221,14 @@ class WanAdapter(FlowMatchingAdapter):
             config={"boundary_ratio": self.cfg.boundary_ratio, "expand_timesteps": condition == "first_frame"},
         )
 
-    def comfyui_workflow(self, sigmas: List[float], network_file: str) -> Optional[dict]:
+    def comfyui_workflow(self, sigmas: List[float], network_file: str, deterministic: bool = False) -> Optional[dict]:
         """Text-to-video with one network only (two experts need two samplers, image
         conditioning its own nodes: not written)."""
         if self.stock_pipeline() is None or self.cfg.image_condition.value != "none" or self.cfg.boundary_ratio:
             return None
         from distill.models.wan_comfyui import workflow
 
-        return workflow(sigmas, list(self.cfg.latent_shape), network_file)
+        return workflow(sigmas, list(self.cfg.latent_shape), network_file, deterministic=deterministic)
 
     def lora_targets(self) -> List[str]:
         return list(WAN_LORA_TARGETS)
