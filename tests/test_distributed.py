@@ -43,6 +43,22 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     assert_same_metrics(read_metrics(one), read_metrics(two), rel=1e-5)
 
 
+@pytest.mark.multiprocess
+def test_per_sample_steps_and_a_fresh_critic_batch_on_two_ranks_match_one(tmp_path):
+    """FastGen's per-sample student steps and Self-Forcing's critic on the next batch: the
+    draws follow the sample ids and both ranks take the extra batch together."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    steps = ["training.max_steps=4", "method.rollout=data", "method.student_step_draw=per_sample",
+             "method.critic_sample=fresh_batch", "method.generator_update_interval=2"]
+    r1 = run_launch([*steps, "data.batch_size=4", f"hydra.run.dir={one}"])
+    r2 = run_launch([*steps, "data.batch_size=2", "launcher.nproc_per_node=2", f"hydra.run.dir={two}"])
+    assert r1.returncode == 0, r1.stderr
+    assert r2.returncode == 0, r2.stderr
+    assert_same_metrics(read_metrics(one), read_metrics(two), rel=1e-5)
+    drawn = [[r.get("student_step") for r in read_metrics(run)] for run in (one, two)]
+    assert drawn[0] == pytest.approx(drawn[1])  # the mean of the per-sample steps, over ranks
+
+
 def test_one_rank_shards_when_asked_and_matches_the_unsharded_run(tmp_path):
     """parallel.shard_single_rank: FSDP2 over a process group of one (gloo here, NCCL on a GPU)."""
     plain, sharded = tmp_path / "plain", tmp_path / "sharded"

@@ -49,6 +49,8 @@ def test_recipe_holds_the_published_numbers(name, tmp_path):
     assert (student.optimizer.weight_decay, critic.optimizer.weight_decay) == (0.01, 0.01)
     assert (student.max_grad_norm, critic.max_grad_norm) == (1.0, 1.0)
     assert method.generator_update_interval == want["interval"]
+    assert method.critic_sample.value == "fresh"  # faker_score_forward runs the generator again
+    assert (method.student_step_draw.value, method.critic_on_generator_iterations) == ("shared", True)
     assert (method.min_timestep_ratio, method.max_timestep_ratio) == want["clamp"]
     ema = None if student.ema_decay is None else (student.ema_decay, student.ema_update.value, student.ema_start_step)
     assert ema == want["ema"] and critic.ema_decay is None
