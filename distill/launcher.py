@@ -24,7 +24,7 @@ from distill.config.schema import Config
 from distill.worker import CONFIG_FILE
 
 
-EXIT_FAILED, EXIT_CONFIG, EXIT_DATA, EXIT_CHECKPOINT = 1, 2, 3, 4
+EXIT_FAILED, EXIT_CONFIG, EXIT_DATA, EXIT_CHECKPOINT, EXIT_NONFINITE, EXIT_COLLAPSE = 1, 2, 3, 4, 5, 6
 EXIT_SIGNAL_BASE = 128  # stopped by signal N: 128 + N, as shells report it
 
 
@@ -45,6 +45,7 @@ def outcome(action: Callable[[], None], run_dir: Optional[Path]) -> Tuple[int, s
     from distill.data import DataError
     from distill.preemption import Preempted
     from distill.run import RunFinished
+    from distill.run_health import Collapse, NonFiniteLoss
 
     try:
         action()
@@ -56,6 +57,10 @@ def outcome(action: Callable[[], None], run_dir: Optional[Path]) -> Tuple[int, s
         return EXIT_DATA, f"data error: {err}"
     except CheckpointError as err:
         return EXIT_CHECKPOINT, f"checkpoint error: {err}"
+    except NonFiniteLoss as err:
+        return EXIT_NONFINITE, f"non-finite loss: {err}"
+    except Collapse as err:
+        return EXIT_COLLAPSE, f"collapse: {err}\nresume with: {resume_command(run_dir)}"
     except LaunchError as err:
         return err.exit_code, str(err)
     return 0, ""
@@ -140,7 +145,8 @@ def run_local_processes(run_dir: Path, nproc: int) -> None:
 
 def rank_failures(failures: dict, run_dir: Path) -> LaunchError:
     """One error for the failed ranks: a stop when every rank stopped on a signal,
-    otherwise the first rank's own exit code (3 data, 4 checkpoint, 1 anything else)."""
+    otherwise the first rank's own exit code (3 data, 4 checkpoint, 5 a non-finite loss,
+    6 a collapse, 1 anything else)."""
     codes = {rank: failure.exitcode for rank, failure in sorted(failures.items())}
     if all(code > EXIT_SIGNAL_BASE for code in codes.values()):
         code = max(codes.values())
@@ -151,5 +157,5 @@ def rank_failures(failures: dict, run_dir: Path) -> LaunchError:
         log = run_dir / ("launch.log" if rank == 0 else f"logs/rank-{rank}.log")
         lines.append(f"rank {rank} failed with exit code {code} (log: {log})")
     first = next(iter(codes.values()))
-    known = first if first in (EXIT_DATA, EXIT_CHECKPOINT) else EXIT_FAILED
+    known = first if first in (EXIT_DATA, EXIT_CHECKPOINT, EXIT_NONFINITE, EXIT_COLLAPSE) else EXIT_FAILED
     return LaunchError("run failed: " + "\n".join(lines), known)

@@ -75,6 +75,11 @@ class Tracker:
         media.update({k: wandb.Video(str(p), format="gif") for k, p in videos.items()})
         self.wandb.log(media, step=step)
 
+    def alert(self, title: str, text: str) -> None:
+        """A wandb alert (e-mail, Slack) where the run is online; the log line is the caller's."""
+        if self.wandb is not None and not self.wandb.offline:
+            self.wandb.alert(title=title, text=text, level="WARN")
+
     def close(self) -> None:
         if not self.enabled:
             return

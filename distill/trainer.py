@@ -8,6 +8,7 @@ averaged over ranks and read once per log line (`MetricWindow`). The step
 time of a log line is the window's wall time over its iterations, measured
 after that read, so queued GPU work is counted."""
 
+import math
 import signal
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from distill.distributed import Runtime
 from distill.methods import Method
 from distill.preemption import Preempted, StopRequest
+from distill.run_health import Collapse, NonFiniteLoss
 from distill.roles import Role
 from distill.tracking import MetricWindow, Tracker, log, peak_memory_gb
 
@@ -86,7 +88,18 @@ class Trainer:
         self.tracker.log_media(self.step, images, videos)
         if metrics and self.runtime.is_main:
             self.tracker.log(self.step, metrics, force=True)
+        self.check_health(self.validator.findings if self.runtime.is_main else [])
         return metrics
+
+    def check_health(self, found) -> None:
+        """Say what the student looks like against the teacher (rank 0's findings), and
+        with validation.stop_on_collapse end the run here, with a checkpoint."""
+        for line in found:
+            log.warning("health at step %d: the student looks %s", self.step, line)
+            self.tracker.alert(f"student {line.split(':')[0]} at step {self.step}", line)
+        if self.validator.cfg.stop_on_collapse and self.runtime.any_rank(bool(found)):
+            self._save_once()
+            raise Collapse(self.step, found or ["see rank 0's log"])
 
     def _save_once(self) -> None:
         """The checkpoint of this step, complete on disk when this returns."""
@@ -117,13 +130,20 @@ class Trainer:
             self.log_window()
 
     def log_window(self) -> None:
+        """The window's log line; a NaN or inf loss in it stops the run here (the losses
+        are read back only at log lines, so with log_every=1 at the very step)."""
         metrics = self.window.flush(self._mean_over_ranks)
         elapsed = time.perf_counter() - self.window_started
         metrics["step_time"] = elapsed / self.window_steps
         if self.samples_per_step:
             metrics["samples_per_s"] = self.samples_per_step * self.window_steps / elapsed
-        self.window_steps = 0
+        first_step, self.window_steps = self.step - self.window_steps + 1, 0
         self.tracker.log(self.step, metrics)
+        bad = [f"{key}={metrics[key]}" for key in metrics if key.startswith("loss/") and not math.isfinite(metrics[key])]
+        if bad:
+            if self.checkpointer:
+                self.checkpointer.wait()  # a save in flight is of an earlier, finite step
+            raise NonFiniteLoss(self.step, first_step, bad, self.checkpointer and self.checkpointer.latest())
 
     def train_step(self, iteration: int) -> Dict[str, object]:
         """One iteration's record: device tensors (losses, metrics, gradient norms) and host numbers."""

@@ -54,9 +54,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # several ranks share the cores
     from distill.checkpoint import CheckpointError
     from distill.data import DataError
-    from distill.launcher import EXIT_CHECKPOINT, EXIT_DATA, EXIT_SIGNAL_BASE
+    from distill.launcher import EXIT_CHECKPOINT, EXIT_COLLAPSE, EXIT_DATA, EXIT_NONFINITE, EXIT_SIGNAL_BASE
     from distill.preemption import Preempted, StopRequest, requeue
     from distill.run import RunFinished, train
+    from distill.run_health import Collapse, NonFiniteLoss
 
     log = logging.getLogger("distill")
     under_slurm = "SLURM_JOB_ID" in os.environ and config.launcher.name == "slurm"
@@ -76,6 +77,11 @@ def main(argv=None) -> int:
             raise  # submitit records it as the job's failure
         log.error("%s error: %s", "data" if isinstance(err, DataError) else "checkpoint", err)
         return EXIT_DATA if isinstance(err, DataError) else EXIT_CHECKPOINT
+    except (NonFiniteLoss, Collapse) as err:
+        if under_slurm:
+            raise
+        log.error("%s", err)
+        return EXIT_NONFINITE if isinstance(err, NonFiniteLoss) else EXIT_COLLAPSE
     finally:
         runtime.shutdown()
     return 0

@@ -5,7 +5,7 @@ import time
 import pytest
 
 import distill.methods.dmd2 as dmd2
-from conftest import DEMO_SHORT, compose_config, read_metrics, validation_scores
+from conftest import DEMO_SHORT, compose_config, read_metrics, run_launch, validation_scores
 from distill.config import validate
 from distill.run import train
 
@@ -72,9 +72,13 @@ def test_default_launch_composes_to_the_demo_and_runs(demo_run):
 
 
 def test_wandb_offline_run_holds_logged_keys_and_media(tmp_path):
+    """Each run in its own process, as launch.py runs it: in an xdist worker that had run
+    other tests, wandb's service once wrote no transaction log for an in-process run
+    (its debug-internal.log link pointed at a file never written)."""
     run = tmp_path / "run"
-    config = validate(compose_config(["logger=wandb", "logger.mode=offline", "training.max_steps=3"]))
-    train(config, run)
+    wandb = ["logger=wandb", "logger.mode=offline", f"hydra.run.dir={run}"]
+    result = run_launch([*wandb, "training.max_steps=3"])
+    assert result.returncode == 0, result.stderr
     runs = list((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     data = _transaction_log(runs[0])
@@ -84,7 +88,8 @@ def test_wandb_offline_run_holds_logged_keys_and_media(tmp_path):
     assert list(media.rglob("*.png")) and list(media.rglob("*.gif"))
     assert (run / "wandb_id.txt").read_text().strip() in runs[0].name
     # a resumed run continues the same wandb run
-    train(validate(compose_config(["logger=wandb", "logger.mode=offline", "training.max_steps=4"])), run)
+    result = run_launch([*wandb, "training.max_steps=4"])
+    assert result.returncode == 0, result.stderr
     assert len({p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")}) == 1
 
 
@@ -98,12 +103,13 @@ def _transaction_log(run_dir, timeout=30):
             return files[0].read_bytes()
         time.sleep(0.5)
     listing = "\n".join(str(p.relative_to(run_dir)) for p in sorted(run_dir.rglob("*")))
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(run_dir.parent.rglob("debug*.log")))
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(run_dir.parent.rglob("debug*.log"))
+                     if p.is_file())  # wandb/debug*.log are links to the newest run's, maybe never written
     raise AssertionError(f"no run-*.wandb in {run_dir} after {timeout}s; it holds:\n{listing}\n{logs}")
 
 
 # --- the autoregressive variant: ODE init, then Self-Forcing DMD (experiment=digits_ar) ---
-AR = ["experiment=digits_ar", "training.max_steps=1200", "validation.every=600", "validation.num_samples=128",
+AR = ["experiment=digits_ar", "training.max_steps=1000", "validation.every=500", "validation.num_samples=128",
       "validation.teacher_steps=2", "checkpoint.every=100000", "training.export_at_end=false"]
 
 
@@ -131,8 +137,9 @@ def test_autoregressive_student_beats_the_teacher_at_two_steps(ode_student, tmp_
     Lengthened when ODE init came to draw its states per sample: after 400 ODE-init steps
     and 1,000 iterations seeds 0 / 1 / 2 reached student accuracy 0.586 / 0.750 / 0.609,
     against the threshold 0.608 (the teacher's 0.508 at 2 steps + 0.1). After 600 ODE-init
-    steps (the experiment's own) and, validated every 100, 1,000 / 1,200 iterations: seeds
-    1 / 2 reached 0.742 / 0.609 and 0.875 / 0.789, seed 0 0.688 at 1,000."""
+    steps (the experiment's own), validated every 100: at 1,000 iterations seeds 0 / 1 / 2
+    reached 0.688 / 0.742 / 0.609 (seed 0 is CI's), at 1,200 seeds 1 / 2 reached 0.875 / 0.789;
+    1,000 keeps the suite within its budget."""
     m, records = distil_ar(tmp_path, ode_student)
     assert m["student_2step/accuracy"] > m["teacher_2step/accuracy"] + 0.1, m
     first, last = records[0], records[-1]

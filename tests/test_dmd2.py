@@ -156,7 +156,8 @@ def test_data_rollout_noises_the_batch_latent_at_the_listed_step():
 def test_update_schedule_over_ten_iterations(tmp_path):
     from distill.trainer import Trainer
 
-    method, roles = make_method([0.0] * 4, [0.0] * 4, [0.0] * 4, None, generator_update_interval=5)
+    # a student sample away from the teacher's: a zero DMD normaliser would give an infinite loss
+    method, roles = make_method([1.0] * 4, [0.0] * 4, [0.0] * 4, None, generator_update_interval=5)
     updates = method.updates_per_role(10)
     assert updates == {"student": 2, "critic": 10, "teacher": 0}
     attach_optimizers(roles, updates, lrs={"student": 1e-3, "critic": 1e-3})
@@ -171,7 +172,7 @@ def test_update_schedule_without_the_critic_on_generator_iterations(tmp_path):
     """FastGen's DMD2: the critic steps on 4 of every 5 iterations, the student on the 5th."""
     from distill.trainer import Trainer
 
-    method, roles = make_method([0.0] * 4, [0.0] * 4, [0.0] * 4, None, generator_update_interval=5,
+    method, roles = make_method([1.0] * 4, [0.0] * 4, [0.0] * 4, None, generator_update_interval=5,
                                 critic_on_generator_iterations=False)
     assert method.updates_per_role(10) == {"student": 2, "critic": 8, "teacher": 0}
     assert set(method.losses(batch(), iteration=0)[0]) == {"student"}

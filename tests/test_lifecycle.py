@@ -133,7 +133,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     assert f"resuming from {run / 'checkpoint-2'} (step 2)" in caplog.text
     assert (run / "checkpoint-4.damaged" / "trainer.json").is_file()  # kept, moved aside
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 7))  # steps 3-4 of the lost trajectory set aside
-    assert [json.loads(line)["step"] for line in (run / "metrics.discarded.jsonl").read_text().splitlines()] == [3, 4]
+    discarded = [json.loads(line) for line in (run / "metrics.discarded.jsonl").read_text().splitlines()]
+    # the lost trajectory's training records and its closing validation's (health statistics)
+    assert [(r["step"], any(k.startswith("val/") for k in r)) for r in discarded] == [(3, False), (4, False), (4, True)]
     train(validate(compose_config([*TINY, "training.max_steps=6"])), straight)
     wa, wb = student_weights(run), student_weights(straight)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -50,6 +50,16 @@ def test_every_log_line_of_the_demo_shows_every_role(demo_run):
             assert np.isfinite(r[key]), (r["step"], key)
 
 
+def test_the_demo_is_healthy_by_its_own_statistics(demo_run):
+    """Every validation logs the student's and the teacher's health statistics, and the
+    plain demo raises no health finding."""
+    records = read_metrics(demo_run, validation=True)
+    student = [r for r in records if "val/student_2step/motion" in r]
+    assert student and all(r["val/student_2step/diversity"] > 0 for r in student)
+    assert any("val/teacher_3step/motion" in r for r in records)
+    assert "health at step" not in (demo_run / "launch.log").read_text()
+
+
 def test_the_demo_runs_grids_caption_every_prompt_and_its_export_samples_by_prompt(demo_run, tmp_path):
     """The shared demo run's grids keep their prompts; its exported student samples by
     prompt through `distill.sample`; relaunching the finished run trains nothing."""

@@ -272,6 +272,18 @@ class LoggerConfig:
 
 
 @dataclass
+class HealthConfig:
+    """The band around the teacher's sample statistics the student's must stay in
+    (distill/validation/health.py)."""
+
+    enabled: bool = True
+    motion_floor: float = 0.25  # static: the student's motion under this fraction of the teacher's
+    flat_margin: float = 0.5  # flat: the student's share of one-colour frames over the teacher's by this much
+    diversity_floor: float = 0.25  # collapsed: the student's diversity over seeds under this fraction of the teacher's
+    diversity_seeds: int = 4  # seeds of the first validation prompt for the diversity figures (0: none)
+
+
+@dataclass
 class ValidationConfig:
     every: int = 0  # steps between validations; 0: only at the end
     num_samples: int = 16  # fixed prompts, each at a fixed seed
@@ -279,6 +291,9 @@ class ValidationConfig:
     teacher_steps: int = 50  # the teacher's reference sampling (Euler, with CFG)
     guidance_scale: Optional[float] = None  # teacher/finetune CFG; null: method.guidance_scale or 1
     metrics: bool = True  # quality metrics where the data has them (digits)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    # a health finding (static, flat, collapsed) ends the run with a checkpoint (exit 6)
+    stop_on_collapse: bool = False
     fps: int = 4  # of the saved GIFs
 
 

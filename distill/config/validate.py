@@ -312,6 +312,9 @@ def _check_ranges(config: Config) -> List[str]:
         errors.append("model.latents_mean and model.latents_std: give both (or neither)")
     if m.latents_std is not None and any(not s > 0 for s in m.latents_std):
         errors.append(f"model.latents_std={list(m.latents_std)}: every value must be > 0")
+    from distill.validation.health import check_health_config
+
+    errors += check_health_config(v.health)
     if v.guidance_scale is not None and v.guidance_scale < 0:
         errors.append(f"validation.guidance_scale={v.guidance_scale}: must be >= 0 (null: the method's)")
     if launcher.gpu_memory_gib is not None and not launcher.gpu_memory_gib > 0:

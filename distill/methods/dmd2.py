@@ -290,11 +290,11 @@ class DMD2(Method):
         any number of ranks draws the same."""
         draw, choices = self.cfg.student_step_draw, len(self.student_sigmas) + int(self.cfg.clean_step)
         if draw == StepDraw.shared:
-            return torch.full((n,), self.exit_step(), dtype=torch.long)
-        if draw == StepDraw.per_sample:
-            return self.randint(choices, (n,)).cpu()
+            return torch.full((n,), self.exit_step(), dtype=torch.long, device=self.device)
+        if draw == StepDraw.per_sample:  # drawn where the noise is: nothing is read back to the host
+            return self.randint(choices, (n,))
         size = self.adapter.cfg.chunk_frames
-        per_chunk = self.randint(choices, (n, -(-frames // size))).cpu()
+        per_chunk = self.randint(choices, (n, -(-frames // size)))
         return per_chunk.repeat_interleave(size, dim=1)[:, :frames]
 
     def student_sample(self, batch, cond, metrics: Metrics) -> torch.Tensor:
@@ -305,7 +305,7 @@ class DMD2(Method):
         if self.cfg.rollout.value == "data":
             latents = batch["latents"]
             steps = self.input_steps(n, latents.shape[2])
-            sigma = torch.cat([sigmas, sigmas.new_zeros(1)])[steps.to(self.device)]  # index len(sigmas): clean
+            sigma = torch.cat([sigmas, sigmas.new_zeros(1)])[steps]  # index len(sigmas): clean
             metrics.update({"student_step": steps.float().mean(), "sigma/student": sigma.mean()})
             x = self.adapter.add_noise(latents, self.randn(latents.shape), sigma)
             return self.adapter.predict_x0(student, x, sigma, text, **cond)

@@ -105,8 +105,8 @@ class OdeInit(Method):
                             "make them again with this config")
         n, _, c, frames, h, w = states.shape
         size = self.adapter.cfg.chunk_frames if self.causal else frames
-        pick = self.randint(len(self.sigmas) + int(self.cfg.clean_step), (n, -(-frames // size))).cpu()
-        per_frame = pick.repeat_interleave(size, dim=1)[:, :frames].to(states.device)  # [n, frames]; S: the clean end
+        pick = self.randint(len(self.sigmas) + int(self.cfg.clean_step), (n, -(-frames // size))).to(states.device)
+        per_frame = pick.repeat_interleave(size, dim=1)[:, :frames]  # [n, frames]; S: the clean end
         x_t = states.gather(1, per_frame[:, None, None, :, None, None].expand(n, 1, c, frames, h, w)).squeeze(1)
         sigma = torch.cat([self.sigmas, torch.zeros(1)]).to(states.device)[per_frame]
         if not self.causal:

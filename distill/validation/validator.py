@@ -8,7 +8,11 @@ each with its own fixed noise seed, is sampled with
     the student's step count.
 Samples are decoded by the adapter (identity for digits, the Wan VAE for
 Wan), saved under <run>/samples/ as PNG grids and GIFs, and scored when the
-data has metrics (digits: conditional accuracy and Frechet distance).
+data has metrics (digits: conditional accuracy and Frechet distance). Every
+validation also computes the run-health statistics of the student's and
+(once) the teacher's samples, with the first prompt at several seeds for
+their diversity (distill/validation/health.py); what the student looks like
+against the teacher is in `findings` (static, flat, collapsed).
 An image-conditioned model samples from the validation rows' first frames;
 its grids show that image as each clip's first tile and its GIFs beside each
 clip.
@@ -24,6 +28,7 @@ from distill.config.schema import Config
 from distill.models.image_condition import image_of
 from distill.registry import method_class
 from distill.sampling import EulerSampler
+from distill.validation.health import clip_statistics, findings
 from distill.validation.media import save_gif, save_grid
 
 
@@ -45,30 +50,46 @@ class Validator:
         self.student_sampler = method.sampler(config.method, adapter, "student")
         self.teacher_done = False
         self.history: Dict[str, float] = {}  # the latest value of every metric, teacher's included
+        self.teacher_health: Optional[Dict[str, float]] = None  # the reference statistics
+        self.findings: List[str] = []  # of the last validation (rank 0)
 
-    def _noise(self, device) -> Callable:
-        g = torch.Generator().manual_seed(self.cfg.seed)
+    def _noise(self, device, seed: int) -> Callable:
+        g = torch.Generator().manual_seed(seed)
         return lambda shape: torch.randn(shape, generator=g).to(device)
 
     @torch.no_grad()
-    def sample_role(self, role, sampler) -> torch.Tensor:
+    def sample_role(self, role, sampler, batch: Optional[Dict[str, torch.Tensor]] = None,
+                    seed: Optional[int] = None) -> torch.Tensor:
+        """The validation batch (or `batch`) sampled by `role` from the fixed noise seed."""
         device = next(role.module.parameters()).device
-        batch = {k: v.to(device) for k, v in self.batch.items()}
+        batch = {k: v.to(device) for k, v in (self.batch if batch is None else batch).items()}
         cond = self.adapter.conditioning(batch)
-        return sampler(self.adapter, role, batch["text_embeds"], batch["negative_text_embeds"], self._noise(device),
-                       **cond)
+        noise = self._noise(device, self.cfg.seed if seed is None else seed)
+        return sampler(self.adapter, role, batch["text_embeds"], batch["negative_text_embeds"], noise, **cond)
+
+    def first_prompt_at_seeds(self, role, sampler) -> Optional[torch.Tensor]:
+        """The first prompt, `health.diversity_seeds` times from other noise: for the diversity figure."""
+        k = self.cfg.health.diversity_seeds if self.cfg.health.enabled else 0
+        if k < 2:
+            return None
+        repeated = {key: value[:1].repeat(k, *[1] * (value.dim() - 1)) for key, value in self.batch.items()}
+        return self.sample_role(role, sampler, repeated, seed=self.cfg.seed + 1)
 
     def run(self, roles, step: int) -> Tuple[Dict[str, float], Dict[str, Path], Dict[str, Path]]:
         was_training = {n: r.module.training for n, r in roles.items()}
         for r in roles.values():
             r.module.eval()
-        results = {}
+        results, seeds = {}, {}
         student_steps = self.student_sampler.num_steps
-        results[f"student_{student_steps}step"] = self.sample_role(roles["student"], self.student_sampler)
+        name = f"student_{student_steps}step"
+        results[name] = self.sample_role(roles["student"], self.student_sampler)
+        seeds[name] = self.first_prompt_at_seeds(roles["student"], self.student_sampler)
         if "teacher" in roles and not self.teacher_done:
             for n in dict.fromkeys((self.cfg.teacher_steps, student_steps)):
                 teacher = EulerSampler(self.adapter.euler_sigmas(n), self.guidance)
                 results[f"teacher_{n}step"] = self.sample_role(roles["teacher"], teacher)
+                if n == self.cfg.teacher_steps:  # the reference the student's statistics are held against
+                    seeds[f"teacher_{n}step"] = self.first_prompt_at_seeds(roles["teacher"], teacher)
             if "latents" in self.batch:
                 results["real"] = self.batch["latents"]
             self.teacher_done = True
@@ -76,11 +97,12 @@ class Validator:
             r.module.train(was_training[n])
         if not self.is_main:
             return {}, {}, {}
-        return self._report(results, step)
+        return self._report(results, step, seeds, name)
 
-    def _report(self, results, step):
+    def _report(self, results, step, seeds, student):
         self.out.mkdir(parents=True, exist_ok=True)
         metrics, images, videos = {}, {}, {}
+        health = {}
         image = image_of(self.adapter.conditioning(self.batch))
         image = None if image is None else self.adapter.decode(image)  # [N, C, 1, H, W] pixels
         for name, latents in results.items():
@@ -95,7 +117,15 @@ class Validator:
             if self.metric is not None and self.cfg.metrics:
                 for key, value in self.metric(pixels, self.labels).items():
                     metrics[f"val/{name}/{key}"] = value
-        self.history.update(metrics)
+            if self.cfg.health.enabled and name in seeds:
+                at_seeds = seeds[name]
+                health[name] = clip_statistics(pixels, None if at_seeds is None else self.adapter.decode(at_seeds))
+                metrics.update({f"val/{name}/{key}": value for key, value in health[name].items()})
+        if f"teacher_{self.cfg.teacher_steps}step" in health:
+            self.teacher_health = health[f"teacher_{self.cfg.teacher_steps}step"]
+        self.findings = findings(health[student], self.teacher_health, self.cfg.health) \
+            if student in health and self.teacher_health else []
+        self.history.update({k: v for k, v in metrics.items() if k.startswith("val/")})  # the quality table's
         return metrics, images, videos
 
 
