@@ -32,28 +32,17 @@ def assert_same_metrics(a, b, rel):
 
 @pytest.mark.multiprocess
 def test_two_process_fsdp_matches_one_process(tmp_path):
+    """Also with FastGen's per-sample student steps and Self-Forcing's critic on the next
+    batch: the draws follow the sample ids and both ranks take the extra batch together."""
     one, two = tmp_path / "one", tmp_path / "two"
-    steps = ["training.max_steps=6"]
+    steps = ["training.max_steps=6", "method.rollout=data", "method.student_step_draw=per_sample",
+             "method.critic_sample=fresh_batch", "method.generator_update_interval=2"]
     r1 = run_launch([*steps, "data.batch_size=4", f"hydra.run.dir={one}"])
     r2 = run_launch([*steps, "data.batch_size=2", "launcher.nproc_per_node=2", f"hydra.run.dir={two}"])
     assert r1.returncode == 0, r1.stderr
     assert r2.returncode == 0, r2.stderr
     assert "rank 1 of 2" in (two / "logs" / "rank-1.log").read_text()
     assert len(list((two / "checkpoint-6" / "state").glob("shard-*.safetensors"))) == 2
-    assert_same_metrics(read_metrics(one), read_metrics(two), rel=1e-5)
-
-
-@pytest.mark.multiprocess
-def test_per_sample_steps_and_a_fresh_critic_batch_on_two_ranks_match_one(tmp_path):
-    """FastGen's per-sample student steps and Self-Forcing's critic on the next batch: the
-    draws follow the sample ids and both ranks take the extra batch together."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    steps = ["training.max_steps=4", "method.rollout=data", "method.student_step_draw=per_sample",
-             "method.critic_sample=fresh_batch", "method.generator_update_interval=2"]
-    r1 = run_launch([*steps, "data.batch_size=4", f"hydra.run.dir={one}"])
-    r2 = run_launch([*steps, "data.batch_size=2", "launcher.nproc_per_node=2", f"hydra.run.dir={two}"])
-    assert r1.returncode == 0, r1.stderr
-    assert r2.returncode == 0, r2.stderr
     assert_same_metrics(read_metrics(one), read_metrics(two), rel=1e-5)
     drawn = [[r.get("student_step") for r in read_metrics(run)] for run in (one, two)]
     assert drawn[0] == pytest.approx(drawn[1])  # the mean of the per-sample steps, over ranks

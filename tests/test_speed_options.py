@@ -13,7 +13,7 @@ from conftest import ROOT, quiet, read_metrics
 
 # validation at the training batch sizes (2, and 4 under CFG): no shapes of its own to compile
 COMMON = ["training.max_steps=4", "validation.every=0", "validation.num_samples=2", "method.generator_update_interval=2",
-          "checkpoint.every=0", "training.export_at_end=false"]
+          "checkpoint.every=0", "training.export_at_end=false", "validation.health.diversity_seeds=0"]
 
 
 def launch(args, run):
@@ -37,7 +37,8 @@ def test_compiled_blocks_match_eager_and_compile_once_per_grad_mode_and_batch(tm
     log = r2.stderr + r2.stdout
     recompiles = re.findall(r"\[(\d+)/(\d+)\] \[__recompiles\] Recompiling function (\w+)", log)
     # one code object (frame 0, the block's forward) for 2 blocks x 3 roles; new graphs only for
-    # grad mode, batch size (2, and 4 under CFG) and eval mode (the final validation)
+    # grad mode, batch size (2, and 4 under CFG) and eval mode (the final validation; its run-health
+    # samples at other seeds are off here: their batch of 4 is one more shape)
     assert recompiles and {frame for frame, _, _ in recompiles} == {"0"}, recompiles
     assert len(recompiles) <= 3, recompiles
     reasons = re.findall(r"- \d+/\d+: (.*)", log)
