@@ -108,20 +108,26 @@ def test_a_too_coarse_teacher_grid_is_refused_before_anything_is_written(pairs, 
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
+def causal_ode_student(overrides=()):
+    """(config, adapter, role) of a tiny block-causal ODE-init student: 3 frames, a chunk each."""
+    from distill.config.schema import RoleConfig
+    from distill.roles import Role
+
+    config = validate(compose_config(["experiment=tiny", "method=ode_init", "method.student_steps=[1000,750,500]",
+                                      "model.latent_shape=[16,3,8,8]", "model.chunk_frames=1",
+                                      "roles.student.causal=true", *overrides]))
+    adapter = build_adapter(config.model)
+    network = adapter.make_causal(adapter.load(None, seed=0)).eval()
+    return config, adapter, Role("student", RoleConfig(trainable=True, causal=True), network)
+
+
 def test_a_clean_chunk_is_context_and_out_of_the_loss():
     """CausVid's ODE init: a chunk that draws the clean end enters at sigma 0 (the
     clean latent), the loss averages over the other chunks' frames only, and the
     later chunks see the clean one through the block mask."""
-    from distill.config.schema import RoleConfig
     from distill.methods.ode_init import OdeInit
-    from distill.roles import Role
 
-    config = validate(compose_config(["experiment=tiny", "method=ode_init", "method.student_steps=[1000,750,500]",
-                                      "method.clean_step=true", "model.latent_shape=[16,3,8,8]",
-                                      "model.chunk_frames=1", "roles.student.causal=true"]))
-    adapter = build_adapter(config.model)
-    network = adapter.make_causal(adapter.load(None, seed=0)).eval()
-    student = Role("student", RoleConfig(trainable=True, causal=True), network)
+    config, adapter, student = causal_ode_student(["method.clean_step=true"])
     method = OdeInit(config.method, adapter, {"student": student}, seed=0, device="cpu")
     torch.manual_seed(0)
     states = torch.randn(1, 4, 16, 3, 8, 8)  # 3 listed sigmas, then the clean end
@@ -146,16 +152,9 @@ def test_a_clean_chunk_is_context_and_out_of_the_loss():
 def test_state_picks_follow_the_sample_not_the_rank():
     """Each sample draws its own states: a batch of two samples on one rank gives the
     mean of the two samples' losses on two ranks."""
-    from distill.config.schema import RoleConfig
     from distill.methods.ode_init import OdeInit
-    from distill.roles import Role
 
-    config = validate(compose_config(["experiment=tiny", "method=ode_init", "method.student_steps=[1000,750,500]",
-                                      "model.latent_shape=[16,3,8,8]", "model.chunk_frames=1",
-                                      "roles.student.causal=true"]))
-    adapter = build_adapter(config.model)
-    student = Role("student", RoleConfig(trainable=True, causal=True),
-                   adapter.make_causal(adapter.load(None, seed=0)).eval())
+    config, adapter, student = causal_ode_student()
     torch.manual_seed(0)
     states, text = torch.randn(2, 4, 16, 3, 8, 8), torch.randn(2, config.model.text_len, config.model.text_dim)
 

@@ -233,8 +233,9 @@ class DMD2(Method):
         self.student_sigmas = student_sigmas(cfg, adapter)
 
     def roles_to_step(self, iteration: int) -> List[str]:
-        return ["student", "critic"][: 2 if self.trains_critic(iteration) else 1] \
-            if self.is_generator_iteration(iteration) else ["critic"]
+        if not self.is_generator_iteration(iteration):
+            return ["critic"]
+        return ["student", "critic"] if self.cfg.critic_on_generator_iterations else ["student"]
 
     def is_generator_iteration(self, iteration: int) -> bool:
         return iteration % self.cfg.generator_update_interval == 0
@@ -261,9 +262,11 @@ class DMD2(Method):
         cond = self.adapter.conditioning(batch)
         x0 = self.student_sample(batch, cond, metrics)
         losses = {"student": self.generator_loss(x0, text, uncond, cond, metrics)}
-        if self.trains_critic(iteration) and self.cfg.critic_sample == CriticSample.reuse:
+        if not self.cfg.critic_on_generator_iterations:
+            return losses, metrics
+        if self.cfg.critic_sample == CriticSample.reuse:
             losses["critic"] = self.critic_loss(x0.detach(), text, cond, metrics, batch.get("latents"))
-        elif self.trains_critic(iteration) and self.cfg.critic_sample == CriticSample.fresh:
+        elif self.cfg.critic_sample == CriticSample.fresh:
             losses["critic"] = self.fresh_critic_loss(batch, metrics)
         return losses, metrics
 
