@@ -73,6 +73,26 @@ def run_launch(args, cwd=None, timeout=300):
     return launch_as_typed(args if "--cfg" in args else quiet(args), cwd, timeout)
 
 
+def train_here(args) -> Path:
+    """A one-rank run in this process, where `run_launch(args)` would start one: the same
+    config (the tests' defaults added) and the same `train` launch.py calls, into the folder
+    hydra.run.dir names, without a new process's ~7 s of imports. For reference runs that
+    tests compare within a tolerance (records, exports, samples): a run that must equal
+    another bit for bit is launched like it, since this process's state (threads, an
+    attention backend an earlier test chose) is the test worker's."""
+    from distill.config import validate
+    from distill.config.io import save_config
+    from distill.run import train
+    from distill.worker import CONFIG_FILE
+
+    run = Path(next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")))
+    config = validate(compose_config([a for a in args if not a.startswith("hydra.")]))
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(config, run / CONFIG_FILE)  # as launch.py writes it
+    train(config, run)
+    return run
+
+
 def launch_background(args):
     """launch.py (tiny, no wandb unless given) in its own session, so that a test can signal or kill it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")

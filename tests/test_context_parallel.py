@@ -7,23 +7,27 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import assert_bit_identical_runs, read_metrics, run_launch
+from conftest import assert_bit_identical_runs, read_metrics, run_launch, train_here
 
 # One CI run saw rank 0 of the 4-process HSDP run abort in glibc ("malloc(): unaligned
 # tcache chunk detected": a write into freed heap memory) at its third iteration. Not
-# reproduced since: 11 local runs, then 8 of this very config beside 4-6 busy processes
-# on the 2 cores, 6 more under glibc's malloc checks (libc_malloc_debug.so, MALLOC_CHECK_=3,
-# MALLOC_PERTURB_), and a pure-torch stress of the same collectives (FSDP2 HSDP, functional
-# all-to-all and all-gather over gloo, checkpointed blocks; 1,000 iterations x 4 ranks
-# under the malloc checks). The heap cannot be corrupted by the project's code in this
-# run: it is Python that hands no raw memory to native code (no ctypes, every
-# frombuffer copied, no storage resizing outside the meta-device planner), its own
-# collectives are synchronous, and the synthetic data has no loader threads. What runs
-# native code here is torch 2.13.0+cpu (its ATen kernels and the gloo it links into
-# libtorch_cpu.so; diffusers' Ulysses waits every all-to-all before use). So a rank that
-# dies by SIGABRT, SIGBUS or SIGSEGV is run once more; any Python error, or a second
-# crash, fails the test. A crashing rank now writes every thread's Python stack into
-# its log (distill/worker.py), so the next occurrence names the call.
+# reproduced since: 11 local runs, 8 of this very config beside 4-6 busy processes on the
+# 2 cores, 6 under glibc's malloc checks (libc_malloc_debug.so, MALLOC_CHECK_=3,
+# MALLOC_PERTURB_), a pure-torch stress of the same collectives (1,000 iterations x 4
+# ranks under the malloc checks), and the whole cp2_hsdp run with rank 0, then rank 1,
+# under valgrind's memcheck (every native library instrumented, freed blocks kept 2 GB
+# deep): no invalid read, write or free in any library, only the dynamic loader's 4 known
+# strncmp over-reads at dlopen. The project's code hands no memory to native code (no
+# ctypes or cffi, every frombuffer copied, no storage resizing outside the meta-device
+# planner) and its own collectives are synchronous; the threads that run native code
+# beside the training thread here are gloo's, inside torch 2.13.0+cpu (libtorch_cpu.so),
+# which run diffusers' 0.42 Ulysses all-to-alls and the plan's all-gathers (functional
+# collectives, awaited before use). Corrupting the heap takes native code, and the project
+# has none; a race between those threads is what memcheck, which runs one thread at a
+# time, cannot provoke. So a rank that dies by SIGABRT, SIGBUS or SIGSEGV
+# is run once more; any Python error, or a second crash, fails the test. A crashing rank
+# writes every thread's Python stack into its log (distill/worker.py), so a repeat names
+# the call.
 pytestmark = [pytest.mark.multiprocess,
               pytest.mark.flaky(reruns=1, only_rerun=[r"failed with exit code -(6|7|11)\b"])]
 
@@ -45,10 +49,7 @@ def weights(run, role):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    run = tmp_path_factory.mktemp("cp") / "one"
-    result = run_launch([*COMMON, "data.batch_size=2", f"hydra.run.dir={run}"])
-    assert result.returncode == 0, result.stderr
-    return run
+    return train_here([*COMMON, "data.batch_size=2", f"hydra.run.dir={tmp_path_factory.mktemp('cp') / 'one'}"])
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -157,13 +157,17 @@ def test_autoregressive_negative_control_with_flipped_gradient_does_not(ode_stud
 
 
 # --- the image-to-video variant (experiment=digits_i2v) ---
-I2V = ["experiment=digits_i2v", "training.max_steps=750", "validation.every=750", "validation.num_samples=512",
+I2V = ["experiment=digits_i2v", "training.max_steps=500", "validation.every=500", "validation.num_samples=512",
        "validation.teacher_steps=2", "checkpoint.every=100000", "training.export_at_end=false"]
 
 
 def test_image_to_video_student_beats_the_teacher_at_two_steps(tmp_path):
     """The first frame given, digits moving 1 or 2 px per frame (the prompt does not say which):
-    the teacher at 2 steps blends both continuations; the student keeps the digit and moves it."""
+    the teacher at 2 steps blends both continuations; the student keeps the digit and moves it.
+    500 iterations (was 750): validated every 250, seeds 0 / 1 / 2 reached per-frame accuracy
+    0.875 / 0.868 / 0.859 at 500 against the threshold 0.856 (the teacher's 0.846 + 0.01; seeds
+    0 / 1 had 0.878 / 0.868 at 750, so the margin did not come from the last 250), direction
+    accuracy 1.0 (the teacher's 1.0) and motion error 0.329 / 0.333 / 0.332 against 0.380."""
     trainer = train(validate(compose_config(I2V)), tmp_path)
     m = {k.split("/", 1)[1]: v for k, v in trainer.validator.history.items()}
     assert m["real/motion_error"] < 1e-4 and m["real/direction_accuracy"] == 1.0, m

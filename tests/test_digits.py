@@ -5,7 +5,7 @@ import torch
 
 from conftest import compose_config, read_metrics, run_launch
 from distill.config import ConfigError, validate
-from distill.data.digits import DIRECTIONS, SPEED, digit_images, ensure_digits, make_clips, prompt
+from distill.data.digits import DIRECTIONS, SPEED, VERSION, cache_lock, digit_images, ensure_digits, make_clips, prompt
 from distill.data.parquet import ParquetIndex, ParquetLatents, Shapes
 from distill.data.schema import decode
 from distill.data.hash_text import HashTextEncoder
@@ -81,11 +81,31 @@ def test_cached_dataset_is_built_once_and_reads(tmp_path):
     assert ds.make_batch(0)["latents"].shape == (4, 1, 4, 16, 16)
 
 
+def test_a_second_builder_waits_for_the_first_and_reads_its_split(tmp_path):
+    """Two processes asking for an unbuilt split (two runs, two test workers): the one
+    holding the cache's lock builds it, the other waits and then reads it; a split is
+    there whole or not at all (built under another name, then renamed)."""
+    import threading
+
+    cache = tmp_path / f"digits-v{VERSION}-seed0"
+    found = []
+    with cache_lock(cache):  # another process is building
+        reader = threading.Thread(target=lambda: found.append(ensure_digits("val", str(tmp_path))))
+        reader.start()
+        reader.join(timeout=2)
+        assert reader.is_alive() and not (cache / "val").exists()
+    reader.join(timeout=120)
+    assert found == [cache / "val"]
+    assert sorted(p.name for p in cache.iterdir()) == [".lock", "val"]  # no half-built folder left
+    assert len(list((cache / "val").glob("*.parquet"))) == 1
+
+
 @pytest.mark.multiprocess
 def test_two_process_run_on_digits(tmp_path):
+    """On the shared default cache (the other tests' runs build it once, under its lock)."""
     run = tmp_path / "run"
     result = run_launch(
-        ["model=digits", "data=digits", f"data.path={tmp_path / 'cache'}", "data.batch_size=4",
+        ["model=digits", "data=digits", "data.batch_size=4",
          "launcher.nproc_per_node=2", "training.max_steps=2", f"hydra.run.dir={run}"]
     )
     assert result.returncode == 0, result.stderr

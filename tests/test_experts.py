@@ -82,6 +82,7 @@ def common(folder):
 @pytest.fixture(scope="session")
 def one_rank(pair_folder, built_once):
     def make(folder):
+        # launched: the resume test compares a launched run with it bit for bit
         result = run_launch([*common(pair_folder), "data.batch_size=2", "training.max_steps=4", f"hydra.run.dir={folder}"])
         assert result.returncode == 0, result.stderr
 

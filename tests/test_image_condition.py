@@ -133,13 +133,12 @@ def test_synthetic_data_has_no_image_embeddings_for_concat():
 def test_first_frame_conditioning_under_context_parallelism_equals_one_rank(tmp_path):
     """The image's tokens run at timestep 0: a per-token timestep that diffusers' plan
     splits over the context group with the tokens."""
-    from conftest import assert_runs_match, read_metrics, run_launch
+    from conftest import assert_runs_match, read_metrics, run_launch, train_here
 
     common = ["training.max_steps=3", "method.generator_update_interval=2", "model.image_condition=first_frame",
               "data.batch_size=2"]
-    runs = {"one": [], "cp2": ["launcher.nproc_per_node=2", "parallel.context=2"]}
-    for name, extra in runs.items():
-        result = run_launch([*common, *extra, f"hydra.run.dir={tmp_path / name}"])
-        assert result.returncode == 0, result.stderr
+    train_here([*common, f"hydra.run.dir={tmp_path / 'one'}"])
+    result = run_launch([*common, "launcher.nproc_per_node=2", "parallel.context=2", f"hydra.run.dir={tmp_path / 'cp2'}"])
+    assert result.returncode == 0, result.stderr
     assert len(read_metrics(tmp_path / "one")) == 3
     assert_runs_match(tmp_path / "cp2", tmp_path / "one", roles=(), abs_tol=1e-12)  # pytest.approx's own

@@ -101,6 +101,7 @@ def common(family):
 @pytest.fixture(scope="session")
 def one_rank(family, built_once):
     def make(run):
+        # launched: the resume test compares a launched run with it bit for bit
         result = run_launch([*common(family), "data.batch_size=2", "training.max_steps=4", f"hydra.run.dir={run}"])
         assert result.returncode == 0, result.stderr
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, compose_config, read_metrics, run_launch, write_tiny_pipeline_parts
+from conftest import ROOT, compose_config, read_metrics, run_launch, train_here, write_tiny_pipeline_parts
 from distill.config import validate
 
 LORA = ["roles.student.lora.rank=4", "roles.critic.lora.rank=4"]
@@ -30,6 +30,9 @@ def lora_run(tmp_path_factory):
         "roles.student.lora.alpha=8",  # scale alpha / rank = 2: a file that drops alpha shows
         "training.max_steps=6", "method.generator_update_interval=2",
         "method.generator_lr=1e-2", "method.critic_lr=1e-2", "roles.student.ema_decay=0.5",
+        # no test reads its samples: 2 prompts, no seeds for diversity (through the tiny VAE,
+        # the default 16 and 4 took 60 of the fixture's 87 s)
+        "validation.num_samples=2", "validation.health.diversity_seeds=0",
     ]))
     return config, train(config, run), run, base
 
@@ -165,8 +168,8 @@ def test_two_rank_lora_matches_one_rank_and_resumes_bit_identically(tmp_path):
     common = [*LORA, "method.generator_update_interval=2", "method.generator_lr=1e-2", "method.critic_lr=1e-2"]
     one, straight, resumed = tmp_path / "one", tmp_path / "straight", tmp_path / "resumed"
     two = [*common, "data.batch_size=2", "launcher.nproc_per_node=2"]
+    train_here([*common, "data.batch_size=4", "training.max_steps=6", f"hydra.run.dir={one}"])
     runs = [
-        [*common, "data.batch_size=4", "training.max_steps=6", f"hydra.run.dir={one}"],
         [*two, "training.max_steps=6", f"hydra.run.dir={straight}"],
         [*two, "training.max_steps=3", f"hydra.run.dir={resumed}"],
         [*two, "training.max_steps=6", f"hydra.run.dir={resumed}"],

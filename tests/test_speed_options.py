@@ -22,11 +22,18 @@ def launch(args, run):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_compiled_blocks_match_eager_and_compile_once_per_grad_mode_and_batch(tmp_path):
-    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    r1 = launch(["training.compile=false"], eager)
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory):
+    """The plain run both tests compare with: eager blocks, the default attention backend."""
+    run = tmp_path_factory.mktemp("speed") / "eager"
+    result = launch([], run)
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_compiled_blocks_match_eager_and_compile_once_per_grad_mode_and_batch(eager_run, tmp_path):
+    eager, compiled = eager_run, tmp_path / "compiled"
     r2 = launch(["training.compile=true"], compiled)
-    assert r1.returncode == 0, r1.stderr
     assert r2.returncode == 0, r2.stderr
     a, b = read_metrics(eager), read_metrics(compiled)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
@@ -46,7 +53,7 @@ def test_compiled_blocks_match_eager_and_compile_once_per_grad_mode_and_batch(tm
     assert "Recompiling" not in log[log.index("step 2 "):log.index("step 4 ")]  # warm after two iterations
 
 
-def test_attention_backend_is_set_on_every_role_and_checked_before_the_run(tmp_path):
+def test_attention_backend_is_set_on_every_role_and_checked_before_the_run(eager_run, tmp_path):
     from conftest import compose_config
     from distill.config import validate
     from distill.distributed import Runtime
@@ -57,9 +64,8 @@ def test_attention_backend_is_set_on_every_role_and_checked_before_the_run(tmp_p
     roles = build_roles(config, build_adapter(config.model), Runtime())
     backends = {m.processor._attention_backend for r in roles.values() for m in r.module.modules() if hasattr(m, "processor")}
     assert {str(getattr(b, "value", b)) for b in backends} == {"_native_math"}
-    math_run, default_run = tmp_path / "math", tmp_path / "default"
+    math_run, default_run = tmp_path / "math", eager_run
     assert launch(["model.attention_backend=_native_math"], math_run).returncode == 0
-    assert launch([], default_run).returncode == 0
     for x, y in zip(read_metrics(default_run), read_metrics(math_run)):
         assert y["loss/critic"] == pytest.approx(x["loss/critic"], rel=1e-4)
     for name, message in (("flash", "not usable here"), ("nope", "allowed values are flash")):

@@ -10,10 +10,17 @@ HashTextEncoder. Digit images are split 80/20 into the train and val splits,
 so validation digits are handwriting the model never saw.
 
 The dataset is deterministic in its seed and written once, through the
-parquet writer, to a cache folder named after its parameters.
+parquet writer, to a cache folder named after its parameters. Several
+processes may ask for it at once (the ranks of two runs, test workers): one
+builds it under a lock on the cache folder while the others wait, and it
+appears complete or not at all (built beside its place, then renamed).
 """
 
+import contextlib
+import fcntl
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -35,6 +42,19 @@ VERSION = 1
 
 def default_cache() -> Path:
     return Path.home() / ".cache" / "distill"
+
+
+@contextlib.contextmanager
+def cache_lock(folder: Path):
+    """Held by one process at a time for `folder` (an flock on folder/.lock): whoever
+    builds something in the cache holds it, so the others wait instead of building too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def digit_images(split: str):
@@ -106,7 +126,14 @@ def ensure_digits(split: str, cache: Optional[str] = None, seed: int = 0, speeds
     folder = Path(cache) if cache else default_cache()
     name = f"digits-v{VERSION}-seed{seed}" + ("" if list(speeds) == [SPEED] else "-speeds" + "-".join(map(str, speeds)))
     folder = folder / name / split
-    if not any(folder.glob("*.parquet")):
-        log.info("building the moving-digits %s split (%d clips; once, cached in %s)", split, CLIPS[split], folder)
-        write_dataset(make_clips(split, CLIPS[split], seed, tuple(speeds)), folder, rows_per_shard=2048, row_group_size=64)
+    if folder.is_dir():
+        return folder
+    with cache_lock(folder.parent):
+        if not folder.is_dir():  # nobody built it while this process waited
+            log.info("building the moving-digits %s split (%d clips; once, cached in %s)", split, CLIPS[split], folder)
+            building = folder.with_name(f".{split}.building-{os.getpid()}")
+            shutil.rmtree(building, ignore_errors=True)
+            write_dataset(make_clips(split, CLIPS[split], seed, tuple(speeds)), building, rows_per_shard=2048,
+                          row_group_size=64)
+            building.rename(folder)
     return folder

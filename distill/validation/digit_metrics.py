@@ -24,6 +24,7 @@ carry blurred ones.
 """
 
 import logging
+import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.data.digits import DIRECTIONS, TEXT_DIM, TEXT_LEN, default_cache, ensure_digits
+from distill.data.digits import DIRECTIONS, TEXT_DIM, TEXT_LEN, cache_lock, default_cache, ensure_digits
 from distill.data.parquet import ParquetIndex, ParquetLatents, Shapes
 
 log = logging.getLogger("distill")
@@ -83,21 +84,26 @@ class DigitMetrics:
         folder = Path(cache) if cache else default_cache()
         file = folder / f"digit-classifier-v{CLASSIFIER_VERSION}-seed{seed}.safetensors"
         self.model = DigitClassifier()
-        if file.is_file():
-            from safetensors.torch import load_file
+        if not file.is_file():
+            with cache_lock(folder):  # one process trains it, the others wait and read it
+                if not file.is_file():
+                    self._train_and_save(cache, seed, file)
+        from safetensors.torch import load_file
 
-            state = load_file(str(file))
-            self.real_mu, self.real_sigma = state.pop("real_mu").double().numpy(), state.pop("real_sigma").double().numpy()
-            self.model.load_state_dict(state)
-        else:
-            log.info("training the digit classifier for the demo's metrics (once, cached as %s)", file)
-            self._train(cache, seed)
-            from safetensors.torch import save_file
-
-            state = dict(self.model.state_dict(), real_mu=torch.from_numpy(self.real_mu), real_sigma=torch.from_numpy(self.real_sigma))
-            file.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in state.items()}, str(file))
+        state = load_file(str(file))
+        self.real_mu, self.real_sigma = state.pop("real_mu").double().numpy(), state.pop("real_sigma").double().numpy()
+        self.model.load_state_dict(state)
         self.model.eval()
+
+    def _train_and_save(self, cache, seed: int, file: Path) -> None:
+        from safetensors.torch import save_file
+
+        log.info("training the digit classifier for the demo's metrics (once, cached as %s)", file)
+        self._train(cache, seed)
+        state = dict(self.model.state_dict(), real_mu=torch.from_numpy(self.real_mu), real_sigma=torch.from_numpy(self.real_sigma))
+        partial = file.with_name(f".{file.name}.{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(partial))
+        partial.rename(file)  # whole or absent: a reader never sees half a file
 
     def _train(self, cache, seed: int) -> None:
         clips, labels = real_clips("train", cache, seed)
