@@ -57,13 +57,18 @@ def test_attention_backend_is_set_on_every_role_and_checked_before_the_run(eager
     from conftest import compose_config
     from distill.config import validate
     from distill.distributed import Runtime
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
     from distill.models import build_adapter
     from distill.roles import build_roles
 
+    default = _AttentionBackendRegistry.get_active_backend()[0]
     config = validate(compose_config(["model.attention_backend=_native_math"]))
     roles = build_roles(config, build_adapter(config.model), Runtime())
     backends = {m.processor._attention_backend for r in roles.values() for m in r.module.modules() if hasattr(m, "processor")}
     assert {str(getattr(b, "value", b)) for b in backends} == {"_native_math"}
+    # only the roles': networks built later in this process keep diffusers' default
+    assert _AttentionBackendRegistry.get_active_backend()[0] == default
     math_run, default_run = tmp_path / "math", eager_run
     assert launch(["model.attention_backend=_native_math"], math_run).returncode == 0
     for x, y in zip(read_metrics(default_run), read_metrics(math_run)):

@@ -218,14 +218,20 @@ class FlowMatchingAdapter(ABC):
         raise NotImplementedError(f"{type(self).__name__} has no VAE decoder")
 
     def set_attention_backend(self, module: nn.Module) -> None:
-        """model.attention_backend on every diffusers network in the role (both experts of a pair)."""
+        """model.attention_backend on every diffusers network in the role (both experts of a pair),
+        and nowhere else: diffusers also makes it the process's default for every network built
+        later (a test worker's next runs measured math attention's memory), so that default is
+        put back; each processor of the role names its backend itself."""
         if self.cfg.attention_backend is None:
             return
         from diffusers import ModelMixin
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
+        default = _AttentionBackendRegistry.get_active_backend()[0]
         for network in module.modules():
             if isinstance(network, ModelMixin):
                 network.set_attention_backend(self.cfg.attention_backend)
+        _AttentionBackendRegistry.set_active_backend(default)
 
     def freeze_untrained(self, module: nn.Module) -> nn.Module:
         """Freeze the parts of a trainable role's network the model config keeps as loaded."""
