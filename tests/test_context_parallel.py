@@ -24,10 +24,9 @@ from conftest import assert_bit_identical_runs, read_metrics, run_launch, train_
 # which run diffusers' 0.42 Ulysses all-to-alls and the plan's all-gathers (functional
 # collectives, awaited before use). Corrupting the heap takes native code, and the project
 # has none; a race between those threads is what memcheck, which runs one thread at a
-# time, cannot provoke. So a rank that dies by SIGABRT, SIGBUS or SIGSEGV
-# is run once more; any Python error, or a second crash, fails the test. A crashing rank
-# writes every thread's Python stack into its log (distill/worker.py), so a repeat names
-# the call.
+# time, cannot provoke. So a rank that dies by SIGABRT, SIGBUS or SIGSEGV is run once
+# more; any Python error, or a second crash, fails the test. A crashing rank writes every
+# thread's Python stack into its log (distill/worker.py), so a repeat names the call.
 pytestmark = [pytest.mark.multiprocess,
               pytest.mark.flaky(reruns=1, only_rerun=[r"failed with exit code -(6|7|11)\b"])]
 

@@ -19,7 +19,6 @@ appears complete or not at all (built beside its place, then renamed).
 import contextlib
 import fcntl
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -131,8 +130,8 @@ def ensure_digits(split: str, cache: Optional[str] = None, seed: int = 0, speeds
     with cache_lock(folder.parent):
         if not folder.is_dir():  # nobody built it while this process waited
             log.info("building the moving-digits %s split (%d clips; once, cached in %s)", split, CLIPS[split], folder)
-            building = folder.with_name(f".{split}.building-{os.getpid()}")
-            shutil.rmtree(building, ignore_errors=True)
+            building = folder.with_name(f".{split}.building")  # the lock's holder alone writes it
+            shutil.rmtree(building, ignore_errors=True)  # what an interrupted build left
             write_dataset(make_clips(split, CLIPS[split], seed, tuple(speeds)), building, rows_per_shard=2048,
                           row_group_size=64)
             building.rename(folder)

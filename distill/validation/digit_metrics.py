@@ -24,7 +24,6 @@ carry blurred ones.
 """
 
 import logging
-import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -101,7 +100,7 @@ class DigitMetrics:
         log.info("training the digit classifier for the demo's metrics (once, cached as %s)", file)
         self._train(cache, seed)
         state = dict(self.model.state_dict(), real_mu=torch.from_numpy(self.real_mu), real_sigma=torch.from_numpy(self.real_sigma))
-        partial = file.with_name(f".{file.name}.{os.getpid()}")
+        partial = file.with_name(f".{file.name}.partial")  # the lock's holder alone writes it
         save_file({k: v.contiguous() for k, v in state.items()}, str(partial))
         partial.rename(file)  # whole or absent: a reader never sees half a file
 

@@ -87,8 +87,8 @@ def playing_sheets(pixels: torch.Tensor, captions: Optional[List[str]], per_row:
 def save_gif(pixels: torch.Tensor, path: Path, captions: Optional[List[str]] = None, fps: int = 4, per_row: int = 4,
              limit: int = 16) -> Path:
     """Each sheet quantised to its own 256 colours by the fast octree: Pillow's default for
-    RGB frames (median cut) took 2.1 s for 9 frames of 16 clips at 128x128, the octree
-    0.1 s (benchmarks/validation_media.py)."""
+    RGB frames (median cut) took 2.90 s for 9 frames of 16 clips at 128x128, the octree
+    0.30 s (benchmarks/validation_media.py)."""
     images = [image.quantize(256, method=Image.Quantize.FASTOCTREE)
               for image in playing_sheets(pixels, captions, per_row, limit)]
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
