@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+from omegaconf import OmegaConf
 
 from distill.checkpoint import load_tensors, read_complete
 from distill.config.io import load_config
@@ -91,21 +92,7 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
     sampler = method_class(config.method.name).sampler(config.method, adapter, role)
     stock_schedule = write_stock_parts(out, adapter, cfg, sampler, plan, parts_mode)
     info = {
-        "family": config.model.family,
-        "subfolder": config.model.subfolder,
-        "arch": dict(config.model.arch),
-        "shift": config.model.shift,
-        "latent_shape": list(config.model.latent_shape),
-        "chunk_frames": config.model.chunk_frames if cfg.causal else None,  # block-causal network
-        "text_len": config.model.text_len,
-        "text_dim": config.model.text_dim,
-        "text_encoder": config.model.text_encoder.value,
-        "vae": config.model.vae.value,
-        "image_condition": config.model.image_condition.value,
-        "boundary_ratio": config.model.boundary_ratio,  # two experts: transformer/ and transformer_2/
-        "low_noise_guidance_scale": config.model.low_noise_guidance_scale,
-        "latents_mean": None if config.model.latents_mean is None else list(config.model.latents_mean),
-        "latents_std": None if config.model.latents_std is None else list(config.model.latents_std),
+        **model_keys(config.model, causal=cfg.causal),
         # where the text encoder and VAE are read from (null when the built-in ones serve)
         "model_path": model_folder(config.model),
         "sampler": sampler.to_json(),
@@ -123,7 +110,7 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
 def write_stock_parts(out: Path, adapter, role_cfg, sampler, plan, parts_mode: str) -> bool:
     """The scheduler config, and where the family has them the stock pipeline folder and
     the ComfyUI workflow; True when a plain `set_timesteps(N)` samples the role's sigmas."""
-    stock_schedule = write_scheduler(out / "scheduler", sampler, adapter.cfg.shift)
+    stock_schedule = write_scheduler(out / "scheduler", sampler, adapter)
     few_step = not isinstance(sampler, EulerSampler)
     if plan is not None:
         write_pipeline(out, plan, parts_mode)
@@ -138,11 +125,21 @@ def write_stock_parts(out: Path, adapter, role_cfg, sampler, plan, parts_mode: s
     return stock_schedule
 
 
+def model_keys(model, causal: bool) -> dict:
+    """Every model.* key but the path, as plain values (the family's own keys too, e.g.
+    Wan's boundary_ratio and image_condition): what `distill.sample` rebuilds the model from."""
+    keys = OmegaConf.to_container(OmegaConf.structured(model), resolve=True, enum_to_str=True)
+    keys.pop("path")
+    if not causal:
+        keys["chunk_frames"] = None  # only a block-causal network generates chunk by chunk
+    return keys
+
+
 def model_folder(model) -> str:
     """The pipeline folder sampling reads the text encoder and VAE from, or None
     when neither is needed (hash text encoder, identity VAE): no machine paths
     in what may be shipped."""
-    if model.text_encoder.value == "hash" and model.vae.value == "identity":
+    if model.text_encoder == "hash" and model.vae == "identity":
         return None
     return model.path
 

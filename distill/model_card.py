@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from distill.registry import family_class
 from distill.stock_scheduler import override_snippet
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def card_text(config, role, sampler, pipeline, stock_schedule, causal, run_dir) 
     deterministic = getattr(sampler, "deterministic", False)
     step = ("moves to the next sigma by the flow ODE's Euler step (deterministic)" if deterministic else
             "re-noises it to the next sigma")
-    tag = "image-to-video" if model.image_condition.value != "none" else "text-to-video"
+    tag = family_class(model.family).task(model)
     front = ["---", "library_name: diffusers"] + ([f"base_model: {base}"] if base else []) + [
         f"pipeline_tag: {tag}", "tags:", "- distillation", "- few-step", f"- {method.name}", f"- {model.family}", "---"]
     listed = ", ".join(f"{s:.6g}" for s in sigmas)

@@ -27,32 +27,38 @@ class ExportError(ValueError):
     """An export that cannot be written; the message names the missing part."""
 
 
-def write_scheduler(folder: Path, sampler: Sampler, shift: float) -> bool:
+def write_scheduler(folder: Path, sampler: Sampler, adapter) -> bool:
     """The role's scheduler config, only keys diffusers knows (the sigmas themselves are in
-    distill.json); True when a stock `set_timesteps(N)` samples them."""
+    distill.json); True when the family's stock pipeline samples them unchanged."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    stock_pipeline = adapter.stock_pipeline()
+    grid = stock_pipeline.sigma_grid if stock_pipeline else "train_min"
     if isinstance(sampler, EulerSampler):  # the base model's own sampler: its shift, deterministic steps
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **adapter.euler_scheduler())
         stock = False
     else:
         stochastic = not getattr(sampler, "deterministic", False)  # re-noise, or step the ODE
-        fitted = scheduler_config(list(sampler.sigmas), stochastic=stochastic)
+        fitted = scheduler_config(list(sampler.sigmas), stochastic=stochastic, grid=grid)
         stock = fitted is not None
         # not representable: shift 1 leaves sigmas given by hand as they are (the card's override)
         scheduler = FlowMatchEulerDiscreteScheduler(**(fitted or {"shift": 1.0, "stochastic_sampling": stochastic}))
     scheduler.save_config(folder)
     if stock:
-        check_scheduler(folder, list(sampler.sigmas))
+        check_scheduler(folder, list(sampler.sigmas), grid)
     return stock
 
 
-def check_scheduler(folder: Path, sigmas: List[float]) -> None:
+def check_scheduler(folder: Path, sigmas: List[float], grid: str = "train_min") -> None:
     """Build the scheduler from the written file, as a pipeline would, and compare."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder)
-    scheduler.set_timesteps(len(sigmas))
+    if grid == "inverse_steps":  # as QwenImagePipeline calls it
+        n = len(sigmas)
+        scheduler.set_timesteps(sigmas=[1 - i / n for i in range(n)])
+    else:
+        scheduler.set_timesteps(len(sigmas))
     got = scheduler.sigmas[:-1].tolist()
     if max(abs(a - b) for a, b in zip(got, sigmas)) > TOLERANCE:
         raise ExportError(f"{folder}: set_timesteps({len(sigmas)}) gives sigmas {got}, not the role's {sigmas}")

@@ -140,10 +140,10 @@ def preprocess(args) -> Counter:
     mine = [row for i, row in enumerate(items) if i % world_size == rank and row["file_name"] not in done]
     counts = Counter(already_done=sum(row["file_name"] in done for row in items[rank::world_size]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from distill.config.schema import ModelConfig
     from distill.models import build_adapter
+    from distill.registry import family_class
 
-    adapter = build_adapter(ModelConfig(family=args.family, path=str(args.model)))
+    adapter = build_adapter(family_class(args.family).config_class(path=str(args.model)))
     encoders = adapter.encoders(Path(args.model), args.text_only, args.max_text_len, device, image=args.task == "i2v")
     if rank == 0:
         prompt = adapter.default_negative_prompt if args.negative_prompt is None else args.negative_prompt

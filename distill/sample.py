@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from distill.config.schema import ModelConfig, RoleConfig, TextEncoderKind, VaeKind
+from distill.config.schema import RoleConfig
 from distill.models import build_adapter
+from distill.registry import family_class
 from distill.roles import Role
 from distill.sampling import EulerSampler, Sampler
 
@@ -40,27 +42,12 @@ def load_exported(folder: Path, lora: bool = False, base=None, model: Optional[s
     (distill.json's, or `base`) with the exported adapters added. The adapter reads
     its text encoder and VAE from `model` (default: the folder recorded at export)."""
     info = json.loads((folder / "distill.json").read_text())
-    if info.get("image_condition", "none") != "none":
-        raise ValueError(f"{folder} is an image-to-video role (model.image_condition={info['image_condition']}): "
-                         "this command samples from prompts only; load its transformer into diffusers' "
-                         "WanImageToVideoPipeline")
-    cfg = ModelConfig(
-        family=info["family"],
-        path=model or info.get("model_path"),
-        subfolder=info.get("subfolder", "transformer"),
-        arch=info.get("arch", {}),
-        shift=info["shift"],
-        latent_shape=info["latent_shape"],
-        chunk_frames=info.get("chunk_frames"),
-        boundary_ratio=info.get("boundary_ratio"),
-        low_noise_guidance_scale=info.get("low_noise_guidance_scale"),
-        text_len=info["text_len"],
-        text_dim=info["text_dim"],
-        latents_mean=info.get("latents_mean"),
-        latents_std=info.get("latents_std"),
-        vae=VaeKind(info.get("vae", "identity")),
-        text_encoder=TextEncoderKind(info.get("text_encoder", "hash")),
-    )
+    cfg = exported_model(info, model)
+    condition = family_class(cfg.family).batch_condition(cfg)
+    if condition != "none":
+        raise ValueError(f"{folder} is an image-to-video role (model.image_condition={condition}): "
+                         "this command samples from prompts only; load its transformer into the family's "
+                         "image-to-video pipeline")
     adapter = build_adapter(cfg)
     if lora:
         if not info.get("lora"):
@@ -72,6 +59,17 @@ def load_exported(folder: Path, lora: bool = False, base=None, model: Optional[s
     if info.get("chunk_frames"):
         module = adapter.make_causal(module)  # generated chunk by chunk over its KV cache
     return adapter, Role("sampler", RoleConfig(), module.eval().requires_grad_(False)), Sampler.from_json(info["sampler"])
+
+
+def exported_model(info: dict, model: Optional[str]):
+    """The model config an export's distill.json records: its family's config class with
+    the keys that class has (exports from before a key existed take its default)."""
+    schema = OmegaConf.structured(family_class(info["family"]).config_class)
+    known = {k: v for k, v in info.items() if k in schema and k != "path"}
+    known.setdefault("vae", "identity")  # the oldest exports name neither: the built-in ones
+    known.setdefault("text_encoder", "hash")
+    node = OmegaConf.merge(schema, known, {"path": model or info.get("model_path")})
+    return OmegaConf.to_object(node)
 
 
 def with_steps(sampler: Sampler, adapter, steps: Optional[int]) -> Sampler:
@@ -140,7 +138,7 @@ def main(argv=None) -> int:
             text = adapter.encode_prompts(prompts)
             negative = args.negative_prompt
             if negative is None:  # the family's default goes with the family's encoder; the demo trained on zeros
-                negative = adapter.default_negative_prompt if adapter.cfg.text_encoder == TextEncoderKind.family else ""
+                negative = adapter.default_negative_prompt if adapter.cfg.text_encoder == "family" else ""
             uncond = adapter.encode_prompts([negative] * len(prompts)) if negative else torch.zeros_like(text)
         else:
             loaded = load_file(str(args.text_embeds))["text_embeds"].float()

@@ -24,11 +24,16 @@ TOLERANCE = 1e-5  # largest |sigma| difference accepted: the timesteps the netwo
 
 
 def stretched_sigmas(num_steps: int, shift: float, shift_terminal: Optional[float],
-                     train_steps: int = 1000) -> List[float]:
-    """The sigmas `set_timesteps(num_steps)` gives for this shift and terminal (the formula above)."""
+                     train_steps: int = 1000, grid: str = "train_min") -> List[float]:
+    """The sigmas `set_timesteps(num_steps)` gives for this shift and terminal (the formula
+    above); with grid inverse_steps, those of `set_timesteps(sigmas=linspace(1, 1/N, N))`,
+    which QwenImagePipeline passes (u_i = 1 - i/N in place of the first line)."""
     m = 1.0 / train_steps
     sigma_min = shift * m / (1 + (shift - 1) * m)
-    u = [1.0 + (sigma_min - 1.0) * i / (num_steps - 1) for i in range(num_steps)] if num_steps > 1 else [1.0]
+    if grid == "inverse_steps":
+        u = [1.0 - i / num_steps for i in range(num_steps)]
+    else:
+        u = [1.0 + (sigma_min - 1.0) * i / (num_steps - 1) for i in range(num_steps)] if num_steps > 1 else [1.0]
     w = [shift * x / (1 + (shift - 1) * x) for x in u]
     if not shift_terminal:
         return w
@@ -36,7 +41,7 @@ def stretched_sigmas(num_steps: int, shift: float, shift_terminal: Optional[floa
     return [1 - (1 - x) / scale for x in w]
 
 
-def fit(sigmas: List[float], train_steps: int = 1000) -> Optional[Dict[str, float]]:
+def fit(sigmas: List[float], train_steps: int = 1000, grid: str = "train_min") -> Optional[Dict[str, float]]:
     """{'shift', 'shift_terminal'} whose `set_timesteps(len(sigmas))` gives `sigmas`
     within TOLERANCE, or None when no such pair exists."""
     n = len(sigmas)
@@ -47,18 +52,18 @@ def fit(sigmas: List[float], train_steps: int = 1000) -> Optional[Dict[str, floa
     terminal = float(sigmas[-1])
     if not 0 < terminal < 1:
         return None
-    for shift in [1.0] if n == 2 else _shifts_through(sigmas[1], n, terminal, train_steps):
-        got = stretched_sigmas(n, shift, terminal, train_steps)
+    for shift in [1.0] if n == 2 else _shifts_through(sigmas[1], n, terminal, train_steps, grid):
+        got = stretched_sigmas(n, shift, terminal, train_steps, grid)
         if max(abs(a - b) for a, b in zip(got, sigmas)) <= TOLERANCE:
             return {"shift": shift, "shift_terminal": terminal}
     return None
 
 
-def _shifts_through(target: float, n: int, terminal: float, train_steps: int) -> List[float]:
+def _shifts_through(target: float, n: int, terminal: float, train_steps: int, grid: str) -> List[float]:
     """Every shift in [1e-3, 1e3] that puts the second sigma on `target`. The second
     sigma is not monotone in the shift over that whole range (a large shift raises
     sigma_min too), so scan a log grid for sign changes and bisect each."""
-    second = lambda log_s: stretched_sigmas(n, math.exp(log_s), terminal, train_steps)[1] - target
+    second = lambda log_s: stretched_sigmas(n, math.exp(log_s), terminal, train_steps, grid)[1] - target
     grid = [math.log(1e-3) + i * math.log(1e6) / 600 for i in range(601)]
     found = []
     for lo, hi in zip(grid, grid[1:]):
@@ -77,10 +82,11 @@ def _shifts_through(target: float, n: int, terminal: float, train_steps: int) ->
     return found
 
 
-def scheduler_config(sigmas: List[float], train_steps: int = 1000, stochastic: bool = True) -> Optional[Dict]:
-    """The FlowMatchEulerDiscreteScheduler config that samples `sigmas` from a plain
-    `set_timesteps(len(sigmas))`, or None when the list is not representable."""
-    fitted = fit(sigmas, train_steps)
+def scheduler_config(sigmas: List[float], train_steps: int = 1000, stochastic: bool = True,
+                     grid: str = "train_min") -> Optional[Dict]:
+    """The FlowMatchEulerDiscreteScheduler config that samples `sigmas` from the pipeline's
+    `set_timesteps` call (see `stretched_sigmas`), or None when the list is not representable."""
+    fitted = fit(sigmas, train_steps, grid)
     if fitted is None:
         return None
     return {"num_train_timesteps": train_steps, "shift": fitted["shift"], "shift_terminal": fitted["shift_terminal"],

@@ -1,6 +1,7 @@
 """A model adapter for stand-in networks whose outputs are known by hand."""
 
 from distill.models.flow_matching import FlowMatchingAdapter
+from distill.models.wan import WanAdapter
 
 
 class StandInAdapter(FlowMatchingAdapter):
@@ -23,3 +24,12 @@ class StandInAdapter(FlowMatchingAdapter):
 
     def save(self, module, folder):
         raise NotImplementedError("stand-in networks are not exported")
+
+
+class StandInWan(StandInAdapter):
+    """The stand-in with Wan's conventions for a WanConfig: the first frame held clean,
+    each expert's guidance scale, the image conditioning read from a batch."""
+
+    held_velocity = WanAdapter.held_velocity
+    guidance = WanAdapter.guidance
+    conditioning = WanAdapter.conditioning

@@ -10,10 +10,11 @@ from torch import nn
 
 from conftest import (assert_bit_identical_runs, assert_runs_match, compose_config, exported_weights, read_metrics,
                       run_launch)
-from distill.config.schema import ModelConfig, RoleConfig
+from distill.config.schema import RoleConfig
+from distill.models.wan_config import WanConfig
 from distill.models.experts import ExpertPair
 from distill.roles import Role
-from standins import StandInAdapter
+from standins import StandInWan
 
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
             text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
@@ -48,7 +49,7 @@ def test_each_sample_goes_to_the_expert_of_its_timestep():
 
 
 def test_cfg_uses_each_experts_scale():
-    adapter = StandInAdapter(ModelConfig(latent_shape=[1, 1, 1, 1], boundary_ratio=0.5, low_noise_guidance_scale=2.0))
+    adapter = StandInWan(WanConfig(latent_shape=[1, 1, 1, 1], boundary_ratio=0.5, low_noise_guidance_scale=2.0))
 
     class TextEcho(nn.Module):  # velocity = the text's mean: cond 1, uncond 0
         def forward(self, x_t, timestep, text):

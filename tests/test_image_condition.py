@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from distill.config.schema import ImageCondition, ModelConfig, RoleConfig
+from distill.config.schema import RoleConfig
+from distill.models.wan_config import ImageCondition, WanConfig
 from distill.roles import Role
 from distill.sampling import EulerSampler, FewStepSampler
-from standins import StandInAdapter
+from standins import StandInWan
 
 
 class Affine(nn.Module):
@@ -24,7 +25,7 @@ class Affine(nn.Module):
 
 
 def stand_in(frames=2):
-    return StandInAdapter(ModelConfig(latent_shape=[1, frames, 1, 1], image_condition=ImageCondition.first_frame))
+    return StandInWan(WanConfig(latent_shape=[1, frames, 1, 1], image_condition=ImageCondition.first_frame))
 
 
 def test_first_frame_velocity_takes_x_t_to_the_image():
@@ -75,7 +76,7 @@ def test_wan_forward_gives_the_network_what_diffusers_ti2v_pipeline_gives_it():
     from distill.models.wan import WanAdapter
 
     module = tiny_ti2v()
-    adapter = WanAdapter(ModelConfig(latent_shape=[48, 3, 4, 4], text_dim=16, text_len=4,
+    adapter = WanAdapter(WanConfig(latent_shape=[48, 3, 4, 4], text_dim=16, text_len=4,
                                      image_condition=ImageCondition.first_frame))
     g = torch.Generator().manual_seed(1)
     latents = torch.randn((2, 48, 3, 4, 4), generator=g)

@@ -5,7 +5,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config.schema import Config
-from distill.registry import load_entries, method_class
+from distill.registry import family_class, load_entries, method_class
 
 
 def config_text(config: Config) -> str:
@@ -25,6 +25,8 @@ def load_config_node(path: Path) -> DictConfig:
             role.activation_checkpointing = "full" if role.activation_checkpointing else "none"
     schema = OmegaConf.structured(Config)
     schema.method = OmegaConf.structured(method_class(raw.method.name).config_class)
+    # the family's own keys (configs saved before families owned them name the same keys)
+    schema.model = OmegaConf.structured(family_class(raw.model.get("family", "wan")).config_class)
     return OmegaConf.merge(schema, raw)
 
 

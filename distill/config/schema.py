@@ -17,30 +17,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 
-class TextEncoderKind(str, Enum):
-    family = "family"  # the model family's own, from <model.path> (umT5 for Wan)
-    hash = "hash"  # distill/data/hash_text.py: word vectors, no weights (the demo and tiny models)
-
-
 class PartsMode(str, Enum):
     link = "link"  # symbolic links to the model folder's parts (a copy where links fail)
     copy = "copy"  # a self-contained folder to ship
-
-
-class VaeKind(str, Enum):
-    wan = "wan"  # AutoencoderKLWan from <model.path>/vae
-    identity = "identity"  # the latents are the pixels (the digits demo)
-
-
-class ImageCondition(str, Enum):
-    none = "none"  # text-to-video
-    # image-to-video as Wan2.2-TI2V-5B does it (diffusers' `expand_timesteps`): the
-    # first latent frame is the clean image latent, its tokens at timestep 0
-    first_frame = "first_frame"
-    # image-to-video as Wan2.1-I2V-14B does it: the latent of the image followed by
-    # black frames and a first-frame mask concatenated to the input on channels,
-    # and the image's CLIP embeddings through the transformer's image projection
-    concat = "concat"
 
 
 class Precision(str, Enum):
@@ -58,43 +37,39 @@ class SchedulerName(str, Enum):
 
 @dataclass
 class ModelConfig:
-    family: str = "wan"  # the registered model family (distill/models) that serves it
+    """What every model family has. A family's own keys live in its config class
+    (a subclass, beside its adapter in distill/models/, e.g. WanConfig), which a
+    model YAML names first in its defaults (`/schema/model@_here_: wan`)."""
+
+    family: str = MISSING  # the registered model family (distill/models) that serves it
     # A diffusers pipeline folder (or a Hugging Face repo id already in the local
     # cache); the transformer is read from `<path>/<subfolder>`. null builds
     # `arch` with random weights (tiny models for CPU runs and tests).
     path: Optional[str] = None
     subfolder: str = "transformer"
     arch: Dict[str, Any] = field(default_factory=dict)
-    shift: float = 3.0  # flow shift: sigma' = s*sigma / (1 + (s-1)*sigma)
-    latent_shape: List[int] = field(default_factory=lambda: [16, 21, 60, 104])  # C, T, H, W
+    shift: float = 1.0  # flow shift: sigma' = s*sigma / (1 + (s-1)*sigma)
+    latent_shape: List[int] = field(default_factory=lambda: [1, 1, 1, 1])  # C, T, H, W (an image: T = 1)
     # latent frames per chunk of a block-causal role (roles.<r>.causal): the
-    # autoregressive student of CausVid / Self-Forcing; null: no chunking
+    # autoregressive student of CausVid / Self-Forcing; null: no chunking.
+    # Families without a block-causal variant refuse causal roles.
     chunk_frames: Optional[int] = None
-    text_len: int = 512
-    text_dim: int = 4096
-    # two experts by noise level (Wan2.2 A14B): <path>/transformer serves timesteps
-    # t >= boundary_ratio * 1000, <path>/transformer_2 those below (diffusers'
-    # boundary_ratio); every role is such a pair. null: one network
-    boundary_ratio: Optional[float] = None
-    trained_experts: List[str] = field(default_factory=lambda: ["high", "low"])  # of a trainable role; the other stays frozen, unsaved
-    # classifier-free guidance of the low-noise expert (the pipeline's guidance_scale_2);
-    # null: the method's guidance_scale, which the high-noise expert uses
-    low_noise_guidance_scale: Optional[float] = None
-    # how a video is conditioned on an image (its first frame); the batch then
-    # carries the image's latent (first_frame: `first_frame` [C, 1, H, W]; concat:
-    # `image_latent` [C, T, H, W], in model space) and for concat its CLIP
-    # embeddings (`image_embeds` [tokens, D])
-    image_condition: ImageCondition = ImageCondition.none
+    text_len: int = 8  # text tokens the data pads (or cuts) each prompt's embedding to
+    text_dim: int = 32  # width of the text encoder's embeddings
     # per-channel statistics of the VAE's latents: data latents are
     # normalised as (x - mean) / std before training; null: used as stored
     latents_mean: Optional[List[float]] = None
     latents_std: Optional[List[float]] = None
-    vae: VaeKind = VaeKind.wan  # how samples are decoded to pixels
+    # how samples are decoded to pixels: a name the family defines for its own VAE
+    # (its `vaes`), or identity (the latents are the pixels: the digits demo)
+    vae: str = "identity"
+    # how prompts are encoded when sampling by prompt: family (the family's own text
+    # encoder, from model.path) or hash (distill/data/hash_text.py: word vectors, no weights)
+    text_encoder: str = "hash"
     # diffusers' attention backend for every role (native, _native_cudnn, _native_flash,
     # flash, sage, ...: diffusers.models.attention_dispatch.AttentionBackendName);
     # null: diffusers' default (PyTorch SDPA, which picks its kernel itself)
     attention_backend: Optional[str] = None
-    text_encoder: TextEncoderKind = TextEncoderKind.family  # how prompts are encoded when sampling by prompt
 
 
 @dataclass
@@ -361,14 +336,15 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    cs.store(group="schema/model", name="model", node=ModelConfig)
     cs.store(group="schema/role", name="role", node=RoleConfig)
     cs.store(group="schema/training", name="training", node=TrainingConfig)
     cs.store(group="schema/data", name="data", node=DataConfig)
     cs.store(group="schema/launcher", name="launcher", node=LauncherConfig)
     cs.store(group="schema/logger", name="logger", node=LoggerConfig)
-    from distill.registry import METHODS, load_entries
+    from distill.registry import FAMILIES, METHODS, load_entries
 
     load_entries()
     for name, method in METHODS.items():
         cs.store(group="schema/method", name=name, node=method.config_class)
+    for name, family in FAMILIES.items():
+        cs.store(group="schema/model", name=name, node=family.config_class)

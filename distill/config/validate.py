@@ -33,6 +33,12 @@ def validate(cfg: DictConfig) -> Config:
         family = family_class(OmegaConf.select(cfg, "model.family"))
     except KeyError as err:
         raise ConfigError(err.args[0]) from None
+    schema = OmegaConf.get_type(cfg.model)
+    if schema is not family.config_class:
+        raise ConfigError(
+            f"model.family={family.family}: the model section was composed from {schema.__name__}, not "
+            f"{family.config_class.__name__}; a model YAML names its family's keys first "
+            f"(defaults: [/schema/model@_here_: {family.family}, _self_])")
     try:
         config: Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
@@ -43,6 +49,7 @@ def validate(cfg: DictConfig) -> Config:
         + _check_training(config)
         + _check_ranges(config)
         + _check_attention_backend(config.model.attention_backend)
+        + _check_codecs(config.model, family)
         + _check_parallel(config, family)
         + _derive_accumulation(config)
         + _check_data(config, method)
@@ -355,6 +362,19 @@ def _derive_accumulation(config: Config) -> List[str]:
     return []
 
 
+TEXT_ENCODERS = ("family", "hash")
+
+
+def _check_codecs(model, family) -> List[str]:
+    """model.vae among the family's names; model.text_encoder family or hash."""
+    errors = []
+    if model.vae not in family.vaes:
+        errors.append(f"model.vae={model.vae}: model.family={family.family} decodes with {', '.join(family.vaes)}")
+    if model.text_encoder not in TEXT_ENCODERS:
+        errors.append(f"model.text_encoder={model.text_encoder}: one of {', '.join(TEXT_ENCODERS)}")
+    return errors
+
+
 def _check_parallel(config: Config, family) -> List[str]:
     p = config.parallel
     world = world_size(config.launcher)
@@ -367,10 +387,6 @@ def _check_parallel(config: Config, family) -> List[str]:
     if p.context != 1 and not family.supports_context_parallel:
         errors.append(f"parallel.context={p.context}: model.family={family.family} has no context parallelism "
                       "(allowed: 1)")
-    image = config.model.image_condition.value
-    if image not in family.image_conditions:
-        errors.append(f"model.image_condition={image}: model.family={family.family} takes "
-                      f"{', '.join(family.image_conditions)}")
     fixed = p.replicate * p.context * (p.shard if p.shard > 0 else 1)
     if world % fixed or (p.shard > 0 and fixed != world):
         errors.append(

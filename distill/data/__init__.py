@@ -22,7 +22,8 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
         raise DataError(f"data={data.name.value}: method {config.method.name} trains on ODE pairs: data=parquet "
                         "data.path=<a folder python -m distill.ode_pairs wrote>")
     if data.name == "synthetic":
-        return SyntheticLatents(model, data, seed=config.seed, rank=rank, world_size=world_size)
+        return SyntheticLatents(model, data, seed=config.seed, rank=rank, world_size=world_size,
+                                image_condition=image_condition(model))
     if data.name == "digits":
         from distill.data.digits import ensure_digits
 
@@ -36,7 +37,7 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
     else:
         path = data.path
     shapes = Shapes(None if data.text_only or ode else tuple(model.latent_shape), model.text_len, model.text_dim,
-                    ode=tuple(model.latent_shape) if ode else None, image_condition=model.image_condition.value,
+                    ode=tuple(model.latent_shape) if ode else None, image_condition=image_condition(model),
                     image_latent=tuple(model.latent_shape))
     dataset = ParquetLatents(
         ParquetIndex(str(path), shapes),
@@ -51,6 +52,14 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
         shuffle_window=data.shuffle_window,
     )
     return StatefulLoader(dataset, num_workers=data.num_workers, pin_memory=device_type == "cuda")
+
+
+def image_condition(model) -> str:
+    """The image-conditioning columns the model family reads for this config (none,
+    first_frame or concat): the family says, the data layer only reads columns."""
+    from distill.registry import family_class
+
+    return family_class(model.family).batch_condition(model)
 
 
 def _tensor_or_none(values):

@@ -12,18 +12,18 @@ import torch
 
 
 class SyntheticLatents:
-    def __init__(self, model_cfg, data_cfg, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, model_cfg, data_cfg, seed: int, rank: int = 0, world_size: int = 1, image_condition: str = "none"):
         g = torch.Generator().manual_seed(seed + 7)
         n = data_cfg.num_samples
         self.latents = torch.randn((n, *model_cfg.latent_shape), generator=g)
         self.text = torch.randn((n, model_cfg.text_len, model_cfg.text_dim), generator=g)
         self.negative_text = torch.zeros((model_cfg.text_len, model_cfg.text_dim))
-        if model_cfg.image_condition.value == "concat":
+        if image_condition == "concat":
             from distill.data.parquet import DataError
 
             raise DataError("data=synthetic has no image embeddings for model.image_condition=concat: use data=parquet "
                             "(python -m distill.preprocess --task i2v writes them)")
-        self.image_conditioned = model_cfg.image_condition.value == "first_frame"
+        self.image_conditioned = image_condition == "first_frame"
         self.batch_size = data_cfg.batch_size
         self.position = rank * self.batch_size
         self.stride = world_size * self.batch_size

@@ -24,8 +24,6 @@ import torch
 from torch import nn
 
 from distill.config.schema import ModelConfig
-from distill.models import image_condition
-from distill.models.experts import high_noise
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -48,13 +46,17 @@ class StockPipeline:
     parts: Tuple[str, ...]  # folders of the model folder it cannot run without (text encoder, VAE, ...)
     optional_parts: Tuple[str, ...] = ()  # linked when the model folder has them, else null
     config: Dict = field(default_factory=dict)  # the pipeline's own config entries (boundary_ratio, ...)
+    # the points the pipeline asks its scheduler to shift: train_min, `set_timesteps(N)`'s own
+    # linspace(1, sigma_min, N) (Wan); inverse_steps, linspace(1, 1/N, N) passed as sigmas (Qwen-Image)
+    sigma_grid: str = "train_min"
 
 
 class FlowMatchingAdapter(ABC):
     family: ClassVar[str]  # the model.family value that selects this adapter
+    config_class: ClassVar[type] = ModelConfig  # its model.* keys: ModelConfig and the family's own
+    vaes: ClassVar[Tuple[str, ...]] = ("identity",)  # the model.vae names it decodes with
     default_negative_prompt: ClassVar[str] = ""  # what preprocessing encodes as the negative prompt
     supports_context_parallel: ClassVar[bool] = False  # parallel.context > 1 is allowed
-    image_conditions: ClassVar[Tuple[str, ...]] = ("none",)  # model.image_condition values its forward takes
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -94,9 +96,11 @@ class FlowMatchingAdapter(ABC):
         """The role's velocity prediction, in float32."""
         with role.compute():
             v = self.forward(role.module, x_t, self.timestep(sigma), text, **cond)
-        if self.cfg.image_condition.value == "first_frame":  # the first frame's x0 is the image latent
-            return image_condition.first_frame_velocity(v.float(), x_t, cond[image_condition.KEY], sigma)
-        return v.float()
+        return self.held_velocity(v.float(), x_t, sigma, cond)
+
+    def held_velocity(self, v: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+        """The velocity with what the conditioning holds fixed put back (e.g. a clean first frame)."""
+        return v
 
     def predict_with_features(self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
                               blocks: List[int], **cond) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -108,7 +112,7 @@ class FlowMatchingAdapter(ABC):
 
         def keeper(k):
             def keep(module, args, output):
-                caught.setdefault(k, output[0] if isinstance(output, tuple) else output)
+                caught.setdefault(k, self.block_tokens(output))
             return keep
 
         hooks = [block.register_forward_hook(keeper(k)) for k, block in enumerate(chosen)]
@@ -129,31 +133,35 @@ class FlowMatchingAdapter(ABC):
         self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor, scale: float,
         **cond,
     ) -> torch.Tensor:
-        """Guided x0 = uncond + scale * (cond - uncond), both halves in one batch; with two
-        experts and model.low_noise_guidance_scale, the low-noise expert's samples use that."""
+        """Guided x0 = uncond + scale * (cond - uncond), both halves in one batch; the scale
+        of each sample is the family's `guidance` (Wan's two experts have one each)."""
         doubled = {k: torch.cat([v, v]) for k, v in cond.items()}
         x0 = self.predict_x0(role, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([text, uncond]), **doubled)
         cond_x0, unc = x0.chunk(2)
         return unc + self.guidance(sigma, scale, like=unc) * (cond_x0 - unc)
 
     def guidance(self, sigma: torch.Tensor, scale: float, like: torch.Tensor):
-        """The CFG scale of each sample: `scale`, or the low-noise expert's below the boundary."""
-        low = self.cfg.low_noise_guidance_scale
-        if self.cfg.boundary_ratio is None or low is None:
-            return scale
-        high = high_noise(self.timestep(sigma), self.cfg.boundary_ratio * NUM_TRAIN_TIMESTEPS)
-        per_sample = torch.where(high, scale, low)
-        return per_sample.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+        """The CFG scale of each sample (a float, or a tensor broadcasting over `like`)."""
+        return scale
 
     def conditioning(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The extra forward inputs taken from a batch: none for text-to-video; the
-        image latent for first-frame image-to-video (distill/models/image_condition.py)."""
-        mode = self.cfg.image_condition.value
-        if mode == "first_frame":
-            return {image_condition.KEY: batch[image_condition.KEY]}
-        if mode == "concat":
-            return {k: batch[k] for k in (image_condition.IMAGE_LATENT, image_condition.IMAGE_EMBEDS)}
+        """The extra forward inputs taken from a batch (none for text-to-video)."""
         return {}
+
+    @classmethod
+    def task(cls, model) -> str:
+        """The Hugging Face pipeline tag of an export of this model config."""
+        return "text-to-video"
+
+    @classmethod
+    def batch_condition(cls, model) -> str:
+        """Which image-conditioning columns the data carries for this model config:
+        none, first_frame (the image's latent) or concat (image latent and embeddings)."""
+        return "none"
+
+    def block_tokens(self, output) -> torch.Tensor:
+        """A block's output tokens [B, tokens, D] (the features heads read) from what it returns."""
+        return output[0] if isinstance(output, tuple) else output
 
     def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
         """The model's latents back to the VAE's (the data loader applied (x - mean) / std)."""
@@ -170,13 +178,13 @@ class FlowMatchingAdapter(ABC):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents [N, C, T, H, W] -> pixels in [-1, 1]."""
-        if self.cfg.vae.value == "identity":
+        if self.cfg.vae == "identity":
             return latents.float()
         return self.decode_with_vae(self.denormalise(latents.float()))
 
     def encode_prompts(self, prompts: List[str], device: torch.device = torch.device("cpu")) -> torch.Tensor:
         """Prompts -> text embeddings [N, text_len, text_dim], zero-padded as the data loader pads them."""
-        if self.cfg.text_encoder.value == "hash":
+        if self.cfg.text_encoder == "hash":
             from distill.data.hash_text import HashTextEncoder
 
             texts = HashTextEncoder(self.cfg.text_dim, self.cfg.text_len).batch(prompts)
@@ -323,6 +331,10 @@ class FlowMatchingAdapter(ABC):
         network `network_file` at `sigmas` (re-noising, or by Euler steps when
         `deterministic`), or None where the family has none."""
         return None
+
+    def euler_scheduler(self) -> Dict:
+        """FlowMatchEulerDiscreteScheduler keys that sample the base model's ODE as its pipeline does."""
+        return {"shift": self.shift}
 
     def stock_pipeline(self) -> Optional[StockPipeline]:
         """The stock diffusers pipeline that samples this family's exported student from

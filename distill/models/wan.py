@@ -9,9 +9,9 @@ from torch import nn
 
 from distill.models import context_parallel, image_condition
 from distill.models.causal_wan import KVCache, frame_timesteps, kv_cache, make_causal
-from distill.models.experts import ExpertPair
-from distill.config.schema import TextEncoderKind, VaeKind
-from distill.models.flow_matching import FlowMatchingAdapter, StockPipeline
+from distill.models.experts import ExpertPair, high_noise
+from distill.models.flow_matching import NUM_TRAIN_TIMESTEPS, FlowMatchingAdapter, StockPipeline
+from distill.models.wan_config import WanConfig
 from distill.models.folders import read_component_config, resolve_model_folder
 from distill.models.wan_original import comfy_lora, to_original
 from distill.registry import register_family
@@ -74,9 +74,42 @@ WAN_NEGATIVE_PROMPT = (
 @register_family
 class WanAdapter(FlowMatchingAdapter):
     family = "wan"
+    config_class = WanConfig
+    vaes = ("wan", "identity")
     default_negative_prompt = WAN_NEGATIVE_PROMPT
     supports_context_parallel = True
-    image_conditions = ("none", "first_frame", "concat")
+
+    def held_velocity(self, v: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+        if self.cfg.image_condition.value == "first_frame":  # the first frame's x0 is the image latent
+            return image_condition.first_frame_velocity(v, x_t, cond[image_condition.KEY], sigma)
+        return v
+
+    def guidance(self, sigma: torch.Tensor, scale: float, like: torch.Tensor):
+        """`scale`, or with two experts model.low_noise_guidance_scale below the boundary."""
+        low = self.cfg.low_noise_guidance_scale
+        if self.cfg.boundary_ratio is None or low is None:
+            return scale
+        high = high_noise(self.timestep(sigma), self.cfg.boundary_ratio * NUM_TRAIN_TIMESTEPS)
+        per_sample = torch.where(high, scale, low)
+        return per_sample.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+    def conditioning(self, batch):
+        """The image latent for first-frame image-to-video; the image latent and its CLIP
+        embeddings for concat (distill/models/image_condition.py)."""
+        mode = self.cfg.image_condition.value
+        if mode == "first_frame":
+            return {image_condition.KEY: batch[image_condition.KEY]}
+        if mode == "concat":
+            return {k: batch[k] for k in (image_condition.IMAGE_LATENT, image_condition.IMAGE_EMBEDS)}
+        return {}
+
+    @classmethod
+    def batch_condition(cls, model) -> str:
+        return model.image_condition.value
+
+    @classmethod
+    def task(cls, model) -> str:
+        return "text-to-video" if model.image_condition.value == "none" else "image-to-video"
 
     @property
     def model_class(self):
@@ -210,7 +243,7 @@ class WanAdapter(FlowMatchingAdapter):
         """WanPipeline, or WanImageToVideoPipeline for image conditioning (with Wan2.1 I2V's
         CLIP encoder where the folder has one); both networks for two experts. None for
         the hash-text, identity-VAE models (the digits demo, tiny plumbing)."""
-        if self.cfg.vae != VaeKind.wan or self.cfg.text_encoder != TextEncoderKind.family:
+        if self.cfg.vae != "wan" or self.cfg.text_encoder != "family":
             return None
         condition = self.cfg.image_condition.value
         return StockPipeline(

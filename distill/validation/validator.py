@@ -26,6 +26,7 @@ import torch
 
 from distill.config.schema import Config
 from distill.models.image_condition import image_of
+from distill.data import image_condition
 from distill.registry import method_class
 from distill.sampling import EulerSampler
 from distill.validation.health import clip_statistics, findings
@@ -152,7 +153,7 @@ def build_validator(config: Config, adapter, run_dir: Path, runtime) -> Validato
 
         labels = torch.tensor([int(c.split()[2]) for c in captions])
         metric = DigitMetrics(config.data.path) if runtime.is_main else None  # one classifier for every run
-        if metric is not None and config.model.image_condition.value != "none":
+        if metric is not None and image_condition(config.model) != "none":
             # the first frame is given: frames 2-4 are scored, each alone, and how they move
             metric = functools.partial(metric, directions=[c.split()[4] for c in captions], first=1,
                                        speeds=list(config.data.speeds), per_frame=True)

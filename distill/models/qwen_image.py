@@ -1,0 +1,352 @@
+"""Qwen-Image through diffusers' QwenImageTransformer2DModel (text-to-image).
+
+An image is a one-frame latent [C, 1, H, W] everywhere outside this file, as
+AutoencoderKLQwenImage writes it; the transformer reads it packed, each 2x2
+patch of latent pixels one token of 4C channels (QwenImagePipeline's
+`_pack_latents`), and returns the velocity in the same packed layout. The
+network's timestep input is sigma itself (the pipeline passes t / 1000), and
+the text mask is where the zero-padded embeddings are non-zero: the data pads
+each prompt's embedding with zeros, and a real token's embedding is never all
+zeros, so the transformer attends to exactly the tokens the pipeline's mask
+keeps.
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from distill.config.schema import ModelConfig
+from distill.models.flow_matching import FlowMatchingAdapter, StockPipeline
+from distill.models.folders import read_component_config, resolve_model_folder
+from distill.models.wan import cast_keeping_fp32
+from distill.registry import register_family
+
+PATCH = 2  # QwenImagePipeline packs 2x2 latent pixels into one token
+
+# QwenImageTransformer2DModel's linear layers in every block: both streams' attention
+# projections and both streams' MLPs (the image stream's and the text stream's)
+QWEN_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                     "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
+
+# Qwen/Qwen-Image's transformer/config.json, so that a memory plan (plan=true) can be
+# made where the weights are not: 60 double-stream blocks of 24 heads x 128
+PUBLIC_ARCHITECTURES = {
+    "Qwen/Qwen-Image": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+                            axes_dims_rope=[16, 56, 56]),
+}
+
+# Activation memory of one double-stream block, forward + backward, per token and per
+# unit of width (the image and text streams each run attention and a 4x MLP), by
+# compute precision (element bytes); measured with torch's MemTracker on the CPU
+# (benchmarks/family_activations.py), as Wan's BLOCK_BYTES were
+BLOCK_BYTES = {4: 160.0, 2: 92.0}
+STORED_FRACTION = 0.82  # of a block's peak, what stays for the backward (no checkpointing)
+NO_GRAD_FRACTION = 0.37  # of a block's peak, a forward without gradient
+CHECKPOINT_ELEMENTS = 2.0  # per token and width unit, what a checkpointed block keeps (both streams' inputs)
+
+
+@dataclass
+class QwenImageConfig(ModelConfig):
+    family: str = "qwen_image"
+    latent_shape: List[int] = field(default_factory=lambda: [16, 1, 166, 166])  # 1328x1328 through the 8x VAE
+    text_len: int = 512  # QwenImagePipeline's max_sequence_length default (it allows up to 1024)
+    text_dim: int = 3584  # Qwen2.5-VL-7B's hidden size (the transformer's joint_attention_dim)
+    vae: str = "qwen_image"  # qwen_image: AutoencoderKLQwenImage from <model.path>/vae; identity: none
+    text_encoder: str = "family"  # Qwen2.5-VL from <model.path>/text_encoder, the pipeline's prompt template
+    # resolution-dependent shift as QwenImagePipeline samples (its scheduler's use_dynamic_shifting):
+    # shift = exp(mu), mu linear in the image's tokens from (base_image_seq_len, base_shift) to
+    # (max_image_seq_len, max_shift); false: model.shift
+    dynamic_shift: bool = True
+    base_image_seq_len: int = 256  # Qwen/Qwen-Image scheduler/scheduler_config.json
+    max_image_seq_len: int = 8192
+    base_shift: float = 0.5
+    max_shift: float = 0.9
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, 1, H, W] -> [B, (H/2)(W/2), 4C], QwenImagePipeline's token layout."""
+    b, c, frames, h, w = latents.shape
+    x = latents.reshape(b, c, h // PATCH, PATCH, w // PATCH, PATCH)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, (H/2)(W/2), 4C] -> [B, C, 1, H, W], the inverse of `pack`."""
+    b, _, channels = tokens.shape
+    x = tokens.reshape(b, height // PATCH, width // PATCH, channels // (PATCH * PATCH), PATCH, PATCH)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, channels // (PATCH * PATCH), 1, height, width)
+
+
+def dynamic_shift(image_tokens: int, base_len: int, max_len: int, base_shift: float, max_shift: float) -> float:
+    """exp(mu) for an image of `image_tokens` packed tokens: the pipeline's `calculate_shift`
+    (mu linear in the tokens), and the exponential time shift, which equals the flow shift
+    s sigma / (1 + (s - 1) sigma) at s = exp(mu)."""
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return math.exp(base_shift + slope * (image_tokens - base_len))
+
+
+@register_family
+class QwenImageAdapter(FlowMatchingAdapter):
+    family = "qwen_image"
+    config_class = QwenImageConfig
+    vaes = ("qwen_image", "identity")
+
+    def __init__(self, cfg: QwenImageConfig):
+        super().__init__(cfg)
+        if cfg.dynamic_shift:
+            self.shift = dynamic_shift(self.image_tokens(cfg.latent_shape), cfg.base_image_seq_len,
+                                       cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+
+    @classmethod
+    def task(cls, model) -> str:
+        return "text-to-image"
+
+    @property
+    def model_class(self):
+        from diffusers import QwenImageTransformer2DModel
+
+        return QwenImageTransformer2DModel
+
+    @staticmethod
+    def image_tokens(latent_shape) -> int:
+        _, _, h, w = latent_shape
+        return (h // PATCH) * (w // PATCH)
+
+    def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                **cond) -> torch.Tensor:
+        dtype = module.img_in.weight.dtype
+        height, width = x_t.shape[-2:]
+        mask = text.ne(0).any(dim=-1)  # the pipeline's prompt mask: the tokens before the zero padding
+        out = module(
+            hidden_states=pack(x_t).to(dtype),
+            encoder_hidden_states=text.to(dtype),
+            encoder_hidden_states_mask=mask,
+            timestep=(timestep / 1000).to(dtype),  # the pipeline's t / 1000: sigma
+            img_shapes=[[(1, height // PATCH, width // PATCH)]] * x_t.shape[0],
+            return_dict=False,
+        )[0]
+        return unpack(out, height, width)
+
+    def block_tokens(self, output) -> torch.Tensor:
+        """A double-stream block returns (text, image) states: the image stream's tokens."""
+        return output[1]
+
+    # --- loading ---------------------------------------------------------
+    def load(self, path: Optional[str], seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+        if path is None:  # every role built from one seed starts from the same weights
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return cast_keeping_fp32(self.model_class(**self._arch()), dtype)
+        folder = resolve_model_folder(path, self.cfg.subfolder)
+        if folder is None:
+            raise FileNotFoundError(f"no diffusers model at {path} (subfolder {self.cfg.subfolder})")
+        return self.model_class.from_pretrained(folder, subfolder=self.cfg.subfolder, torch_dtype=dtype)
+
+    def empty(self, path: Optional[str], dtype: torch.dtype = torch.float32) -> nn.Module:
+        if path is None:
+            module = self.model_class(**self._arch())
+        elif resolve_model_folder(path, self.cfg.subfolder) is None and path in PUBLIC_ARCHITECTURES:
+            module = self.model_class(**self._arch(PUBLIC_ARCHITECTURES[path]))  # planning only
+        else:
+            folder = resolve_model_folder(path, self.cfg.subfolder)
+            module = self.model_class.from_config(self.model_class.load_config(folder, subfolder=self.cfg.subfolder))
+        return cast_keeping_fp32(module, dtype)
+
+    def _arch(self, arch: Optional[dict] = None) -> dict:
+        arch = dict(self.cfg.arch if arch is None else arch)
+        if "axes_dims_rope" in arch:
+            arch["axes_dims_rope"] = tuple(arch["axes_dims_rope"])
+        return arch
+
+    def save(self, module: nn.Module, folder: Path) -> None:
+        module.save_pretrained(Path(folder) / self.cfg.subfolder)
+
+    def blocks(self, module: nn.Module) -> list:
+        return list(module.transformer_blocks)
+
+    def hidden_size(self, module: nn.Module) -> int:
+        return module.config.num_attention_heads * module.config.attention_head_dim
+
+    # --- memory plan -----------------------------------------------------
+    def tokens_per_sample(self, module: nn.Module) -> int:
+        return self.image_tokens(self.cfg.latent_shape) + self.cfg.text_len
+
+    def activation_bytes(self, module: nn.Module, tokens: int, samples: int, element_bytes: int,
+                         checkpointing: bool, grad: bool) -> Tuple[float, float]:
+        """As Wan's: one block's forward + backward peak is per token x width (both streams
+        counted in the tokens: image tokens and the padded text)."""
+        c = module.config
+        hidden = c.num_attention_heads * c.attention_head_dim
+        block = tokens * samples * hidden * BLOCK_BYTES[element_bytes]
+        if not grad:
+            return 0.0, NO_GRAD_FRACTION * block
+        if checkpointing:
+            return c.num_layers * tokens * samples * hidden * CHECKPOINT_ELEMENTS * element_bytes, block
+        return c.num_layers * STORED_FRACTION * block, (1 - STORED_FRACTION) * block
+
+    # --- LoRA ------------------------------------------------------------
+    def lora_targets(self) -> List[str]:
+        return list(QWEN_LORA_TARGETS)
+
+    def save_lora(self, module: nn.Module, folder: Path) -> None:
+        """diffusers' Qwen-Image LoRA format (`QwenImagePipeline.load_lora_weights(folder)`)."""
+        from diffusers import QwenImagePipeline
+
+        from distill.lora import adapter_metadata, adapter_state
+
+        QwenImagePipeline.save_lora_weights(folder, transformer_lora_layers=adapter_state(module),
+                                            transformer_lora_adapter_metadata=adapter_metadata(module))
+
+    def load_lora(self, module: nn.Module, folder: Path) -> nn.Module:
+        module.load_lora_adapter(str(folder), prefix="transformer", adapter_name="default",
+                                 weight_name="pytorch_lora_weights.safetensors")
+        return module
+
+    # --- checks ----------------------------------------------------------
+    @classmethod
+    def check(cls, config) -> List[str]:
+        model = config.model
+        if len(model.latent_shape) != 4 or model.latent_shape[1] != 1:
+            return [f"model.latent_shape={list(model.latent_shape)}: model.family=qwen_image takes images, "
+                    "[C, 1, H, W]"]
+        errors = []
+        if model.latent_shape[2] % PATCH or model.latent_shape[3] % PATCH:
+            errors.append(f"model.latent_shape={list(model.latent_shape)}: H and W must be even "
+                          "(the pipeline packs 2x2 latent pixels into one token)")
+        if model.chunk_frames is not None:
+            errors.append(f"model.chunk_frames={model.chunk_frames}: model.family=qwen_image has no block-causal "
+                          "variant (images have one frame)")
+        errors += [f"roles.{name}.causal=true: model.family=qwen_image has no block-causal variant"
+                   for name, role in config.roles.items() if role.causal]
+        if model.dynamic_shift and not model.max_image_seq_len > model.base_image_seq_len:
+            errors.append(f"model.max_image_seq_len={model.max_image_seq_len}: must exceed "
+                          f"model.base_image_seq_len={model.base_image_seq_len}")
+        for name in config.roles:
+            arch, source, error = cls.role_architecture(config, name)
+            errors += [error] if error else cls.check_arch(arch, model, source)
+        return list(dict.fromkeys(errors))
+
+    @classmethod
+    def check_arch(cls, arch: dict, model, key: str) -> List[str]:
+        errors = []
+        if arch.get("joint_attention_dim", model.text_dim) != model.text_dim:
+            errors.append(f"model.text_dim={model.text_dim} does not match joint_attention_dim="
+                          f"{arch['joint_attention_dim']} of {key}")
+        channels = PATCH * PATCH * model.latent_shape[0]
+        if arch.get("in_channels", channels) != channels:
+            errors.append(f"in_channels={arch['in_channels']} of {key} does not fit model.latent_shape[0]="
+                          f"{model.latent_shape[0]}: packed 2x2 tokens have {channels} channels")
+        head_dim, rope = arch.get("attention_head_dim"), arch.get("axes_dims_rope")
+        if head_dim and rope and sum(rope) != head_dim:
+            errors.append(f"axes_dims_rope={list(rope)} of {key} must sum to attention_head_dim={head_dim}")
+        return errors
+
+    @classmethod
+    def role_architecture(cls, config, name: str) -> Tuple[Optional[dict], str, Optional[str]]:
+        model, role = config.model, config.roles[name]
+        key = f"roles.{name}.path" if role.path else "model.path"
+        path = role.path or model.path
+        if path is None:
+            if not model.arch:
+                return None, key, f"{key} is null and model.arch is empty: give a model folder or an architecture"
+            return dict(model.arch), "model.arch", None
+        if config.plan and path in PUBLIC_ARCHITECTURES and resolve_model_folder(path, model.subfolder) is None:
+            return dict(PUBLIC_ARCHITECTURES[path]), key, None
+        arch, error = read_component_config(path, model.subfolder, key)
+        return arch, key, error
+
+    @classmethod
+    def depth(cls, arch: dict) -> int:
+        return arch.get("num_layers", 60)
+
+    @classmethod
+    def layer_names(cls, arch: dict) -> List[str]:
+        from accelerate import init_empty_weights
+        from diffusers import QwenImageTransformer2DModel
+
+        arch = dict(arch)
+        if "axes_dims_rope" in arch:
+            arch["axes_dims_rope"] = tuple(arch["axes_dims_rope"])
+        with init_empty_weights():
+            network = QwenImageTransformer2DModel.from_config(arch)
+        return [name for name, module in network.named_modules() if isinstance(module, nn.Linear)]
+
+    # --- encoders, decoding, export --------------------------------------
+    def encoders(self, folder: Path, text_only: bool, max_text_len: int, device: torch.device, image: bool = False):
+        return QwenImageEncoders(Path(folder), text_only, max_text_len, device)
+
+    def text_encoder(self, device: torch.device) -> "QwenImageEncoders":
+        folder = resolve_model_folder(self.cfg.path, "text_encoder") if self.cfg.path else None
+        if folder is None:
+            raise ValueError(f"model.path={self.cfg.path}: no text_encoder/ folder there to encode prompts "
+                             "(point model.path at a diffusers Qwen-Image folder)")
+        return QwenImageEncoders(Path(folder), text_only=True, max_text_len=self.cfg.text_len, device=device)
+
+    def decode_with_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        """Un-normalised latents [N, C, 1, H, W] through AutoencoderKLQwenImage -> [N, 3, 1, H*8, W*8]."""
+        if getattr(self, "_vae", None) is None:
+            from diffusers import AutoencoderKLQwenImage
+
+            if self.cfg.path is None:
+                raise ValueError("model.vae=qwen_image needs model.path with a vae/ folder (or model.vae=identity)")
+            folder = resolve_model_folder(self.cfg.path, "vae")
+            self._vae = AutoencoderKLQwenImage.from_pretrained(folder, subfolder="vae").to(latents.device).eval()
+        return self._vae.decode(latents.to(self._vae.dtype)).sample.float().clamp(-1, 1)
+
+    def stock_pipeline(self) -> Optional[StockPipeline]:
+        """QwenImagePipeline; it passes its own sigmas, linspace(1, 1/N, N), to the scheduler."""
+        if self.cfg.vae != "qwen_image" or self.cfg.text_encoder != "family":
+            return None
+        return StockPipeline(class_name="QwenImagePipeline", transformers=(self.cfg.subfolder,),
+                             parts=("tokenizer", "text_encoder", "vae"), sigma_grid="inverse_steps")
+
+    def euler_scheduler(self) -> dict:
+        """The base model's own scheduler: its resolution-dependent shift."""
+        c = self.cfg
+        if not c.dynamic_shift:
+            return super().euler_scheduler()
+        return {"use_dynamic_shifting": True, "time_shift_type": "exponential", "base_shift": c.base_shift,
+                "max_shift": c.max_shift, "base_image_seq_len": c.base_image_seq_len,
+                "max_image_seq_len": c.max_image_seq_len}
+
+
+class QwenImageEncoders:
+    """Qwen2.5-VL (with its tokenizer) and the Qwen-Image VAE from a diffusers Qwen-Image
+    folder. Prompts go through QwenImagePipeline's own `encode_prompt` (its system template,
+    the template's tokens dropped, padding removed), so the embeddings are the pipeline's."""
+
+    image_encoder = None  # text-to-image: no image conditioning
+
+    def __init__(self, model: Path, text_only: bool, max_text_len: int, device: torch.device):
+        from diffusers import QwenImagePipeline
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+        self.device = device
+        self.max_text_len = max_text_len
+        tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
+        encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(model / "text_encoder").to(device).eval()
+        self.vae = None
+        if not text_only:
+            from diffusers import AutoencoderKLQwenImage
+
+            self.vae = AutoencoderKLQwenImage.from_pretrained(model, subfolder="vae").to(device).eval()
+        self.pipeline = QwenImagePipeline(scheduler=None, vae=self.vae, text_encoder=encoder, tokenizer=tokenizer,
+                                          transformer=None)
+
+    @torch.no_grad()
+    def text(self, captions: List[str]) -> List[torch.Tensor]:
+        """Each caption's embedding with padding removed, [L, D]."""
+        embeds, mask = self.pipeline.encode_prompt(captions, device=self.device, max_sequence_length=self.max_text_len)
+        if mask is None:
+            return [e.float().cpu() for e in embeds]
+        return [e[: int(n)].float().cpu() for e, n in zip(embeds, mask.sum(dim=1).tolist())]
+
+    @torch.no_grad()
+    def video(self, clips: torch.Tensor) -> torch.Tensor:
+        """Images as one-frame clips [N, 3, 1, H, W] in [-1, 1] -> the VAE posterior mean, un-normalised."""
+        return self.vae.encode(clips.to(self.device)).latent_dist.mean.float().cpu()

@@ -1,0 +1,193 @@
+"""Qwen-Image (model.family=qwen_image): the packed layout, the pipeline's shift and
+text mask checked by hand and against diffusers; DMD2 (with the GAN term) and
+LoRA finetuning through launch.py on 1 and 2 ranks with exact resume; the export
+sampled by a stock QwenImagePipeline."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import (assert_runs_match, compose_config, exported_weights, read_metrics, run_launch, train_here,
+                      write_tiny_qwen_image_parts)
+from distill.config import validate
+from distill.config.validate import ConfigError
+
+TINY = ["model=qwen_image_tiny"]
+
+
+def tiny_adapter(overrides=()):
+    from distill.models import build_adapter
+
+    return build_adapter(validate(compose_config([*TINY, *overrides])).model)
+
+
+def test_packing_is_the_pipelines_and_unpacks_exactly():
+    from diffusers import QwenImagePipeline
+
+    from distill.models.qwen_image import pack, unpack
+
+    x = torch.arange(2 * 4 * 1 * 6 * 8, dtype=torch.float32).reshape(2, 4, 1, 6, 8)
+    tokens = pack(x)
+    assert tokens.shape == (2, 3 * 4, 16)  # (H/2)(W/2) tokens of 4C channels
+    # token 0 holds the 2x2 patch at the top left, channel-major: c0 (0,0) (0,1) (1,0) (1,1), then c1 ...
+    assert tokens[0, 0, :4].tolist() == [0.0, 1.0, 8.0, 9.0]
+    assert tokens[0, 0, 4].item() == 48.0  # channel 1 starts 6 x 8 further
+    assert torch.equal(tokens, QwenImagePipeline._pack_latents(x[:, :, 0], 2, 4, 6, 8))
+    assert torch.equal(unpack(tokens, 6, 8), x)
+    # the pipeline's unpacking of a 48x64 image (8x VAE) gives the same latents
+    assert torch.equal(QwenImagePipeline._unpack_latents(tokens, 48, 64, 8), x)
+
+
+def test_the_shift_is_the_pipelines_for_the_image_size():
+    """1328x1328 -> 166x166 latents -> 6889 packed tokens: mu = 0.5 + 0.4 * 6633 / 7936 =
+    0.83432, shift exp(mu) = 2.3033; diffusers' dynamic scheduler gives the same sigmas."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from distill.models.qwen_image import QwenImageAdapter, QwenImageConfig
+
+    adapter = QwenImageAdapter(QwenImageConfig())  # the preset's 1328x1328
+    assert adapter.shift == pytest.approx(math.exp(0.5 + 0.4 * 6633 / 7936)) == pytest.approx(2.3033, abs=1e-4)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential",
+                                                base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                                                max_image_seq_len=8192)
+    grid = [1.0, 0.75, 0.5, 0.25]
+    scheduler.set_timesteps(sigmas=grid, mu=0.5 + 0.4 * 6633 / 7936)
+    assert adapter.shift_sigma(torch.tensor(grid)).tolist() == pytest.approx(scheduler.sigmas[:-1].tolist(), abs=1e-6)
+    # a fixed shift when dynamic_shift is off (Qwen-Image-Lightning distils at shift 3)
+    assert QwenImageAdapter(QwenImageConfig(dynamic_shift=False, shift=3.0)).shift == 3.0
+
+
+def test_padded_text_attends_as_the_pipeline_does():
+    """The data pads each prompt's embedding with zeros: the adapter's mask keeps exactly the
+    prompt's tokens, so the velocity equals the transformer's on the unpadded prompt (the
+    pipeline's call for one prompt, mask None), and the sigma input is t / 1000."""
+    from distill.config.schema import RoleConfig
+    from distill.roles import Role
+
+    adapter = tiny_adapter()
+    net = adapter.load(None, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 1, 8, 8, generator=g)
+    prompt = torch.randn(1, 5, 32, generator=g)
+    padded = torch.cat([prompt, torch.zeros(1, 3, 32)], dim=1)
+    sigma = torch.tensor([0.7])
+    with torch.no_grad():
+        v = adapter.predict_velocity(Role("r", RoleConfig(), net), x, sigma, padded)
+        from distill.models.qwen_image import pack, unpack
+
+        want = net(hidden_states=pack(x), encoder_hidden_states=prompt, timestep=sigma, img_shapes=[[(1, 4, 4)]],
+                   return_dict=False)[0]
+        unmasked = net(hidden_states=pack(x), encoder_hidden_states=padded, timestep=sigma, img_shapes=[[(1, 4, 4)]],
+                       return_dict=False)[0]
+    assert torch.allclose(v, unpack(want, 8, 8), atol=1e-6)
+    assert not torch.allclose(v, unpack(unmasked, 8, 8), atol=1e-4)  # the padding would matter unmasked
+
+
+def test_wrong_shapes_and_causal_roles_are_refused():
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config([*TINY, "model.latent_shape=[4,2,8,8]"]))
+    assert "model.latent_shape=[4, 2, 8, 8]: model.family=qwen_image takes images" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config([*TINY, "model.text_dim=16"]))
+    assert "model.text_dim=16 does not match joint_attention_dim=32 of model.arch" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config([*TINY, "model.vae=wan"]))
+    assert "model.vae=wan: model.family=qwen_image decodes with qwen_image, identity" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config([*TINY, "parallel.context=2", "launcher.nproc_per_node=2"]))
+    assert "parallel.context=2: model.family=qwen_image has no context parallelism" in str(err.value)
+
+
+CASES = {
+    # DMD2 with the GAN head on the critic's last block (the image stream's tokens)
+    # (a learning rate of 1e-3: Adam turns the ranks' float reordering of near-zero gradients into
+    # weight differences proportional to it, 5e-5 at 1e-2)
+    "dmd2_gan": ["method.gan.enabled=true", "method.generator_update_interval=2", "method.generator_lr=1e-3",
+                 "method.critic_lr=1e-3"],
+    # plain flow matching of the student's adapters only
+    "finetune_lora": ["method=finetune", "method.lr=1e-2", "roles.student.lora.rank=4"],
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_equal_one_and_a_resumed_run_is_bit_identical(case, tmp_path):
+    """2 ranks x batch 2 equal 1 rank x batch 4 within 1e-5; 3 steps, then a restart to 6,
+    equal 6 straight bit for bit (both in this process, one after the other)."""
+    common = [*TINY, *CASES[case], "validation.num_samples=2", "validation.health.diversity_seeds=0"]
+    one, resumed, two = tmp_path / "one", tmp_path / "resumed", tmp_path / "two"
+    train_here([*common, "data.batch_size=4", "training.max_steps=6", f"hydra.run.dir={one}"])
+    train_here([*common, "data.batch_size=4", "training.max_steps=3", f"hydra.run.dir={resumed}"])
+    train_here([*common, "data.batch_size=4", "training.max_steps=6", f"hydra.run.dir={resumed}"])
+    result = run_launch([*common, "data.batch_size=2", "launcher.nproc_per_node=2", "training.max_steps=6",
+                         f"hydra.run.dir={two}"])
+    assert result.returncode == 0, result.stderr
+    roles = ("student",) if case == "finetune_lora" else ("student", "critic")
+    assert_runs_match(two, one, roles=roles)
+    a, b = read_metrics(one), read_metrics(resumed)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert all(x[k] == y[k] for x, y in zip(a, b) for k in x if k.startswith(("loss/", "grad_norm/")))
+    for role in roles:
+        wa, wb = exported_weights(one, role), exported_weights(resumed, role)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), role
+    if case == "dmd2_gan":
+        for term in ("gan/discriminator", "gan/generator"):  # both sides of the GAN term ran and logged
+            values = [r[term] for r in a if term in r]
+            assert values and all(math.isfinite(v) and v > 0 for v in values), term
+    else:  # only the adapters trained: the checkpoint holds them alone
+        state = load_file(next((one / "checkpoint-6" / "state").glob("*.safetensors")))
+        weights = [k for k in state if k.startswith("role.student/model/")]
+        assert weights and all(".lora_" in k for k in weights)
+        targets = {k.split("role.student/model/")[1].split(".lora_")[0] for k in weights}
+        assert {"transformer_blocks.0.attn.add_k_proj", "transformer_blocks.1.txt_mlp.net.2"} <= targets
+        assert (one / "export" / "student" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def qwen_export(tmp_path_factory):
+    """A tiny Qwen-Image pipeline folder and a 2-step student distilled from it with the
+    deterministic (ODE-step) sampler, exported."""
+    from distill.models import build_adapter
+    from distill.run import train
+
+    base = tmp_path_factory.mktemp("tiny-qwen-image")
+    build_adapter(validate(compose_config(TINY)).model).load(None, seed=5).save_pretrained(base / "transformer")
+    write_tiny_qwen_image_parts(base)
+    run = tmp_path_factory.mktemp("qwen-run")
+    config = validate(compose_config([
+        *TINY, f"model.path={base}", "model.vae=qwen_image", "model.text_encoder=family",
+        "method.student_steps=[1000,500]", "method.student_sampler=deterministic", "training.max_steps=2",
+        "validation.num_samples=1", "validation.health.diversity_seeds=0"]))
+    train(config, run)
+    return run / "export" / "student", base
+
+
+def test_the_stock_pipeline_samples_the_exported_student(qwen_export, tmp_path):
+    """QwenImagePipeline.from_pretrained(export) runs the student at its sigmas (t / 1000 as
+    the network's input) and gives the latents `python -m distill.sample` gives."""
+    from diffusers import QwenImagePipeline
+
+    from distill.models.qwen_image import unpack
+    from distill.sample import main
+
+    export, _ = qwen_export
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImagePipeline"
+    assert index["transformer"] == ["diffusers", "QwenImageTransformer2DModel"]
+    sigmas = json.loads((export / "distill.json").read_text())["sampler"]["sigmas"]
+    pipe = QwenImagePipeline.from_pretrained(export)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"][0].item()),
+                                               with_kwargs=True)
+    torch.manual_seed(3)
+    latents = pipe("a red square moves left", num_inference_steps=2, height=64, width=64, max_sequence_length=8,
+                   output_type="latent").images
+    assert seen == pytest.approx(sigmas, abs=1e-6)
+    out = tmp_path / "ours.safetensors"
+    assert main([str(export), "--prompt", "a red square moves left", "--seeds", "3", "--out", str(out)]) == 0
+    ours = load_file(out)["samples"]
+    assert ours.shape == (1, 4, 1, 8, 8)
+    assert torch.allclose(unpack(latents, 8, 8), ours, atol=1e-5), (unpack(latents, 8, 8) - ours).abs().max()
