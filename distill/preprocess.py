@@ -1,16 +1,22 @@
-"""Videos + captions -> a parquet latent dataset (FastVideo's schema).
+"""Videos or images + captions -> a parquet latent dataset (FastVideo's schema).
 
     python -m distill.preprocess --model PATH --captions captions.jsonl --videos DIR --out DIR \\
         [--height 480 --width 832 --frames 81] [--batch-size 4] [--rows-per-shard 256]
+    python -m distill.preprocess --model QWEN_IMAGE --captions captions.jsonl --videos IMAGES --out DIR \\
+        --frames 1 --height 1328 --width 1328           # images: one-frame latents
     python -m distill.preprocess --model PATH --captions captions.jsonl --out DIR --text-only
     python -m distill.preprocess --task i2v ...                # image-to-video: FastVideo's i2v schema
     torchrun --nproc-per-node 8 -m distill.preprocess ...      # each rank takes every 8th clip
 
 The captions file is JSON lines ({"file_name": ..., "caption": ...}) or a CSV
 with the columns file_name,caption; a row's id is its file_name. PATH is a
-diffusers folder of the model family (`--family`, default wan) whose
-encoders are used: for Wan `vae/` (AutoencoderKLWan), `text_encoder/`
-(UMT5EncoderModel) and `tokenizer/`. Frames are resized to cover
+diffusers folder of a model family (`--family`; by default the family whose
+transformer or VAE class the folder's config.json names) whose encoders are
+used: for Wan `vae/` (AutoencoderKLWan), `text_encoder/` (UMT5EncoderModel)
+and `tokenizer/`; for Qwen-Image `vae/` (AutoencoderKLQwenImage) and
+Qwen2.5-VL through QwenImagePipeline's own prompt encoding. A file named
+.png, .jpg, .jpeg, .webp or .bmp is an image: one frame (`--frames 1`),
+media_type image. Frames are resized to cover
 height x width, centre-cropped, and the first `frames` are kept; the latent
 is the VAE posterior mean, un-normalised, [C, T, H/s, W/s] (s = 8 for the Wan2.1
 VAE, 16 for Wan2.2's); the text
@@ -42,6 +48,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -76,8 +83,13 @@ def done_ids(out: Path) -> set:
     return ids
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
 def load_clip(path: Path, frames: int, height: int, width: int) -> torch.Tensor:
     """[3, frames, height, width] in [-1, 1], or SkipVideo."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return load_image(path, frames, height, width)
     import av
 
     try:
@@ -91,7 +103,27 @@ def load_clip(path: Path, frames: int, height: int, width: int) -> torch.Tensor:
         raise SkipVideo(f"unreadable ({type(err).__name__}: {err})") from None
     if len(decoded) < frames:
         raise SkipVideo(f"too short ({len(decoded)} frames < {frames})")
-    video = torch.stack(decoded).permute(0, 3, 1, 2).float() / 127.5 - 1  # [F, 3, h, w]
+    return cover_and_crop(torch.stack(decoded), height, width)
+
+
+def load_image(path: Path, frames: int, height: int, width: int) -> torch.Tensor:
+    """An image file as a one-frame clip [3, 1, height, width], or SkipVideo."""
+    from PIL import Image, UnidentifiedImageError
+
+    if frames != 1:
+        raise SkipVideo(f"an image, not a video (--frames {frames}; image datasets take --frames 1)")
+    try:
+        with Image.open(path) as image:
+            pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+    except (UnidentifiedImageError, OSError) as err:
+        raise SkipVideo(f"unreadable ({type(err).__name__}: {err})") from None
+    return cover_and_crop(pixels[None], height, width)
+
+
+def cover_and_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Frames [F, h, w, 3] uint8 -> resized to cover height x width, centre-cropped,
+    [3, F, height, width] in [-1, 1]."""
+    video = frames.permute(0, 3, 1, 2).float() / 127.5 - 1  # [F, 3, h, w]
     scale = max(height / video.shape[2], width / video.shape[3])
     size = (max(height, round(video.shape[2] * scale)), max(width, round(video.shape[3] * scale)))
     video = F.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
@@ -174,7 +206,8 @@ def preprocess(args) -> Counter:
         for row, text, latent, image in zip(kept, texts, latents, images):
             meta = {} if args.text_only else dict(
                 width=args.width, height=args.height, num_frames=args.frames, fps=args.fps,
-                duration_sec=args.frames / args.fps, media_type="video",
+                duration_sec=args.frames / args.fps,
+                media_type="image" if Path(row["file_name"]).suffix.lower() in IMAGE_SUFFIXES else "video",
             )
             shards.add(make_row(row["file_name"], text, row["caption"], latent, i2v=image, file_name=row["file_name"],
                                 **meta))
@@ -185,16 +218,17 @@ def preprocess(args) -> Counter:
 
 def parse_args(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="diffusers Wan folder with vae/, text_encoder/, tokenizer/")
-    p.add_argument("--family", default="wan", help="the model family whose encoders to use (model.family)")
+    p.add_argument("--model", required=True, help="diffusers pipeline folder with vae/, text_encoder/, tokenizer/")
+    p.add_argument("--family", help="the model family whose encoders to use (model.family; default: the one "
+                   "whose transformer or VAE class the folder names)")
     p.add_argument("--captions", required=True, help="JSON lines or CSV of file_name, caption")
     p.add_argument("--videos", help="folder the file names are relative to")
     p.add_argument("--out", required=True)
     p.add_argument("--text-only", action="store_true", help="captions only: a dataset for data-free DMD")
     p.add_argument("--task", choices=["t2v", "i2v"], default="t2v",
                    help="i2v: also the first frame's latent and pixels (FastVideo's image-to-video schema)")
-    p.add_argument("--negative-prompt", help="the prompt CFG guides away from (default: the model family's, "
-                   "for Wan its standard negative prompt); written to DIR/negative_embedding.safetensors")
+    p.add_argument("--negative-prompt", help="the prompt CFG guides away from (default: the model family's "
+                   "standard negative prompt, empty where it has none); written to DIR/negative_embedding.safetensors")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--frames", type=int, default=81)
@@ -208,6 +242,13 @@ def parse_args(argv: Optional[List[str]] = None):
         p.error("--videos is required unless --text-only")
     if args.task == "i2v" and args.text_only:
         p.error("--task i2v needs the videos (the first frame is the condition): drop --text-only")
+    if args.family is None:  # before anything is written
+        from distill.models import family_of_folder
+
+        try:
+            args.family = family_of_folder(Path(args.model))
+        except ValueError as err:
+            p.error(str(err))
     return args
 
 

@@ -222,21 +222,24 @@ def write_tiny_qwen_image_parts(folder: Path) -> Path:
     a diffusers folder."""
     import torch
     from diffusers import AutoencoderKLQwenImage
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(0)
     AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1, latents_mean=[0.0] * 4,
                            latents_std=[1.0] * 4).save_pretrained(folder / "vae")
     special = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-    vocab = {w: i for i, w in enumerate([*WORDS, *special])}
+    vocab = {w: i for i, w in enumerate([*WORDS, *special, "\n"])}
     text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                 num_attention_heads=2, num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]})
     vision = dict(depth=1, hidden_size=16, out_hidden_size=32, num_heads=2, intermediate_size=32, fullatt_block_indexes=[0])
     Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).save_pretrained(
         folder / "text_encoder")
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # words, punctuation runs and line breaks: the pipeline's chat template before the prompt is
+    # then 34 tokens, as Qwen2.5-VL's tokenizer makes it (the pipeline drops those 34)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("[ \t]+"), "removed"),
+                                                 pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+|\n"), "isolated")])
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                             additional_special_tokens=special).save_pretrained(folder / "tokenizer")
     return folder

@@ -146,23 +146,64 @@ def test_two_ranks_equal_one_and_a_resumed_run_is_bit_identical(case, tmp_path):
         assert (one / "export" / "student" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def write_images(folder, count=4):
+    """Tiny PNG images, their captions, and one file that is no image."""
+    from PIL import Image
+
+    folder.mkdir()
+    rows = []
+    for i in range(count):
+        pixels = torch.randint(0, 255, (40, 56, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"image{i}.png")
+        rows.append({"file_name": f"image{i}.png", "caption": "a red square moves left" if i % 2 else "a blue square"})
+    (folder / "broken.png").write_bytes(b"not a png" * 10)
+    rows.append({"file_name": "broken.png", "caption": "a square"})
+    captions = folder.parent / "captions.jsonl"
+    captions.write_text("\n".join(json.dumps(r) for r in rows))
+    return captions
+
+
 @pytest.fixture(scope="module")
 def qwen_export(tmp_path_factory):
-    """A tiny Qwen-Image pipeline folder and a 2-step student distilled from it with the
-    deterministic (ODE-step) sampler, exported."""
+    """A tiny Qwen-Image pipeline folder; images + captions preprocessed through its VAE and
+    Qwen2.5-VL into a parquet dataset; a 2-step student distilled on that dataset with the
+    deterministic (ODE-step) sampler, and exported."""
     from distill.models import build_adapter
+    from distill.preprocess import main as preprocess
     from distill.run import train
 
-    base = tmp_path_factory.mktemp("tiny-qwen-image")
+    root = tmp_path_factory.mktemp("qwen")
+    base = root / "model"
     build_adapter(validate(compose_config(TINY)).model).load(None, seed=5).save_pretrained(base / "transformer")
     write_tiny_qwen_image_parts(base)
-    run = tmp_path_factory.mktemp("qwen-run")
+    captions = write_images(root / "images")
+    # no --family: the folder's QwenImageTransformer2DModel names it
+    assert preprocess(["--model", str(base), "--captions", str(captions), "--videos", str(root / "images"),
+                       "--out", str(root / "data"), "--frames", "1", "--height", "64", "--width", "64",
+                       "--max-text-len", "8", "--batch-size", "2"]) == 0
     config = validate(compose_config([
-        *TINY, f"model.path={base}", "model.vae=qwen_image", "model.text_encoder=family",
-        "method.student_steps=[1000,500]", "method.student_sampler=deterministic", "training.max_steps=2",
-        "validation.num_samples=1", "validation.health.diversity_seeds=0"]))
-    train(config, run)
-    return run / "export" / "student", base
+        *TINY, f"model.path={base}", "model.vae=qwen_image", "model.text_encoder=family", "data=parquet",
+        f"data.path={root / 'data'}", "method.student_steps=[1000,500]", "method.student_sampler=deterministic",
+        "training.max_steps=2", "validation.num_samples=1", "validation.health.diversity_seeds=0"]))
+    train(config, root / "run")
+    return root / "run" / "export" / "student", root
+
+
+def test_images_preprocess_into_one_frame_latents(qwen_export):
+    """Each image's row: the VAE's posterior mean [4, 1, 8, 8] of the 64x64 crop, the prompt's
+    Qwen2.5-VL embedding [L, 32], media_type image; the broken file is skipped."""
+    import pyarrow.parquet as pq
+
+    from distill.data.parquet import ParquetIndex, Shapes
+
+    _, root = qwen_export
+    table = pq.read_table(list((root / "data").glob("*.parquet")))
+    assert sorted(table.column("id").to_pylist()) == [f"image{i}.png" for i in range(4)]
+    assert set(table.column("media_type").to_pylist()) == {"image"}
+    assert table.column("vae_latent_shape").to_pylist() == [[4, 1, 8, 8]] * 4
+    assert all(shape[1] == 32 for shape in table.column("text_embedding_shape").to_pylist())
+    index = ParquetIndex(str(root / "data"), Shapes((4, 1, 8, 8), 8, 32))
+    assert index.num_rows == 4
 
 
 def test_the_stock_pipeline_samples_the_exported_student(qwen_export, tmp_path):

@@ -26,7 +26,7 @@ def load_config_node(path: Path) -> DictConfig:
     schema = OmegaConf.structured(Config)
     schema.method = OmegaConf.structured(method_class(raw.method.name).config_class)
     # the family's own keys (configs saved before families owned them name the same keys)
-    schema.model = OmegaConf.structured(family_class(raw.model.get("family", "wan")).config_class)
+    schema.model = OmegaConf.structured(family_class(raw.model.family).config_class)
     return OmegaConf.merge(schema, raw)
 
 

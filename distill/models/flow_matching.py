@@ -55,6 +55,7 @@ class FlowMatchingAdapter(ABC):
     family: ClassVar[str]  # the model.family value that selects this adapter
     config_class: ClassVar[type] = ModelConfig  # its model.* keys: ModelConfig and the family's own
     vaes: ClassVar[Tuple[str, ...]] = ("identity",)  # the model.vae names it decodes with
+    folder_classes: ClassVar[Tuple[str, ...]] = ()  # diffusers classes of its transformer / VAE (finds the family of a folder)
     default_negative_prompt: ClassVar[str] = ""  # what preprocessing encodes as the negative prompt
     supports_context_parallel: ClassVar[bool] = False  # parallel.context > 1 is allowed
 
@@ -147,6 +148,10 @@ class FlowMatchingAdapter(ABC):
     def conditioning(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The extra forward inputs taken from a batch (none for text-to-video)."""
         return {}
+
+    def conditioning_image(self, cond: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The conditioning image's latent [B, C, 1, H, W] among a forward's inputs, or None."""
+        return None
 
     @classmethod
     def task(cls, model) -> str:

@@ -95,6 +95,7 @@ class QwenImageAdapter(FlowMatchingAdapter):
     family = "qwen_image"
     config_class = QwenImageConfig
     vaes = ("qwen_image", "identity")
+    folder_classes = ("QwenImageTransformer2DModel", "AutoencoderKLQwenImage")
 
     def __init__(self, cfg: QwenImageConfig):
         super().__init__(cfg)

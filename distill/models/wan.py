@@ -76,6 +76,7 @@ class WanAdapter(FlowMatchingAdapter):
     family = "wan"
     config_class = WanConfig
     vaes = ("wan", "identity")
+    folder_classes = ("WanTransformer3DModel", "AutoencoderKLWan")
     default_negative_prompt = WAN_NEGATIVE_PROMPT
     supports_context_parallel = True
 
@@ -102,6 +103,9 @@ class WanAdapter(FlowMatchingAdapter):
         if mode == "concat":
             return {k: batch[k] for k in (image_condition.IMAGE_LATENT, image_condition.IMAGE_EMBEDS)}
         return {}
+
+    def conditioning_image(self, cond):
+        return image_condition.image_of(cond)
 
     @classmethod
     def batch_condition(cls, model) -> str:

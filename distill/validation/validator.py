@@ -25,7 +25,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from distill.config.schema import Config
-from distill.models.image_condition import image_of
 from distill.data import image_condition
 from distill.registry import method_class
 from distill.sampling import EulerSampler
@@ -104,7 +103,7 @@ class Validator:
         self.out.mkdir(parents=True, exist_ok=True)
         metrics, images, videos = {}, {}, {}
         health = {}
-        image = image_of(self.adapter.conditioning(self.batch))
+        image = self.adapter.conditioning_image(self.adapter.conditioning(self.batch))
         image = None if image is None else self.adapter.decode(image)  # [N, C, 1, H, W] pixels
         for name, latents in results.items():
             pixels = self.adapter.decode(latents)
