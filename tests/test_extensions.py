@@ -101,3 +101,40 @@ def test_forward_receives_the_conditioning_input(tmp_path):
     assert frames[0].shape == (2, 16, 1, 16, 16) and frames[2].shape == (4, 16, 1, 16, 16)  # CFG doubles it
     assert torch.equal(frames[0], batches[0]["latents"][:, :, :1])
     assert torch.equal(frames[2][:2], frames[2][2:]) and torch.equal(frames[0], frames[1])
+
+
+FAMILY_NEUTRAL = {"distill.models", "distill.models.flow_matching", "distill.models.folders"}
+
+
+def test_no_module_outside_the_models_package_imports_or_names_a_family():
+    """The family contract: code outside distill/models/ reaches a family only through the
+    registry and the adapter interface. No import of a family's files, and no string in
+    code (docstrings are prose) that is a family's name or names one of its classes."""
+    import ast
+
+    from distill.registry import FAMILIES, load_entries
+
+    load_entries()
+    names = set(FAMILIES)
+    for family in FAMILIES.values():
+        names |= {family.__name__, family.config_class.__name__, *family.folder_classes}
+    found = []
+    for path in [ROOT / "launch.py", *sorted((ROOT / "distill").rglob("*.py"))]:
+        if "models" in path.relative_to(ROOT).parts[1:2]:
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and ast.get_docstring(node, clean=False) is not None}
+        for node in ast.walk(tree):
+            modules = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            modules += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module == "distill.models":  # its submodules by name
+                modules += [f"distill.models.{a.name}" for a in node.names
+                            if (ROOT / "distill" / "models" / f"{a.name}.py").is_file()]
+            found += [f"{path.name}:{node.lineno} imports {m}" for m in modules
+                      if m.startswith("distill.models") and m not in FAMILY_NEUTRAL]
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                found += [f"{path.name}:{node.lineno} names {n}" for n in names if n in node.value.split()
+                          or node.value == n]
+    assert not found, "\n".join(found)
