@@ -229,7 +229,8 @@ def smallest_fit(config: Config, adapter, gpus_per_node: int, max_nodes: int = 6
     nodes = 1
     while nodes <= max_nodes:
         world = nodes * gpus_per_node
-        for context in [c for c in (1, 2, 4, 8, 16, 32) if world % c == 0]:
+        contexts = (1, 2, 4, 8, 16, 32) if family.supports_context_parallel else (1,)
+        for context in [c for c in contexts if world % c == 0]:
             config.parallel.context = context
             if family.check(config):
                 continue  # the heads or tokens do not split this way

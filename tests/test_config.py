@@ -27,7 +27,7 @@ def test_group_option_composes(group, option, tmp_path):
     extra = {("data", "parquet"): [f"data.path={tmp_path}"], ("data", "digits"): ["model=digits"]}
     cfg = compose_config([f"{group}={option}", *extra.get((group, option), [])])
     assert OmegaConf.select(cfg, group) is not None
-    if group != "model" or option in ("wan_tiny", "digits"):  # real models need their weights
+    if group != "model" or option in ("wan_tiny", "digits", "qwen_image_tiny"):  # real models need their weights
         config = validate(cfg)
         assert isinstance(config, Config)
 
@@ -38,17 +38,20 @@ def test_role_preset_composes_into_any_role(option):
     assert OmegaConf.to_container(cfg.roles.student, resolve=True)["trainable"] in (True, False)
 
 
-@pytest.mark.parametrize("option", [o for o in options("experiment") if not o.startswith("wan")])
+RECIPE_FAMILIES = ("wan", "qwen_image")  # experiments named after a real model: they need its weights
+
+
+@pytest.mark.parametrize("option", [o for o in options("experiment") if not o.startswith(RECIPE_FAMILIES)])
 def test_demo_experiment_validates(option):
     assert isinstance(validate(compose_config([f"experiment={option}"])), Config)
 
 
-@pytest.mark.parametrize("option", [o for o in options("experiment") if o.startswith("wan")])
-def test_wan_experiment_composes_and_only_lacks_weights(option, tmp_path):
+@pytest.mark.parametrize("option", [o for o in options("experiment") if o.startswith(RECIPE_FAMILIES)])
+def test_recipe_composes_and_only_lacks_weights(option, tmp_path):
     """A recipe that starts from a pretrained student lists it under `required`: without it
     the refusal is one line per key, before any model folder is looked at."""
     cfg = compose_config([f"experiment={option}", f"data.path={tmp_path}"])
-    assert cfg.model.path.startswith("Wan-AI/")
+    assert cfg.model.path.startswith(("Wan-AI/", "Qwen/"))
     required = dict(cfg.required)
     if required:
         with pytest.raises(ConfigError) as err:
@@ -136,7 +139,7 @@ INVALID = [
      "roles.teacher.cpu_offload=true: offloading goes through FSDP2, which needs 2 or more ranks (the launcher gives 1)"),
     (["roles.student.lora.rank=-1"], "roles.student.lora.rank=-1: must be >= 0"),
     (["roles.teacher.lora.rank=4"], "roles.teacher.lora.rank=4: LoRA needs a trainable role"),
-    (["model.family=nope"], "model.family=nope: no such model family (registered: wan"),
+    (["model.family=nope"], "model.family=nope: no such model family (registered: qwen_image, wan"),
     (["method.gan.enabled=true", "method.gan.blocks=[0,7,-3]"],
      "method.gan.blocks=[0, 7, -3]: 7, -3 outside the 2 blocks of roles.critic's network (model.arch); allowed: -2 to 1"),
     (["roles.student.lora.rank=4", "roles.student.lora.target_modules=[to_q,to_x]"],
@@ -250,3 +253,33 @@ def test_slurm_dry_run_prints_the_script_without_slurm(tmp_path, monkeypatch):
     assert real.returncode == 1
     assert "launcher=slurm: sbatch and srun not found on PATH" in real.stderr
     assert "Traceback" not in real.stderr and len(real.stderr.strip().splitlines()) == 1
+
+
+def test_a_family_reads_its_own_keys_and_refuses_a_section_of_another(tmp_path):
+    """Wan's keys live in WanConfig: a Qwen-Image model has no boundary_ratio, and a model
+    section composed for one family but naming another is refused in one line."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["model=qwen_image_tiny", "model.boundary_ratio=0.9"])
+    assert "boundary_ratio" in str(err.value.__cause__)
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(["model=wan_tiny", "model.family=qwen_image"]))
+    assert str(err.value) == ("model.family=qwen_image: the model section was composed from WanConfig, not "
+                              "QwenImageConfig; a model YAML names its family's keys first "
+                              "(defaults: [/schema/model@_here_: qwen_image, _self_])")
+
+
+def test_a_config_saved_before_families_owned_their_keys_loads(tmp_path):
+    """A run folder's config.yaml from before the split (every key under model, enums as
+    strings) loads with Wan's keys typed by WanConfig: resume and export read it."""
+    from distill.config.io import load_config, save_config
+    from distill.models.wan_config import ImageCondition, WanConfig
+
+    config = validate(compose_config(["experiment=tiny"]))
+    save_config(config, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "boundary_ratio: null" in text and "image_condition: none" in text  # the keys as they always were
+    loaded = load_config(tmp_path / "config.yaml")
+    assert isinstance(loaded.model, WanConfig) and loaded.model.image_condition == ImageCondition.none
+    assert loaded == config

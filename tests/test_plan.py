@@ -14,18 +14,27 @@ from distill.run import build_trainer
 
 # the tiny Wan with a long sequence (2,048 tokens) and a wider block, so that
 # activations, not the few weights, make the peak
-LONG = ["experiment=tiny", "logger=none", "model.arch.attention_head_dim=64", "model.arch.ffn_dim=512",
-        "model.latent_shape=[16,8,32,32]", "data.batch_size=1"]
+BASE = ["experiment=tiny", "logger=none", "data.batch_size=1"]
+LONG = [*BASE, "model.arch.attention_head_dim=64", "model.arch.ffn_dim=512", "model.latent_shape=[16,8,32,32]"]
+
+
+# the tiny Qwen-Image at 1,024 image tokens (64x64 latents, packed 2x2) and 64 text
+# tokens, head width 64
+QWEN_LONG = [*BASE, "model=qwen_image_tiny", "model.arch.attention_head_dim=64", "model.arch.axes_dims_rope=[16,24,24]",
+             "model.latent_shape=[4,1,64,64]", "model.text_len=64"]
+BF16 = ["roles.student.precision=bf16", "roles.critic.precision=bf16", "roles.teacher.precision=bf16",
+        "method.generator_update_interval=1", "data.batch_size=2"]
 
 
 @pytest.mark.parametrize("overrides", [
-    [],
-    ["roles.student.activation_checkpointing=full", "roles.critic.activation_checkpointing=full"],
-    ["roles.student.precision=bf16", "roles.critic.precision=bf16", "roles.teacher.precision=bf16",
-     "method.generator_update_interval=1", "data.batch_size=2"],
-], ids=["fp32", "checkpointing", "bf16_batch2"])
+    LONG,
+    [*LONG, "roles.student.activation_checkpointing=full", "roles.critic.activation_checkpointing=full"],
+    [*LONG, *BF16],
+    QWEN_LONG,
+    [*QWEN_LONG, "roles.student.activation_checkpointing=full", "roles.critic.activation_checkpointing=full", *BF16],
+], ids=["fp32", "checkpointing", "bf16_batch2", "qwen_image_fp32", "qwen_image_checkpointing_bf16"])
 def test_plan_is_within_20_percent_of_the_measured_peak(tmp_path, overrides):
-    config = validate(compose_config([*LONG, *overrides]))
+    config = validate(compose_config(overrides))
     planned = make_plan(config, build_adapter(config.model), layout_of(config), 80).peak
     measured = measured_peak(build_trainer(config, tmp_path), iterations=2)  # a generator and a critic iteration
     assert 0.8 * measured <= planned <= 1.2 * measured, (planned, measured)

@@ -304,3 +304,30 @@ def test_a14b_recipe_routes_its_steps_to_both_experts_and_fits(tmp_path):
     planned = validate(compose_config(["experiment=wan22_t2v_a14b_dmd2_4step", "plan=true"]))
     plan = make_plan(planned, build_adapter(planned.model), layout_of(planned), 80)
     assert plan.peak / 2**30 == pytest.approx(48.1, abs=0.1)
+
+
+def test_qwen_image_recipe_holds_fastgens_numbers_and_fits_two_nodes(tmp_path):
+    """FastGen's Qwen-Image DMD2 (fastgen/configs/experiments/QwenImage/config_dmd2.py): 512x512,
+    linspace(0.999, 0, 5) student steps, unshifted score timesteps; the plan fits 2 x 8 x 80 GB,
+    and the 1328x1328 preset carries the pipeline's shift for its size."""
+    from distill.methods.dmd2 import student_sigmas
+    from distill.models import build_adapter
+    from distill.plan import Layout, make_plan
+
+    config = composed("qwen_image_dmd2_4step", tmp_path)
+    method, model = config.method, config.model
+    adapter = build_adapter(model)
+    assert (model.path, list(model.latent_shape), model.dynamic_shift, adapter.shift) == (
+        "Qwen/Qwen-Image", [16, 1, 64, 64], False, 1.0)
+    assert student_sigmas(method, adapter).tolist() == pytest.approx([0.999, 0.749, 0.5, 0.25], abs=1e-6)
+    assert (method.guidance_scale, method.generator_lr, method.critic_lr) == (4.0, 1e-5, 1e-5)
+    assert (method.min_timestep_ratio, method.max_timestep_ratio) == (0.001, 0.999)
+    assert (list(method.gan.blocks), method.gan.generator_weight, method.gan.features) == ([30], 0.03, "teacher")
+    assert (config.data.batch_size, config.training.max_steps, config.checkpoint.every) == (2, 5000, 500)
+    assert_fastgen_loop(method)
+    planned = validate(compose_config(["experiment=qwen_image_dmd2_4step", "plan=true"]))
+    plan = make_plan(planned, build_adapter(planned.model), Layout(16, 1, 1), 80)
+    assert plan.tokens == 32 * 32 + 512  # packed image tokens and the padded prompt
+    assert plan.peak / 2**30 == pytest.approx(39.06, abs=0.1) and plan.peak / 2**30 < 72
+    preset = build_adapter(validate(compose_config(["model=qwen_image", "plan=true"])).model)
+    assert preset.shift == pytest.approx(2.3033, abs=1e-4)  # exp(mu) at 6,889 tokens

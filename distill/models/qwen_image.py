@@ -40,14 +40,18 @@ PUBLIC_ARCHITECTURES = {
                             axes_dims_rope=[16, 56, 56]),
 }
 
-# Activation memory of one double-stream block, forward + backward, per token and per
-# unit of width (the image and text streams each run attention and a 4x MLP), by
-# compute precision (element bytes); measured with torch's MemTracker on the CPU
-# (benchmarks/family_activations.py), as Wan's BLOCK_BYTES were
-BLOCK_BYTES = {4: 160.0, 2: 92.0}
-STORED_FRACTION = 0.82  # of a block's peak, what stays for the backward (no checkpointing)
-NO_GRAD_FRACTION = 0.37  # of a block's peak, a forward without gradient
-CHECKPOINT_ELEMENTS = 2.0  # per token and width unit, what a checkpointed block keeps (both streams' inputs)
+# Activation memory of one double-stream block, forward + backward, per token (image
+# and text: the two streams run side by side) and unit of width, measured as live
+# tensor bytes on the CPU by benchmarks/family_activations.py (1,024 image + 64 text
+# tokens, width 512; the same script gives Wan's BLOCK_BYTES within 3%): bytes by
+# compute precision (element bytes), and what stays for the backward, or a forward
+# without gradient adds, as fractions of that peak
+BLOCK_BYTES = {4: 133.7, 2: 78.0}
+STORED_FRACTION = 0.715  # 0.708 fp32, 0.725 bf16
+NO_GRAD_FRACTION = 0.40  # 0.419 fp32, 0.374 bf16
+# a checkpointed block keeps its two streams' inputs (one element per token and width)
+# and 2.36 bytes more per token and width (the same in fp32 and bf16)
+CHECKPOINT_EXTRA_BYTES = 2.36
 
 
 @dataclass
@@ -187,7 +191,7 @@ class QwenImageAdapter(FlowMatchingAdapter):
         if not grad:
             return 0.0, NO_GRAD_FRACTION * block
         if checkpointing:
-            return c.num_layers * tokens * samples * hidden * CHECKPOINT_ELEMENTS * element_bytes, block
+            return c.num_layers * tokens * samples * hidden * (element_bytes + CHECKPOINT_EXTRA_BYTES), block
         return c.num_layers * STORED_FRACTION * block, (1 - STORED_FRACTION) * block
 
     # --- LoRA ------------------------------------------------------------
