@@ -94,7 +94,7 @@ def prompt_folder(data, seed: int) -> Path:
     if data.name == "digits":
         from distill.data.digits import ensure_digits
 
-        return Path(ensure_digits(data.split, data.path, seed, data.speeds))
+        return Path(ensure_digits(data.split, data.path, seed, data.speeds, data.frames))
     return Path(data.path)
 
 

@@ -215,6 +215,7 @@ class DataConfig:
     split: str = "train"  # digits: train or val
     # digits: pixels per frame, one drawn per clip (the prompt does not say which)
     speeds: List[int] = field(default_factory=lambda: [2])
+    frames: int = 4  # digits: frames per clip: 4, or 1 for still images (experiment=digits_image)
     text_only: bool = False  # parquet: rows without latents (data-free DMD)
     # safetensors file whose `text_embeds` [L, D] is the empty/negative prompt;
     # null: zeros

@@ -416,6 +416,11 @@ def _check_data(config: Config, method) -> List[str]:
         error = speeds_error(data.speeds)
         if error:
             errors.append(error)
+        if data.frames not in (1, 4):
+            errors.append(f"data.frames={data.frames}: digits are clips of 4 frames, or still images (1)")
+        elif data.frames != config.model.latent_shape[1]:
+            errors.append(f"data.frames={data.frames} does not match model.latent_shape[1]="
+                          f"{config.model.latent_shape[1]} (the frames of a sample)")
     if data.num_workers < 0:
         errors.append(f"data.num_workers={data.num_workers}: must be >= 0")
     if "latents" in method.batch_keys(config.method) and data.text_only:

@@ -23,11 +23,11 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
                         "data.path=<a folder python -m distill.ode_pairs wrote>")
     if data.name == "synthetic":
         return SyntheticLatents(model, data, seed=config.seed, rank=rank, world_size=world_size,
-                                image_condition=image_condition(model))
+                                image_condition=image_condition(model), sample_shape=sample_shape(model))
     if data.name == "digits":
         from distill.data.digits import ensure_digits
 
-        path = ensure_digits(data.split, data.path, config.seed, data.speeds) if rank == 0 else None
+        path = ensure_digits(data.split, data.path, config.seed, data.speeds, data.frames) if rank == 0 else None
         if world_size > 1:
             import torch.distributed as dist
 
@@ -36,9 +36,9 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
             path = box[0]
     else:
         path = data.path
-    shapes = Shapes(None if data.text_only or ode else tuple(model.latent_shape), model.text_len, model.text_dim,
-                    ode=tuple(model.latent_shape) if ode else None, image_condition=image_condition(model),
-                    image_latent=tuple(model.latent_shape))
+    sample = sample_shape(model)
+    shapes = Shapes(None if data.text_only or ode else sample, model.text_len, model.text_dim,
+                    ode=sample if ode else None, image_condition=image_condition(model), image_latent=sample)
     dataset = ParquetLatents(
         ParquetIndex(str(path), shapes),
         shapes,
@@ -60,6 +60,14 @@ def image_condition(model) -> str:
     from distill.registry import family_class
 
     return family_class(model.family).batch_condition(model)
+
+
+def sample_shape(model) -> tuple:
+    """A sample's latent shape as the model family lays it out (a joint family's streams
+    side by side)."""
+    from distill.registry import family_class
+
+    return family_class(model.family).sample_shape(model)
 
 
 def _tensor_or_none(values):

@@ -7,7 +7,9 @@ at a speed drawn per clip from a list, which the prompt does not name: given
 the first frame, the rest then has more than one answer. Pixels in [-1, 1] are the
 latent (an identity VAE), [1, 4, 16, 16]; prompts are embedded by the
 HashTextEncoder. Digit images are split 80/20 into the train and val splits,
-so validation digits are handwriting the model never saw.
+so validation digits are handwriting the model never saw. With `frames=1`
+(data.frames) each sample is a still image instead, [1, 1, 16, 16]: the digit at
+a random place, its prompt "the digit 7" (experiment=digits_image).
 
 The dataset is deterministic in its seed and written once, through the
 parquet writer, to a cache folder named after its parameters. Several
@@ -81,6 +83,23 @@ def prompt(label: int, direction: str) -> str:
     return f"the digit {label} moving {direction}"
 
 
+def make_stills(split: str, count: int, seed: int) -> List[Dict[str, object]]:
+    """Still images [1, 1, SIZE, SIZE]: one digit at a random place, prompted by its label."""
+    images, labels = digit_images(split)
+    g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))
+    encoder = HashTextEncoder(TEXT_DIM, TEXT_LEN)
+    rows = []
+    for i in range(count):
+        k = int(torch.randint(len(labels), (1,), generator=g))
+        y, x = (int(v) for v in torch.randint(0, SIZE - DIGIT + 1, (2,), generator=g))
+        image = torch.zeros(1, 1, SIZE, SIZE)
+        image[0, 0, y : y + DIGIT, x : x + DIGIT] = images[k]
+        text = f"the digit {int(labels[k])}"
+        rows.append(make_row(f"{split}-{i:05d}", encoder(text), text, image * 2 - 1, file_name=f"digits/{split}/{i:05d}",
+                             width=SIZE, height=SIZE, num_frames=1, fps=8.0, duration_sec=0.0, media_type="image"))
+    return rows
+
+
 def make_clips(split: str, count: int, seed: int, speeds: Sequence[int] = (SPEED,)) -> List[Dict[str, object]]:
     images, labels = digit_images(split)
     g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))
@@ -115,8 +134,10 @@ def speeds_error(speeds: Sequence[int]) -> Optional[str]:
     return None
 
 
-def ensure_digits(split: str, cache: Optional[str] = None, seed: int = 0, speeds: Sequence[int] = (SPEED,)) -> Path:
-    """The folder of the split's parquet shards, built on first use."""
+def ensure_digits(split: str, cache: Optional[str] = None, seed: int = 0, speeds: Sequence[int] = (SPEED,),
+                  frames: int = FRAMES) -> Path:
+    """The folder of the split's parquet shards (clips of FRAMES frames, or still images
+    with frames=1), built on first use."""
     if split not in CLIPS:
         raise ValueError(f"data.split={split}: allowed values are {sorted(CLIPS)}")
     error = speeds_error(speeds)
@@ -124,6 +145,7 @@ def ensure_digits(split: str, cache: Optional[str] = None, seed: int = 0, speeds
         raise ValueError(error)
     folder = Path(cache) if cache else default_cache()
     name = f"digits-v{VERSION}-seed{seed}" + ("" if list(speeds) == [SPEED] else "-speeds" + "-".join(map(str, speeds)))
+    name += "-stills" if frames == 1 else ""
     folder = folder / name / split
     if folder.is_dir():
         return folder
@@ -132,7 +154,8 @@ def ensure_digits(split: str, cache: Optional[str] = None, seed: int = 0, speeds
             log.info("building the moving-digits %s split (%d clips; once, cached in %s)", split, CLIPS[split], folder)
             building = folder.with_name(f".{split}.building")  # the lock's holder alone writes it
             shutil.rmtree(building, ignore_errors=True)  # what an interrupted build left
-            write_dataset(make_clips(split, CLIPS[split], seed, tuple(speeds)), building, rows_per_shard=2048,
-                          row_group_size=64)
+            rows = make_stills(split, CLIPS[split], seed) if frames == 1 else make_clips(split, CLIPS[split], seed,
+                                                                                       tuple(speeds))
+            write_dataset(rows, building, rows_per_shard=2048, row_group_size=64)
             building.rename(folder)
     return folder

@@ -135,7 +135,7 @@ class ParquetIndex:
             raise DataError(f"{where}: text embedding of {text[0]} tokens exceeds model.text_len={shapes.text_len}")
         if self.with_latents:
             latent = tuple(meta[f"{LATENT}_shape"][row])
-            if len(latent) != 4 or latent[0] != shapes.latent[0]:
+            if len(latent) != len(shapes.latent) or latent[0] != shapes.latent[0]:
                 raise DataError(
                     f"{where}: latent shape {list(latent)} does not fit the model's {shapes.latent[0]} channels"
                 )

@@ -12,10 +12,11 @@ import torch
 
 
 class SyntheticLatents:
-    def __init__(self, model_cfg, data_cfg, seed: int, rank: int = 0, world_size: int = 1, image_condition: str = "none"):
+    def __init__(self, model_cfg, data_cfg, seed: int, rank: int = 0, world_size: int = 1, image_condition: str = "none",
+                 sample_shape=None):
         g = torch.Generator().manual_seed(seed + 7)
         n = data_cfg.num_samples
-        self.latents = torch.randn((n, *model_cfg.latent_shape), generator=g)
+        self.latents = torch.randn((n, *(sample_shape or model_cfg.latent_shape)), generator=g)
         self.text = torch.randn((n, model_cfg.text_len, model_cfg.text_dim), generator=g)
         self.negative_text = torch.zeros((model_cfg.text_len, model_cfg.text_dim))
         if image_condition == "concat":

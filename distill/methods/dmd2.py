@@ -19,6 +19,7 @@ from distill.config.schema import MethodConfig
 from distill.methods.base import Forward, MemoryPhase, TEXT_KEYS, Losses, Method, Metrics
 from distill.methods.gan import (GanConfig, GanHead, approximate_r1, check_gan, discriminator_loss, generator_gan_loss,
                                  through_input_only)
+from distill.methods.streams import stream_loss, stream_map
 from distill.registry import register_method
 from distill.sampling import CausalSampler, FewStepSampler, Sampler, rollout
 
@@ -330,9 +331,9 @@ class DMD2(Method):
             real = self.adapter.predict_x0_cfg(
                 self.roles["teacher"], x_s, sigma, text, uncond, self.cfg.guidance_scale, **cond
             )
-            grad = dmd_gradient(x0.detach().float(), fake, real)
+            grad = stream_map(self.adapter, dmd_gradient, x0.detach().float(), fake, real)  # a normaliser per stream
         metrics["sigma/generator"] = sigma.mean()
-        loss = generator_loss(x0, grad)
+        loss = stream_loss(self.adapter, generator_loss, x0, grad)
         if self.cfg.gan.enabled:
             gan = self.gan_generator_loss(self.adapter.add_noise(x0, noise, sigma), sigma, text, cond)
             metrics["gan/generator"] = gan.detach()
@@ -350,7 +351,7 @@ class DMD2(Method):
         else:
             v, fake_features = self.adapter.predict_velocity(critic, x_t, sigma, text, **cond), None
         metrics["sigma/critic"] = sigma.mean()
-        loss = F.mse_loss(v, self.adapter.velocity_target(x0, noise).float())
+        loss = stream_loss(self.adapter, F.mse_loss, v, self.adapter.velocity_target(x0, noise).float())
         if gan.enabled:
             real_t = self.adapter.add_noise(real, noise, sigma)  # the same sigma and noise as the fake side
             loss = loss + self.gan_discriminator_loss(x_t, real_t, fake_features, sigma, text, cond, metrics)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from distill.config.schema import MethodConfig
 from distill.methods.base import TEXT_KEYS, Losses, Method, Metrics
+from distill.methods.streams import stream_loss
 from distill.registry import register_method
 
 
@@ -61,5 +62,5 @@ class Finetune(Method):
         text = torch.where(drop, batch["negative_text_embeds"], batch["text_embeds"])
         x_t = self.adapter.add_noise(x0, noise, sigma)
         v = self.adapter.predict_velocity(self.roles["student"], x_t, sigma, text, **self.adapter.conditioning(batch))
-        loss = F.mse_loss(v, self.adapter.velocity_target(x0, noise).float())
+        loss = stream_loss(self.adapter, F.mse_loss, v, self.adapter.velocity_target(x0, noise).float())
         return {"student": loss}, {"sigma/student": sigma.mean()}

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from distill.config.schema import MethodConfig
 from distill.data import DataError

@@ -15,6 +15,7 @@ check against a model folder, the encoders preprocessing uses, decoding,
 the export layout and, where it has one, context parallelism.
 """
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,14 @@ def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if sigma.dim() == 2:
         return sigma.to(like.dtype).reshape(sigma.shape[0], 1, sigma.shape[1], *([1] * (like.dim() - 3)))
     return sigma.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def dynamic_shift(tokens: int, base_len: int, max_len: int, base_shift: float, max_shift: float) -> float:
+    """exp(mu) for a sample of `tokens` packed tokens: diffusers' `calculate_shift` (mu linear
+    in the tokens, as Qwen-Image's and LTX-2's pipelines use it), and the scheduler's exponential
+    time shift, which equals the flow shift s sigma / (1 + (s - 1) sigma) at s = exp(mu)."""
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return math.exp(base_shift + slope * (tokens - base_len))
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,28 @@ class FlowMatchingAdapter(ABC):
 
     @property
     def latent_shape(self) -> tuple:
-        return tuple(self.cfg.latent_shape)
+        """A sample's shape in model space (`sample_shape` of this config)."""
+        return self.sample_shape(self.cfg)
+
+    @classmethod
+    def sample_shape(cls, model) -> Tuple[int, ...]:
+        """A sample's shape in model space, what the data holds and samplers draw: the latent
+        shape; a joint family's streams flattened side by side (LTX-2's video and audio)."""
+        return tuple(model.latent_shape)
+
+    # --- latent streams --------------------------------------------------
+    # A method's losses are per stream: a family whose samples are one latent has one,
+    # `latents`; a joint one (LTX-2) names each, views of the model-space tensor.
+    def streams(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"latents": x}
+
+    def join_streams(self, parts: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The inverse of `streams`."""
+        return parts["latents"]
+
+    def stream_weights(self) -> Dict[str, float]:
+        """Each stream's weight in a loss summed over streams."""
+        return {"latents": 1.0}
 
     # --- predictions -----------------------------------------------------
     # `cond` holds the family's extra conditioning inputs (see `conditioning`)

@@ -11,7 +11,6 @@ zeros, so the transformer attends to exactly the tokens the pipeline's mask
 keeps.
 """
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from distill.config.schema import ModelConfig
-from distill.models.flow_matching import FlowMatchingAdapter, StockPipeline
+from distill.models.flow_matching import FlowMatchingAdapter, StockPipeline, dynamic_shift
 from distill.models.folders import read_component_config, resolve_model_folder
 from distill.models.wan import cast_keeping_fp32
 from distill.registry import register_family
@@ -84,14 +83,6 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     b, _, channels = tokens.shape
     x = tokens.reshape(b, height // PATCH, width // PATCH, channels // (PATCH * PATCH), PATCH, PATCH)
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, channels // (PATCH * PATCH), 1, height, width)
-
-
-def dynamic_shift(image_tokens: int, base_len: int, max_len: int, base_shift: float, max_shift: float) -> float:
-    """exp(mu) for an image of `image_tokens` packed tokens: the pipeline's `calculate_shift`
-    (mu linear in the tokens), and the exponential time shift, which equals the flow shift
-    s sigma / (1 + (s - 1) sigma) at s = exp(mu)."""
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return math.exp(base_shift + slope * (image_tokens - base_len))
 
 
 @register_family

@@ -1,0 +1,363 @@
+"""LTX-2 through diffusers' LTX2VideoTransformer3DModel: a joint audio-video model.
+
+Every forward denoises a video latent [C, T, H, W] and an audio latent [Ca, L, M]
+(latent frames x mel bins) together, each attending to the other. Outside this
+file a sample is one tensor: both latents flattened and laid side by side,
+[C*T*H*W + Ca*L*M] (`sample_shape`), in model space (each VAE's normalisation
+applied, as LTX2Pipeline samples). The methods' losses see the two as streams
+(`streams`): each has its own mean and DMD normaliser, and the audio's terms
+carry model.audio_weight. Both streams share the sigma schedule, as the pipeline
+steps its two schedulers together.
+
+The text input is the two outputs of the pipeline's text connectors side by side
+on the feature axis, [L, 2 * caption_channels]: the video's, then the audio's; a
+token is real where the zero padding is not (the mask).
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from distill.config.schema import ModelConfig
+from distill.models.flow_matching import FlowMatchingAdapter, StockPipeline, dynamic_shift
+from distill.models.folders import read_component_config, resolve_model_folder
+from distill.models.wan import cast_keeping_fp32
+from distill.registry import register_family
+
+# the video and audio attention and feed-forward projections of every block (peft's names)
+LTX2_LORA_TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                     "attn2.to_v", "attn2.to_out.0", "audio_attn1.to_q", "audio_attn1.to_k", "audio_attn1.to_v",
+                     "audio_attn1.to_out.0", "audio_attn2.to_q", "audio_attn2.to_k", "audio_attn2.to_v",
+                     "audio_attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "audio_ff.net.0.proj", "audio_ff.net.2"]
+
+# Lightricks/LTX-2's transformer/config.json as diffusers' LTX2VideoTransformer3DModel
+# defaults give it (LTX-2.0: 48 blocks, video 32 heads x 128, audio 32 x 64, Gemma-3
+# captions 3,840 wide), so that a memory plan can be made where the weights are not
+PUBLIC_ARCHITECTURES = {"Lightricks/LTX-2": {}}
+
+# Activation memory of one audio-video block, forward + backward, per video token and
+# unit of video width, measured as live tensor bytes on the CPU by
+# benchmarks/family_activations.py (the audio stream is small beside the video's and
+# rides in these figures); fractions of that peak as for the other families
+BLOCK_BYTES = {4: 150.0, 2: 95.0}
+STORED_FRACTION = 0.78
+NO_GRAD_FRACTION = 0.35
+CHECKPOINT_EXTRA_BYTES = 2.5
+
+
+@dataclass
+class LTX2Config(ModelConfig):
+    family: str = "ltx2"
+    # video latent: 121 frames at 512x768 (the pipeline's defaults) through the 32x spatial,
+    # 8x temporal VAE: [128, (121 - 1) / 8 + 1, 512 / 32, 768 / 32]
+    latent_shape: List[int] = field(default_factory=lambda: [128, 16, 16, 24])
+    # audio latent [Ca, L, M]: 121 / 24 s at 16 kHz, hop 160, 4x in time -> 25 latent frames
+    # a second, 126 of them; 64 mel bins / 4 = 16; 8 channels
+    audio_shape: List[int] = field(default_factory=lambda: [8, 126, 16])
+    text_len: int = 1024  # the pipeline's max_sequence_length
+    text_dim: int = 7680  # the connectors' video and audio embeddings side by side: 2 x caption_channels 3,840
+    vae: str = "ltx2"  # ltx2: AutoencoderKLLTX2Video from <model.path>/vae; identity: the latents as they are
+    text_encoder: str = "family"
+    fps: float = 24.0  # the frame rate the video RoPE's time coordinates use (the pipeline's frame_rate)
+    audio_weight: float = 1.0  # the audio stream's weight in every loss (the video's is 1)
+    # CFG of the audio stream (the pipeline's audio_guidance_scale, 7.0 by default); null:
+    # the method's guidance_scale, which the video uses
+    audio_guidance_scale: Optional[float] = None
+    # resolution-dependent shift as LTX2Pipeline samples (mu from the video's tokens; the
+    # pipeline's defaults when the scheduler config names none); false: model.shift
+    dynamic_shift: bool = True
+    base_image_seq_len: int = 1024
+    max_image_seq_len: int = 4096
+    base_shift: float = 0.95
+    max_shift: float = 2.05
+
+
+@register_family
+class LTX2Adapter(FlowMatchingAdapter):
+    family = "ltx2"
+    config_class = LTX2Config
+    vaes = ("ltx2", "identity")
+    folder_classes = ("LTX2VideoTransformer3DModel", "AutoencoderKLLTX2Video")
+
+    def __init__(self, cfg: LTX2Config):
+        super().__init__(cfg)
+        if cfg.dynamic_shift:
+            self.shift = dynamic_shift(self.video_tokens(cfg), cfg.base_image_seq_len, cfg.max_image_seq_len,
+                                       cfg.base_shift, cfg.max_shift)
+
+    @property
+    def model_class(self):
+        from diffusers import LTX2VideoTransformer3DModel
+
+        return LTX2VideoTransformer3DModel
+
+    @staticmethod
+    def video_tokens(model, patch: int = 1, patch_t: int = 1) -> int:
+        _, t, h, w = model.latent_shape
+        return (t // patch_t) * (h // patch) * (w // patch)
+
+    # --- the joint sample ------------------------------------------------
+    @classmethod
+    def sample_shape(cls, model) -> Tuple[int, ...]:
+        return (math.prod(model.latent_shape) + math.prod(model.audio_shape),)
+
+    def streams(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """{video [B, C, T, H, W], audio [B, Ca, L, M]}: views of a joint sample [B, N]."""
+        split = math.prod(self.cfg.latent_shape)
+        return {"video": x[:, :split].reshape(x.shape[0], *self.cfg.latent_shape),
+                "audio": x[:, split:].reshape(x.shape[0], *self.cfg.audio_shape)}
+
+    def join_streams(self, parts: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([parts["video"].flatten(1), parts["audio"].flatten(1)], dim=1)
+
+    def stream_weights(self) -> Dict[str, float]:
+        return {"video": 1.0, "audio": self.cfg.audio_weight}
+
+    def guidance(self, sigma: torch.Tensor, scale: float, like: torch.Tensor):
+        """`scale` on the video stream, model.audio_guidance_scale on the audio's."""
+        audio = self.cfg.audio_guidance_scale
+        if audio is None or audio == scale:
+            return scale
+        split = math.prod(self.cfg.latent_shape)
+        per_element = torch.full(like.shape[1:], float(scale), dtype=like.dtype, device=like.device)
+        per_element[split:] = audio
+        return per_element
+
+    # --- the network -----------------------------------------------------
+    def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                **cond) -> torch.Tensor:
+        c = module.config
+        dtype = module.proj_in.weight.dtype
+        parts = self.streams(x_t)
+        video, audio = parts["video"], parts["audio"]
+        _, _, t, h, w = video.shape
+        width = text.shape[-1] // 2
+        video_text, audio_text = text[..., :width], text[..., width:]
+        mask = video_text.ne(0).any(dim=-1).to(dtype)  # the connectors' tokens before the zero padding
+        out_video, out_audio = module(
+            hidden_states=pack_video(video, c.patch_size, c.patch_size_t).to(dtype),
+            audio_hidden_states=pack_audio(audio).to(dtype),
+            encoder_hidden_states=video_text.to(dtype),
+            audio_encoder_hidden_states=audio_text.to(dtype),
+            timestep=timestep.to(dtype),  # 1000 sigma, as LTX2Pipeline passes its scheduler's timesteps
+            sigma=timestep.to(dtype),
+            encoder_attention_mask=mask,
+            audio_encoder_attention_mask=mask,
+            num_frames=t // c.patch_size_t, height=h // c.patch_size, width=w // c.patch_size, fps=self.cfg.fps,
+            audio_num_frames=audio.shape[2],
+            return_dict=False,
+        )
+        return self.join_streams({
+            "video": unpack_video(out_video, t, h, w, c.patch_size, c.patch_size_t),
+            "audio": unpack_audio(out_audio, audio.shape[3]),
+        })
+
+    def blocks(self, module: nn.Module) -> list:
+        return list(module.transformer_blocks)
+
+    def block_tokens(self, output) -> torch.Tensor:
+        """A block returns (video, audio) states: the video stream's tokens."""
+        return output[0]
+
+    def hidden_size(self, module: nn.Module) -> int:
+        return module.config.num_attention_heads * module.config.attention_head_dim
+
+    def load(self, path: Optional[str], seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+        if path is None:  # every role built from one seed starts from the same weights
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return cast_keeping_fp32(self.model_class(**self._arch()), dtype)
+        folder = resolve_model_folder(path, self.cfg.subfolder)
+        if folder is None:
+            raise FileNotFoundError(f"no diffusers model at {path} (subfolder {self.cfg.subfolder})")
+        return self.model_class.from_pretrained(folder, subfolder=self.cfg.subfolder, torch_dtype=dtype)
+
+    def empty(self, path: Optional[str], dtype: torch.dtype = torch.float32) -> nn.Module:
+        if path is None:
+            module = self.model_class(**self._arch())
+        elif resolve_model_folder(path, self.cfg.subfolder) is None and path in PUBLIC_ARCHITECTURES:
+            module = self.model_class(**self._arch(PUBLIC_ARCHITECTURES[path]))  # planning only
+        else:
+            folder = resolve_model_folder(path, self.cfg.subfolder)
+            module = self.model_class.from_config(self.model_class.load_config(folder, subfolder=self.cfg.subfolder))
+        return cast_keeping_fp32(module, dtype)
+
+    def _arch(self, arch: Optional[dict] = None) -> dict:
+        arch = dict(self.cfg.arch if arch is None else arch)
+        if "vae_scale_factors" in arch:
+            arch["vae_scale_factors"] = tuple(arch["vae_scale_factors"])
+        return arch
+
+    def save(self, module: nn.Module, folder: Path) -> None:
+        module.save_pretrained(Path(folder) / self.cfg.subfolder)
+
+    # --- memory plan -----------------------------------------------------
+    def tokens_per_sample(self, module: nn.Module) -> int:
+        c = module.config
+        return self.video_tokens(self.cfg, c.patch_size, c.patch_size_t)
+
+    def activation_bytes(self, module: nn.Module, tokens: int, samples: int, element_bytes: int,
+                         checkpointing: bool, grad: bool) -> Tuple[float, float]:
+        c = module.config
+        hidden = c.num_attention_heads * c.attention_head_dim
+        block = tokens * samples * hidden * BLOCK_BYTES[element_bytes]
+        if not grad:
+            return 0.0, NO_GRAD_FRACTION * block
+        if checkpointing:
+            return c.num_layers * tokens * samples * hidden * (element_bytes + CHECKPOINT_EXTRA_BYTES), block
+        return c.num_layers * STORED_FRACTION * block, (1 - STORED_FRACTION) * block
+
+    # --- LoRA ------------------------------------------------------------
+    def lora_targets(self) -> List[str]:
+        return list(LTX2_LORA_TARGETS)
+
+    def save_lora(self, module: nn.Module, folder: Path) -> None:
+        """diffusers' LTX-2 LoRA format (`LTX2Pipeline.load_lora_weights(folder)`)."""
+        from diffusers import LTX2Pipeline
+
+        from distill.lora import adapter_metadata, adapter_state
+
+        LTX2Pipeline.save_lora_weights(folder, transformer_lora_layers=adapter_state(module),
+                                       transformer_lora_adapter_metadata=adapter_metadata(module))
+
+    def load_lora(self, module: nn.Module, folder: Path) -> nn.Module:
+        module.load_lora_adapter(str(folder), prefix="transformer", adapter_name="default",
+                                 weight_name="pytorch_lora_weights.safetensors")
+        return module
+
+    # --- checks ----------------------------------------------------------
+    @classmethod
+    def check(cls, config) -> List[str]:
+        model = config.model
+        errors = []
+        if len(model.latent_shape) != 4:
+            errors.append(f"model.latent_shape={list(model.latent_shape)}: the video latent, [C, T, H, W]")
+        if len(model.audio_shape) != 3 or any(n < 1 for n in model.audio_shape):
+            errors.append(f"model.audio_shape={list(model.audio_shape)}: the audio latent, [channels, frames, mel bins]")
+        if model.text_dim % 2:
+            errors.append(f"model.text_dim={model.text_dim}: the video and audio text embeddings side by side "
+                          "(2 x caption_channels), an even width")
+        if model.latents_mean is not None:
+            errors.append("model.latents_mean: model.family=ltx2 keeps its joint samples in model space "
+                          "(each VAE's normalisation applied when the data is written); leave it null")
+        if model.chunk_frames is not None or any(role.causal for role in config.roles.values()):
+            errors.append("model.family=ltx2 has no block-causal variant (roles.<r>.causal, model.chunk_frames)")
+        if model.audio_weight < 0:
+            errors.append(f"model.audio_weight={model.audio_weight}: must be >= 0")
+        if errors:
+            return errors
+        for name in config.roles:
+            arch, source, error = cls.role_architecture(config, name)
+            errors += [error] if error else cls.check_arch(arch, model, source)
+        return list(dict.fromkeys(errors))
+
+    @classmethod
+    def check_arch(cls, arch: dict, model, key: str) -> List[str]:
+        errors = []
+        channels, patch, patch_t = model.latent_shape[0], arch.get("patch_size", 1), arch.get("patch_size_t", 1)
+        if arch.get("in_channels", 128) != channels * patch * patch * patch_t:
+            errors.append(f"in_channels={arch.get('in_channels', 128)} of {key} does not fit model.latent_shape[0]="
+                          f"{channels} (patch {patch}x{patch}x{patch_t})")
+        audio = model.audio_shape[0] * model.audio_shape[2]
+        if arch.get("audio_in_channels", 128) != audio:
+            errors.append(f"audio_in_channels={arch.get('audio_in_channels', 128)} of {key} does not fit "
+                          f"model.audio_shape={list(model.audio_shape)} (channels x mel bins = {audio})")
+        if 2 * arch.get("caption_channels", 3840) != model.text_dim:
+            errors.append(f"model.text_dim={model.text_dim} does not match caption_channels="
+                          f"{arch.get('caption_channels', 3840)} of {key} (the video's and the audio's side by side)")
+        _, t, h, w = model.latent_shape
+        if t % patch_t or h % patch or w % patch:
+            errors.append(f"model.latent_shape={list(model.latent_shape)} does not divide into the patches of {key}")
+        return errors
+
+    @classmethod
+    def role_architecture(cls, config, name: str) -> Tuple[Optional[dict], str, Optional[str]]:
+        model, role = config.model, config.roles[name]
+        key = f"roles.{name}.path" if role.path else "model.path"
+        path = role.path or model.path
+        if path is None:
+            if not model.arch:
+                return None, key, f"{key} is null and model.arch is empty: give a model folder or an architecture"
+            return dict(model.arch), "model.arch", None
+        if config.plan and path in PUBLIC_ARCHITECTURES and resolve_model_folder(path, model.subfolder) is None:
+            return dict(PUBLIC_ARCHITECTURES[path]), key, None
+        arch, error = read_component_config(path, model.subfolder, key)
+        return arch, key, error
+
+    @classmethod
+    def depth(cls, arch: dict) -> int:
+        return arch.get("num_layers", 48)
+
+    @classmethod
+    def layer_names(cls, arch: dict) -> List[str]:
+        from accelerate import init_empty_weights
+        from diffusers import LTX2VideoTransformer3DModel
+
+        with init_empty_weights():
+            network = LTX2VideoTransformer3DModel.from_config(arch)
+        return [name for name, module in network.named_modules() if isinstance(module, nn.Linear)]
+
+    def stock_pipeline(self) -> Optional[StockPipeline]:
+        """LTX2Pipeline; it passes its own sigmas, linspace(1, 1/N, N), with its dynamic shift."""
+        if self.cfg.vae != "ltx2" or self.cfg.text_encoder != "family":
+            return None
+        return StockPipeline(class_name="LTX2Pipeline", transformers=(self.cfg.subfolder,),
+                             parts=("tokenizer", "text_encoder", "connectors", "vae", "audio_vae", "vocoder"),
+                             sigma_grid="inverse_steps")
+
+    def euler_scheduler(self) -> dict:
+        c = self.cfg
+        if not c.dynamic_shift:
+            return super().euler_scheduler()
+        return {"use_dynamic_shifting": True, "time_shift_type": "exponential", "base_shift": c.base_shift,
+                "max_shift": c.max_shift, "base_image_seq_len": c.base_image_seq_len,
+                "max_image_seq_len": c.max_image_seq_len}
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The video stream as pixels [N, 3, F, H, W] (identity: the video latent itself);
+        the audio stream is not rendered in validation samples."""
+        video = self.streams(latents.float())["video"]
+        if self.cfg.vae == "identity":
+            return video
+        if getattr(self, "_vae", None) is None:
+            from diffusers import AutoencoderKLLTX2Video
+
+            if self.cfg.path is None:
+                raise ValueError("model.vae=ltx2 needs model.path with a vae/ folder (or model.vae=identity)")
+            folder = resolve_model_folder(self.cfg.path, "vae")
+            self._vae = AutoencoderKLLTX2Video.from_pretrained(folder, subfolder="vae").to(video.device).eval()
+        vae = self._vae
+        c = video.shape[1]
+        mean = vae.latents_mean.view(1, c, 1, 1, 1).to(video)
+        std = vae.latents_std.view(1, c, 1, 1, 1).to(video)
+        pixels = vae.decode(video * std / vae.config.scaling_factor + mean, return_dict=False)[0]
+        return pixels.float().clamp(-1, 1)
+
+
+def pack_video(latents: torch.Tensor, patch: int = 1, patch_t: int = 1) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B, tokens, C * pt * p * p], LTX2Pipeline's `_pack_latents` order."""
+    b, c, t, h, w = latents.shape
+    x = latents.reshape(b, c, t // patch_t, patch_t, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
+
+
+def unpack_video(tokens: torch.Tensor, frames: int, height: int, width: int, patch: int = 1,
+                 patch_t: int = 1) -> torch.Tensor:
+    """The inverse of `pack_video`, for the latent's own frames, height and width."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, frames // patch_t, height // patch, width // patch, -1, patch_t, patch, patch)
+    return x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def pack_audio(latents: torch.Tensor) -> torch.Tensor:
+    """[B, Ca, L, M] -> [B, L, Ca * M], LTX2Pipeline's `_pack_audio_latents` without patches."""
+    return latents.transpose(1, 2).flatten(2, 3)
+
+
+def unpack_audio(tokens: torch.Tensor, mel_bins: int) -> torch.Tensor:
+    """[B, L, Ca * M] -> [B, Ca, L, M]."""
+    return tokens.unflatten(2, (-1, mel_bins)).transpose(1, 2)
