@@ -2,11 +2,12 @@
 measured as live tensor bytes on the CPU: the constants a family's memory plan
 (`activation_bytes`) is built from.
 
-    python benchmarks/family_activations.py                  # Qwen-Image and Wan, fp32 and bf16
+    python benchmarks/family_activations.py                  # Qwen-Image, LTX-2 and Wan, fp32 and bf16
     python benchmarks/family_activations.py --family qwen_image --tokens 2048
 
 For each family and precision it prints, for one block at `--tokens` image tokens
-(Qwen-Image adds 64 text tokens to the same stream count) and width `--width`:
+(Qwen-Image adds 64 text tokens to the same stream count; LTX-2 counts its video
+tokens, its audio stream riding along) and video width `--width`:
 - peak: the most bytes the block adds while its forward and backward run (inputs
   and weights excluded), per token and unit of width;
 - stored: of that peak, what stays after the forward for the backward;
@@ -44,6 +45,13 @@ def family_setup(name: str, tokens: int, width: int):
                     num_attention_heads=heads, joint_attention_dim=32, axes_dims_rope=[16, 24, 24])
         cfg = family_class(name).config_class(arch=arch, latent_shape=[4, 1, side, side], text_len=TEXT_TOKENS,
                                               text_dim=32, vae="identity", text_encoder="hash")
+    elif name == "ltx2":  # video tokens; the audio stream (40 latent frames) rides along
+        side = int(round((tokens / 4) ** 0.5))  # 4 frames of side^2 tokens (patch 1)
+        arch = dict(in_channels=8, out_channels=8, num_attention_heads=heads, attention_head_dim=head_dim,
+                    cross_attention_dim=width, audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
+                    audio_attention_head_dim=64, audio_cross_attention_dim=128, num_layers=1, caption_channels=16)
+        cfg = family_class(name).config_class(arch=arch, latent_shape=[8, 4, side, side], audio_shape=[2, 40, 4],
+                                              text_len=TEXT_TOKENS, text_dim=32, vae="identity", text_encoder="hash")
     else:
         side = int(round((tokens / 4) ** 0.5)) * 2  # 4 frames of (side/2)^2 tokens
         arch = dict(patch_size=[1, 2, 2], num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
@@ -54,7 +62,7 @@ def family_setup(name: str, tokens: int, width: int):
     adapter = build_adapter(cfg)
     net = adapter.load(None, seed=0)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn((1, *cfg.latent_shape), generator=g)
+    x = torch.randn((1, *adapter.latent_shape), generator=g)
     text = torch.randn((1, TEXT_TOKENS, 32), generator=g)
     return adapter, net, x, text
 
@@ -102,7 +110,7 @@ def _tensors(out):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", action="append", help="qwen_image, wan (default: both)")
+    parser.add_argument("--family", action="append", help="qwen_image, ltx2, wan (default: all three)")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
@@ -111,7 +119,7 @@ def main() -> None:
     print(f"one block, {args.tokens} image tokens + {TEXT_TOKENS} text, width {args.width}; "
           f"median of {args.repeats}")
     print(f"{'family':12s} {'dtype':6s} {'peak B/(tok*w)':>15s} {'stored':>8s} {'no-grad':>8s} {'ckpt elems':>11s}")
-    for name in args.family or ["qwen_image", "wan"]:
+    for name in args.family or ["qwen_image", "ltx2", "wan"]:
         adapter, net, x, text = family_setup(name, args.tokens, args.width)
         tokens = adapter.tokens_per_sample(net)
         for dtype in (torch.float32, torch.bfloat16):

@@ -22,6 +22,9 @@ LONG = [*BASE, "model.arch.attention_head_dim=64", "model.arch.ffn_dim=512", "mo
 # tokens, head width 64
 QWEN_LONG = [*BASE, "model=qwen_image_tiny", "model.arch.attention_head_dim=64", "model.arch.axes_dims_rope=[16,24,24]",
              "model.latent_shape=[4,1,64,64]", "model.text_len=64"]
+# the tiny LTX-2 with 1,024 video tokens (4 x 16 x 16, head width 64) and 40 audio tokens
+LTX2_LONG = [*BASE, "model=ltx2_tiny", "model.arch.attention_head_dim=64", "model.arch.cross_attention_dim=128",
+             "model.latent_shape=[8,4,16,16]", "model.audio_shape=[2,40,4]"]
 BF16 = ["roles.student.precision=bf16", "roles.critic.precision=bf16", "roles.teacher.precision=bf16",
         "method.generator_update_interval=1", "data.batch_size=2"]
 
@@ -32,7 +35,10 @@ BF16 = ["roles.student.precision=bf16", "roles.critic.precision=bf16", "roles.te
     [*LONG, *BF16],
     QWEN_LONG,
     [*QWEN_LONG, "roles.student.activation_checkpointing=full", "roles.critic.activation_checkpointing=full", *BF16],
-], ids=["fp32", "checkpointing", "bf16_batch2", "qwen_image_fp32", "qwen_image_checkpointing_bf16"])
+    LTX2_LONG,
+    [*LTX2_LONG, "roles.student.activation_checkpointing=full", "roles.critic.activation_checkpointing=full", *BF16],
+], ids=["fp32", "checkpointing", "bf16_batch2", "qwen_image_fp32", "qwen_image_checkpointing_bf16", "ltx2_fp32",
+        "ltx2_checkpointing_bf16"])
 def test_plan_is_within_20_percent_of_the_measured_peak(tmp_path, overrides):
     config = validate(compose_config(overrides))
     planned = make_plan(config, build_adapter(config.model), layout_of(config), 80).peak

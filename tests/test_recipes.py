@@ -331,3 +331,24 @@ def test_qwen_image_recipe_holds_fastgens_numbers_and_fits_two_nodes(tmp_path):
     assert plan.peak / 2**30 == pytest.approx(39.06, abs=0.1) and plan.peak / 2**30 < 72
     preset = build_adapter(validate(compose_config(["model=qwen_image", "plan=true"])).model)
     assert preset.shift == pytest.approx(2.3033, abs=1e-4)  # exp(mu) at 6,889 tokens
+
+
+def test_ltx2_recipe_samples_at_the_distilled_sigmas_and_fits_two_nodes(tmp_path):
+    """The official distilled LTX-2's 8 sigmas (its public constants), the pipeline's CFG per
+    stream (3.0 video, 7.0 audio); the plan fits 2 x 8 x 80 GB."""
+    from distill.methods.dmd2 import student_sigmas
+    from distill.models import build_adapter
+    from distill.plan import Layout, make_plan
+
+    config = composed("ltx2_dmd2_8step", tmp_path)
+    method, model = config.method, config.model
+    adapter = build_adapter(model)
+    assert student_sigmas(method, adapter).tolist() == pytest.approx(
+        [1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875], abs=1e-6)
+    assert (model.path, list(model.latent_shape), list(model.audio_shape)) == (
+        "Lightricks/LTX-2", [128, 16, 16, 24], [8, 126, 16])
+    assert (method.guidance_scale, model.audio_guidance_scale, model.text_dim) == (3.0, 7.0, 7680)
+    planned = validate(compose_config(["experiment=ltx2_dmd2_8step", "plan=true"]))
+    plan = make_plan(planned, build_adapter(planned.model), Layout(16, 1, 1), 80)
+    assert plan.tokens == 16 * 16 * 24
+    assert plan.peak / 2**30 < 72

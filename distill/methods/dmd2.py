@@ -55,8 +55,9 @@ class CriticSample(str, Enum):
 @dataclass
 class DMD2Config(MethodConfig):
     name: str = "dmd2"
-    # The student's steps as sigma*1000 before the shift, from noisiest down.
-    student_steps: List[int] = field(default_factory=lambda: [1000, 757, 522])
+    # The student's steps as sigma*1000 before the shift, from noisiest down (fractions
+    # allowed: LTX-2's distilled list has 993.75).
+    student_steps: List[float] = field(default_factory=lambda: [1000, 757, 522])
     # true: pass the listed steps through the model's shift (the warped list), as
     # only the causal Self-Forcing pipelines do; FastVideo's DMD2 and FastWan use them raw
     warp_steps: bool = False
