@@ -130,10 +130,12 @@ def test_wrong_shapes_and_causal_roles_are_refused():
         "model.audio_shape=[2,5]": "model.audio_shape=[2, 5]: the audio latent, [channels, frames, mel bins]",
         "model.audio_shape=[2,5,8]": "audio_in_channels=8 of model.arch does not fit model.audio_shape=[2, 5, 8]",
         "model.text_dim=30": "model.text_dim=30 does not match caption_channels=16 of model.arch",
-        "+model.latents_mean=[0,0,0,0,0,0,0,0]": "model.latents_mean: model.family=ltx2 keeps its joint samples",
+        "model.latents_mean=[0,0,0,0,0,0,0,0]": "model.latents_mean: model.family=ltx2 keeps its joint samples",
         "roles.student.causal=true": "model.family=ltx2 has no block-causal variant",
+        "parallel.context=2": "parallel.context=2: model.family=ltx2 has no context parallelism (allowed: 1): "
+                              "diffusers 0.42.1 declares a plan",
     }
     for override, message in cases.items():
         with pytest.raises(ConfigError) as err:
-            validate(compose_config([*TINY, override.lstrip("+")]))
+            validate(compose_config([*TINY, override, *(["launcher.nproc_per_node=2"] if "context" in override else [])]))
         assert message in str(err.value), override

@@ -385,8 +385,9 @@ def _check_parallel(config: Config, family) -> List[str]:
     if errors:
         return errors
     if p.context != 1 and not family.supports_context_parallel:
+        why = f": {family.context_parallel_note}" if family.context_parallel_note else ""
         errors.append(f"parallel.context={p.context}: model.family={family.family} has no context parallelism "
-                      "(allowed: 1)")
+                      f"(allowed: 1){why}")
     fixed = p.replicate * p.context * (p.shard if p.shard > 0 else 1)
     if world % fixed or (p.shard > 0 and fixed != world):
         errors.append(

@@ -67,6 +67,7 @@ class FlowMatchingAdapter(ABC):
     folder_classes: ClassVar[Tuple[str, ...]] = ()  # diffusers classes of its transformer / VAE (finds the family of a folder)
     default_negative_prompt: ClassVar[str] = ""  # what preprocessing encodes as the negative prompt
     supports_context_parallel: ClassVar[bool] = False  # parallel.context > 1 is allowed
+    context_parallel_note: ClassVar[str] = ""  # why not, where there is more to say than "no plan"
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg

@@ -85,6 +85,8 @@ class LTX2Adapter(FlowMatchingAdapter):
     config_class = LTX2Config
     vaes = ("ltx2", "identity")
     folder_classes = ("LTX2VideoTransformer3DModel", "AutoencoderKLLTX2Video")
+    context_parallel_note = ("diffusers 0.42.1 declares a plan for LTX2VideoTransformer3DModel, but it splits the "
+                             "4-D RoPE tables on their heads axis and the forward fails (tried on 2 ranks)")
 
     def __init__(self, cfg: LTX2Config):
         super().__init__(cfg)
