@@ -32,8 +32,7 @@ def write_scheduler(folder: Path, sampler: Sampler, adapter) -> bool:
     distill.json); True when the family's stock pipeline samples them unchanged."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    stock_pipeline = adapter.stock_pipeline()
-    grid = stock_pipeline.sigma_grid if stock_pipeline else "train_min"
+    grid = adapter.sigma_grid
     if isinstance(sampler, EulerSampler):  # the base model's own sampler: its shift, deterministic steps
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **adapter.euler_scheduler())
         stock = False

@@ -55,9 +55,6 @@ class StockPipeline:
     parts: Tuple[str, ...]  # folders of the model folder it cannot run without (text encoder, VAE, ...)
     optional_parts: Tuple[str, ...] = ()  # linked when the model folder has them, else null
     config: Dict = field(default_factory=dict)  # the pipeline's own config entries (boundary_ratio, ...)
-    # the points the pipeline asks its scheduler to shift: train_min, `set_timesteps(N)`'s own
-    # linspace(1, sigma_min, N) (Wan); inverse_steps, linspace(1, 1/N, N) passed as sigmas (Qwen-Image)
-    sigma_grid: str = "train_min"
 
 
 class FlowMatchingAdapter(ABC):
@@ -68,6 +65,10 @@ class FlowMatchingAdapter(ABC):
     default_negative_prompt: ClassVar[str] = ""  # what preprocessing encodes as the negative prompt
     supports_context_parallel: ClassVar[bool] = False  # parallel.context > 1 is allowed
     context_parallel_note: ClassVar[str] = ""  # why not, where there is more to say than "no plan"
+    # the points the family's pipeline asks its scheduler to shift: train_min, `set_timesteps(N)`'s
+    # own linspace(1, sigma_min, N) (Wan); inverse_steps, linspace(1, 1/N, N) passed as sigmas
+    # (Qwen-Image, LTX-2): the exported scheduler is fitted to that call
+    sigma_grid: ClassVar[str] = "train_min"
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg

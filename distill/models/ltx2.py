@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from distill.config.schema import ModelConfig
-from distill.models.flow_matching import FlowMatchingAdapter, StockPipeline, dynamic_shift
+from distill.models.flow_matching import FlowMatchingAdapter, dynamic_shift
 from distill.models.folders import read_component_config, resolve_model_folder
 from distill.models.wan import cast_keeping_fp32
 from distill.registry import register_family
@@ -85,6 +85,7 @@ class LTX2Adapter(FlowMatchingAdapter):
     config_class = LTX2Config
     vaes = ("ltx2", "identity")
     folder_classes = ("LTX2VideoTransformer3DModel", "AutoencoderKLLTX2Video")
+    sigma_grid = "inverse_steps"  # LTX2Pipeline passes linspace(1, 1/N, N) with its mu
     context_parallel_note = ("diffusers 0.42.1 declares a plan for LTX2VideoTransformer3DModel, but it splits the "
                              "4-D RoPE tables on their heads axis and the forward fails (tried on 2 ranks)")
 
@@ -305,14 +306,6 @@ class LTX2Adapter(FlowMatchingAdapter):
         with init_empty_weights():
             network = LTX2VideoTransformer3DModel.from_config(arch)
         return [name for name, module in network.named_modules() if isinstance(module, nn.Linear)]
-
-    def stock_pipeline(self) -> Optional[StockPipeline]:
-        """LTX2Pipeline; it passes its own sigmas, linspace(1, 1/N, N), with its dynamic shift."""
-        if self.cfg.vae != "ltx2" or self.cfg.text_encoder != "family":
-            return None
-        return StockPipeline(class_name="LTX2Pipeline", transformers=(self.cfg.subfolder,),
-                             parts=("tokenizer", "text_encoder", "connectors", "vae", "audio_vae", "vocoder"),
-                             sigma_grid="inverse_steps")
 
     def euler_scheduler(self) -> dict:
         c = self.cfg

@@ -91,6 +91,7 @@ class QwenImageAdapter(FlowMatchingAdapter):
     config_class = QwenImageConfig
     vaes = ("qwen_image", "identity")
     folder_classes = ("QwenImageTransformer2DModel", "AutoencoderKLQwenImage")
+    sigma_grid = "inverse_steps"  # QwenImagePipeline passes linspace(1, 1/N, N)
 
     def __init__(self, cfg: QwenImageConfig):
         super().__init__(cfg)
@@ -299,7 +300,7 @@ class QwenImageAdapter(FlowMatchingAdapter):
         if self.cfg.vae != "qwen_image" or self.cfg.text_encoder != "family":
             return None
         return StockPipeline(class_name="QwenImagePipeline", transformers=(self.cfg.subfolder,),
-                             parts=("tokenizer", "text_encoder", "vae"), sigma_grid="inverse_steps")
+                             parts=("tokenizer", "text_encoder", "vae"))
 
     def euler_scheduler(self) -> dict:
         """The base model's own scheduler: its resolution-dependent shift."""
