@@ -120,8 +120,8 @@ def write_images(folder, count=4):
 @pytest.fixture(scope="module")
 def qwen_export(tmp_path_factory):
     """A tiny Qwen-Image pipeline folder; images + captions preprocessed through its VAE and
-    Qwen2.5-VL into a parquet dataset; a 2-step student distilled on that dataset with the
-    deterministic (ODE-step) sampler, and exported."""
+    Qwen2.5-VL into a parquet dataset; a 2-step student distilled on that dataset (its input
+    rolled out from the data's latents) with the deterministic (ODE-step) sampler, and exported."""
     from distill.models import build_adapter
     from distill.preprocess import main as preprocess
     from distill.run import train
@@ -138,6 +138,7 @@ def qwen_export(tmp_path_factory):
     config = validate(compose_config([
         *TINY, f"model.path={base}", "model.vae=qwen_image", "model.text_encoder=family", "data=parquet",
         f"data.path={root / 'data'}", "method.student_steps=[1000,500]", "method.student_sampler=deterministic",
+        "method.rollout=data",  # the student's input from the images' latents (tests/test_families.py: simulated)
         "training.max_steps=2", "validation.num_samples=1", "validation.health.diversity_seeds=0"]))
     train(config, root / "run")
     return root / "run" / "export" / "student", root
