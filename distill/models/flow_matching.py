@@ -45,6 +45,14 @@ def dynamic_shift(tokens: int, base_len: int, max_len: int, base_shift: float, m
     return math.exp(base_shift + slope * (tokens - base_len))
 
 
+def dynamic_scheduler_config(cfg) -> Dict:
+    """FlowMatchEulerDiscreteScheduler keys of a model config's resolution-dependent shift
+    (its dynamic_shift, base/max_image_seq_len and base/max_shift keys)."""
+    return {"use_dynamic_shifting": True, "time_shift_type": "exponential", "base_shift": cfg.base_shift,
+            "max_shift": cfg.max_shift, "base_image_seq_len": cfg.base_image_seq_len,
+            "max_image_seq_len": cfg.max_image_seq_len}
+
+
 @dataclass(frozen=True)
 class StockPipeline:
     """The stock diffusers pipeline that samples a family's export unchanged: what its

@@ -16,16 +16,14 @@ token is real where the zero padding is not (the mask).
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from distill.config.schema import ModelConfig
-from distill.models.flow_matching import FlowMatchingAdapter, dynamic_shift
-from distill.models.folders import read_component_config, resolve_model_folder
-from distill.models.wan import cast_keeping_fp32
+from distill.models.diffusers_network import DiffusersNetworkAdapter
+from distill.models.flow_matching import dynamic_scheduler_config, dynamic_shift
 from distill.registry import register_family
 
 # the video and audio attention and feed-forward projections of every block (peft's names)
@@ -80,8 +78,16 @@ class LTX2Config(ModelConfig):
 
 
 @register_family
-class LTX2Adapter(FlowMatchingAdapter):
+class LTX2Adapter(DiffusersNetworkAdapter):
     family = "ltx2"
+    model_class_name = "LTX2VideoTransformer3DModel"
+    lora_pipeline_name = "LTX2Pipeline"
+    vae_class_name = "AutoencoderKLLTX2Video"
+    public_architectures = PUBLIC_ARCHITECTURES
+    tuple_keys = ("vae_scale_factors",)
+    default_depth = 48
+    block_bytes, stored_fraction, no_grad_fraction = BLOCK_BYTES, STORED_FRACTION, NO_GRAD_FRACTION
+    checkpoint_extra_bytes = CHECKPOINT_EXTRA_BYTES
     config_class = LTX2Config
     vaes = ("ltx2", "identity")
     folder_classes = ("LTX2VideoTransformer3DModel", "AutoencoderKLLTX2Video")
@@ -94,12 +100,6 @@ class LTX2Adapter(FlowMatchingAdapter):
         if cfg.dynamic_shift:
             self.shift = dynamic_shift(self.video_tokens(cfg), cfg.base_image_seq_len, cfg.max_image_seq_len,
                                        cfg.base_shift, cfg.max_shift)
-
-    @property
-    def model_class(self):
-        from diffusers import LTX2VideoTransformer3DModel
-
-        return LTX2VideoTransformer3DModel
 
     @staticmethod
     def video_tokens(model, patch: int = 1, patch_t: int = 1) -> int:
@@ -169,71 +169,14 @@ class LTX2Adapter(FlowMatchingAdapter):
         """A block returns (video, audio) states: the video stream's tokens."""
         return output[0]
 
-    def hidden_size(self, module: nn.Module) -> int:
-        return module.config.num_attention_heads * module.config.attention_head_dim
-
-    def load(self, path: Optional[str], seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
-        if path is None:  # every role built from one seed starts from the same weights
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return cast_keeping_fp32(self.model_class(**self._arch()), dtype)
-        folder = resolve_model_folder(path, self.cfg.subfolder)
-        if folder is None:
-            raise FileNotFoundError(f"no diffusers model at {path} (subfolder {self.cfg.subfolder})")
-        return self.model_class.from_pretrained(folder, subfolder=self.cfg.subfolder, torch_dtype=dtype)
-
-    def empty(self, path: Optional[str], dtype: torch.dtype = torch.float32) -> nn.Module:
-        if path is None:
-            module = self.model_class(**self._arch())
-        elif resolve_model_folder(path, self.cfg.subfolder) is None and path in PUBLIC_ARCHITECTURES:
-            module = self.model_class(**self._arch(PUBLIC_ARCHITECTURES[path]))  # planning only
-        else:
-            folder = resolve_model_folder(path, self.cfg.subfolder)
-            module = self.model_class.from_config(self.model_class.load_config(folder, subfolder=self.cfg.subfolder))
-        return cast_keeping_fp32(module, dtype)
-
-    def _arch(self, arch: Optional[dict] = None) -> dict:
-        arch = dict(self.cfg.arch if arch is None else arch)
-        if "vae_scale_factors" in arch:
-            arch["vae_scale_factors"] = tuple(arch["vae_scale_factors"])
-        return arch
-
-    def save(self, module: nn.Module, folder: Path) -> None:
-        module.save_pretrained(Path(folder) / self.cfg.subfolder)
-
     # --- memory plan -----------------------------------------------------
     def tokens_per_sample(self, module: nn.Module) -> int:
         c = module.config
         return self.video_tokens(self.cfg, c.patch_size, c.patch_size_t)
 
-    def activation_bytes(self, module: nn.Module, tokens: int, samples: int, element_bytes: int,
-                         checkpointing: bool, grad: bool) -> Tuple[float, float]:
-        c = module.config
-        hidden = c.num_attention_heads * c.attention_head_dim
-        block = tokens * samples * hidden * BLOCK_BYTES[element_bytes]
-        if not grad:
-            return 0.0, NO_GRAD_FRACTION * block
-        if checkpointing:
-            return c.num_layers * tokens * samples * hidden * (element_bytes + CHECKPOINT_EXTRA_BYTES), block
-        return c.num_layers * STORED_FRACTION * block, (1 - STORED_FRACTION) * block
-
     # --- LoRA ------------------------------------------------------------
     def lora_targets(self) -> List[str]:
         return list(LTX2_LORA_TARGETS)
-
-    def save_lora(self, module: nn.Module, folder: Path) -> None:
-        """diffusers' LTX-2 LoRA format (`LTX2Pipeline.load_lora_weights(folder)`)."""
-        from diffusers import LTX2Pipeline
-
-        from distill.lora import adapter_metadata, adapter_state
-
-        LTX2Pipeline.save_lora_weights(folder, transformer_lora_layers=adapter_state(module),
-                                       transformer_lora_adapter_metadata=adapter_metadata(module))
-
-    def load_lora(self, module: nn.Module, folder: Path) -> nn.Module:
-        module.load_lora_adapter(str(folder), prefix="transformer", adapter_name="default",
-                                 weight_name="pytorch_lora_weights.safetensors")
-        return module
 
     # --- checks ----------------------------------------------------------
     @classmethod
@@ -280,40 +223,9 @@ class LTX2Adapter(FlowMatchingAdapter):
             errors.append(f"model.latent_shape={list(model.latent_shape)} does not divide into the patches of {key}")
         return errors
 
-    @classmethod
-    def role_architecture(cls, config, name: str) -> Tuple[Optional[dict], str, Optional[str]]:
-        model, role = config.model, config.roles[name]
-        key = f"roles.{name}.path" if role.path else "model.path"
-        path = role.path or model.path
-        if path is None:
-            if not model.arch:
-                return None, key, f"{key} is null and model.arch is empty: give a model folder or an architecture"
-            return dict(model.arch), "model.arch", None
-        if config.plan and path in PUBLIC_ARCHITECTURES and resolve_model_folder(path, model.subfolder) is None:
-            return dict(PUBLIC_ARCHITECTURES[path]), key, None
-        arch, error = read_component_config(path, model.subfolder, key)
-        return arch, key, error
-
-    @classmethod
-    def depth(cls, arch: dict) -> int:
-        return arch.get("num_layers", 48)
-
-    @classmethod
-    def layer_names(cls, arch: dict) -> List[str]:
-        from accelerate import init_empty_weights
-        from diffusers import LTX2VideoTransformer3DModel
-
-        with init_empty_weights():
-            network = LTX2VideoTransformer3DModel.from_config(arch)
-        return [name for name, module in network.named_modules() if isinstance(module, nn.Linear)]
-
     def euler_scheduler(self) -> dict:
-        c = self.cfg
-        if not c.dynamic_shift:
-            return super().euler_scheduler()
-        return {"use_dynamic_shifting": True, "time_shift_type": "exponential", "base_shift": c.base_shift,
-                "max_shift": c.max_shift, "base_image_seq_len": c.base_image_seq_len,
-                "max_image_seq_len": c.max_image_seq_len}
+        """The base model's own scheduler: its resolution-dependent shift."""
+        return dynamic_scheduler_config(self.cfg) if self.cfg.dynamic_shift else super().euler_scheduler()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The video stream as pixels [N, 3, F, H, W] (identity: the video latent itself);
@@ -324,10 +236,8 @@ class LTX2Adapter(FlowMatchingAdapter):
         if getattr(self, "_vae", None) is None:
             from diffusers import AutoencoderKLLTX2Video
 
-            if self.cfg.path is None:
-                raise ValueError("model.vae=ltx2 needs model.path with a vae/ folder (or model.vae=identity)")
-            folder = resolve_model_folder(self.cfg.path, "vae")
-            self._vae = AutoencoderKLLTX2Video.from_pretrained(folder, subfolder="vae").to(video.device).eval()
+            self._vae = AutoencoderKLLTX2Video.from_pretrained(self.part_folder("vae"), subfolder="vae").to(
+                video.device).eval()
         vae = self._vae
         c = video.shape[1]
         mean = vae.latents_mean.view(1, c, 1, 1, 1).to(video)

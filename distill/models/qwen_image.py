@@ -13,15 +13,14 @@ keeps.
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from distill.config.schema import ModelConfig
-from distill.models.flow_matching import FlowMatchingAdapter, StockPipeline, dynamic_shift
-from distill.models.folders import read_component_config, resolve_model_folder
-from distill.models.wan import cast_keeping_fp32
+from distill.models.diffusers_network import DiffusersNetworkAdapter
+from distill.models.flow_matching import StockPipeline, dynamic_scheduler_config, dynamic_shift
 from distill.registry import register_family
 
 PATCH = 2  # QwenImagePipeline packs 2x2 latent pixels into one token
@@ -86,8 +85,16 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 @register_family
-class QwenImageAdapter(FlowMatchingAdapter):
+class QwenImageAdapter(DiffusersNetworkAdapter):
     family = "qwen_image"
+    model_class_name = "QwenImageTransformer2DModel"
+    lora_pipeline_name = "QwenImagePipeline"
+    vae_class_name = "AutoencoderKLQwenImage"
+    public_architectures = PUBLIC_ARCHITECTURES
+    tuple_keys = ("axes_dims_rope",)
+    default_depth = 60
+    block_bytes, stored_fraction, no_grad_fraction = BLOCK_BYTES, STORED_FRACTION, NO_GRAD_FRACTION
+    checkpoint_extra_bytes = CHECKPOINT_EXTRA_BYTES
     config_class = QwenImageConfig
     vaes = ("qwen_image", "identity")
     folder_classes = ("QwenImageTransformer2DModel", "AutoencoderKLQwenImage")
@@ -102,12 +109,6 @@ class QwenImageAdapter(FlowMatchingAdapter):
     @classmethod
     def task(cls, model) -> str:
         return "text-to-image"
-
-    @property
-    def model_class(self):
-        from diffusers import QwenImageTransformer2DModel
-
-        return QwenImageTransformer2DModel
 
     @staticmethod
     def image_tokens(latent_shape) -> int:
@@ -133,76 +134,16 @@ class QwenImageAdapter(FlowMatchingAdapter):
         """A double-stream block returns (text, image) states: the image stream's tokens."""
         return output[1]
 
-    # --- loading ---------------------------------------------------------
-    def load(self, path: Optional[str], seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
-        if path is None:  # every role built from one seed starts from the same weights
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return cast_keeping_fp32(self.model_class(**self._arch()), dtype)
-        folder = resolve_model_folder(path, self.cfg.subfolder)
-        if folder is None:
-            raise FileNotFoundError(f"no diffusers model at {path} (subfolder {self.cfg.subfolder})")
-        return self.model_class.from_pretrained(folder, subfolder=self.cfg.subfolder, torch_dtype=dtype)
-
-    def empty(self, path: Optional[str], dtype: torch.dtype = torch.float32) -> nn.Module:
-        if path is None:
-            module = self.model_class(**self._arch())
-        elif resolve_model_folder(path, self.cfg.subfolder) is None and path in PUBLIC_ARCHITECTURES:
-            module = self.model_class(**self._arch(PUBLIC_ARCHITECTURES[path]))  # planning only
-        else:
-            folder = resolve_model_folder(path, self.cfg.subfolder)
-            module = self.model_class.from_config(self.model_class.load_config(folder, subfolder=self.cfg.subfolder))
-        return cast_keeping_fp32(module, dtype)
-
-    def _arch(self, arch: Optional[dict] = None) -> dict:
-        arch = dict(self.cfg.arch if arch is None else arch)
-        if "axes_dims_rope" in arch:
-            arch["axes_dims_rope"] = tuple(arch["axes_dims_rope"])
-        return arch
-
-    def save(self, module: nn.Module, folder: Path) -> None:
-        module.save_pretrained(Path(folder) / self.cfg.subfolder)
-
     def blocks(self, module: nn.Module) -> list:
         return list(module.transformer_blocks)
-
-    def hidden_size(self, module: nn.Module) -> int:
-        return module.config.num_attention_heads * module.config.attention_head_dim
 
     # --- memory plan -----------------------------------------------------
     def tokens_per_sample(self, module: nn.Module) -> int:
         return self.image_tokens(self.cfg.latent_shape) + self.cfg.text_len
 
-    def activation_bytes(self, module: nn.Module, tokens: int, samples: int, element_bytes: int,
-                         checkpointing: bool, grad: bool) -> Tuple[float, float]:
-        """As Wan's: one block's forward + backward peak is per token x width (both streams
-        counted in the tokens: image tokens and the padded text)."""
-        c = module.config
-        hidden = c.num_attention_heads * c.attention_head_dim
-        block = tokens * samples * hidden * BLOCK_BYTES[element_bytes]
-        if not grad:
-            return 0.0, NO_GRAD_FRACTION * block
-        if checkpointing:
-            return c.num_layers * tokens * samples * hidden * (element_bytes + CHECKPOINT_EXTRA_BYTES), block
-        return c.num_layers * STORED_FRACTION * block, (1 - STORED_FRACTION) * block
-
     # --- LoRA ------------------------------------------------------------
     def lora_targets(self) -> List[str]:
         return list(QWEN_LORA_TARGETS)
-
-    def save_lora(self, module: nn.Module, folder: Path) -> None:
-        """diffusers' Qwen-Image LoRA format (`QwenImagePipeline.load_lora_weights(folder)`)."""
-        from diffusers import QwenImagePipeline
-
-        from distill.lora import adapter_metadata, adapter_state
-
-        QwenImagePipeline.save_lora_weights(folder, transformer_lora_layers=adapter_state(module),
-                                            transformer_lora_adapter_metadata=adapter_metadata(module))
-
-    def load_lora(self, module: nn.Module, folder: Path) -> nn.Module:
-        module.load_lora_adapter(str(folder), prefix="transformer", adapter_name="default",
-                                 weight_name="pytorch_lora_weights.safetensors")
-        return module
 
     # --- checks ----------------------------------------------------------
     @classmethod
@@ -243,57 +184,13 @@ class QwenImageAdapter(FlowMatchingAdapter):
             errors.append(f"axes_dims_rope={list(rope)} of {key} must sum to attention_head_dim={head_dim}")
         return errors
 
-    @classmethod
-    def role_architecture(cls, config, name: str) -> Tuple[Optional[dict], str, Optional[str]]:
-        model, role = config.model, config.roles[name]
-        key = f"roles.{name}.path" if role.path else "model.path"
-        path = role.path or model.path
-        if path is None:
-            if not model.arch:
-                return None, key, f"{key} is null and model.arch is empty: give a model folder or an architecture"
-            return dict(model.arch), "model.arch", None
-        if config.plan and path in PUBLIC_ARCHITECTURES and resolve_model_folder(path, model.subfolder) is None:
-            return dict(PUBLIC_ARCHITECTURES[path]), key, None
-        arch, error = read_component_config(path, model.subfolder, key)
-        return arch, key, error
-
-    @classmethod
-    def depth(cls, arch: dict) -> int:
-        return arch.get("num_layers", 60)
-
-    @classmethod
-    def layer_names(cls, arch: dict) -> List[str]:
-        from accelerate import init_empty_weights
-        from diffusers import QwenImageTransformer2DModel
-
-        arch = dict(arch)
-        if "axes_dims_rope" in arch:
-            arch["axes_dims_rope"] = tuple(arch["axes_dims_rope"])
-        with init_empty_weights():
-            network = QwenImageTransformer2DModel.from_config(arch)
-        return [name for name, module in network.named_modules() if isinstance(module, nn.Linear)]
-
     # --- encoders, decoding, export --------------------------------------
     def encoders(self, folder: Path, text_only: bool, max_text_len: int, device: torch.device, image: bool = False):
         return QwenImageEncoders(Path(folder), text_only, max_text_len, device)
 
     def text_encoder(self, device: torch.device) -> "QwenImageEncoders":
-        folder = resolve_model_folder(self.cfg.path, "text_encoder") if self.cfg.path else None
-        if folder is None:
-            raise ValueError(f"model.path={self.cfg.path}: no text_encoder/ folder there to encode prompts "
-                             "(point model.path at a diffusers Qwen-Image folder)")
-        return QwenImageEncoders(Path(folder), text_only=True, max_text_len=self.cfg.text_len, device=device)
-
-    def decode_with_vae(self, latents: torch.Tensor) -> torch.Tensor:
-        """Un-normalised latents [N, C, 1, H, W] through AutoencoderKLQwenImage -> [N, 3, 1, H*8, W*8]."""
-        if getattr(self, "_vae", None) is None:
-            from diffusers import AutoencoderKLQwenImage
-
-            if self.cfg.path is None:
-                raise ValueError("model.vae=qwen_image needs model.path with a vae/ folder (or model.vae=identity)")
-            folder = resolve_model_folder(self.cfg.path, "vae")
-            self._vae = AutoencoderKLQwenImage.from_pretrained(folder, subfolder="vae").to(latents.device).eval()
-        return self._vae.decode(latents.to(self._vae.dtype)).sample.float().clamp(-1, 1)
+        return QwenImageEncoders(self.part_folder("text_encoder"), text_only=True, max_text_len=self.cfg.text_len,
+                                 device=device)
 
     def stock_pipeline(self) -> Optional[StockPipeline]:
         """QwenImagePipeline; it passes its own sigmas, linspace(1, 1/N, N), to the scheduler."""
@@ -304,12 +201,7 @@ class QwenImageAdapter(FlowMatchingAdapter):
 
     def euler_scheduler(self) -> dict:
         """The base model's own scheduler: its resolution-dependent shift."""
-        c = self.cfg
-        if not c.dynamic_shift:
-            return super().euler_scheduler()
-        return {"use_dynamic_shifting": True, "time_shift_type": "exponential", "base_shift": c.base_shift,
-                "max_shift": c.max_shift, "base_image_seq_len": c.base_image_seq_len,
-                "max_image_seq_len": c.max_image_seq_len}
+        return dynamic_scheduler_config(self.cfg) if self.cfg.dynamic_shift else super().euler_scheduler()
 
 
 class QwenImageEncoders:

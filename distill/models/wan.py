@@ -10,7 +10,8 @@ from torch import nn
 from distill.models import context_parallel, image_condition
 from distill.models.causal_wan import KVCache, frame_timesteps, kv_cache, make_causal
 from distill.models.experts import ExpertPair, high_noise
-from distill.models.flow_matching import NUM_TRAIN_TIMESTEPS, FlowMatchingAdapter, StockPipeline
+from distill.models.diffusers_network import DiffusersNetworkAdapter
+from distill.models.flow_matching import NUM_TRAIN_TIMESTEPS, StockPipeline
 from distill.models.wan_config import WanConfig
 from distill.models.folders import read_component_config, resolve_model_folder
 from distill.models.wan_original import comfy_lora, to_original
@@ -22,20 +23,6 @@ COMFY_LORA_FILE = "comfyui_lora.safetensors"
 # the attention (self and cross) and FFN projections of every block
 DIFFUSERS_DEFAULT_LAYERS = 40  # WanTransformer3DModel's num_layers when a config.json leaves it out
 WAN_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
-
-
-def cast_keeping_fp32(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast floating-point weights to `dtype` except the modules diffusers keeps in
-    fp32 (`_keep_in_fp32_modules`), as `from_pretrained(torch_dtype=...)` does."""
-    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
-    for name, sub in module.named_modules():
-        for tensors in (sub._parameters, sub._buffers):
-            for key, t in tensors.items():
-                full = f"{name}.{key}" if name else key
-                if t is None or not t.is_floating_point() or keep & set(full.split(".")):
-                    continue  # matched on the tensor's full name, as diffusers does
-                t.data = t.data.to(dtype)
-    return module
 
 
 # The transformer/config.json of the public checkpoints, so that a memory plan
@@ -72,8 +59,14 @@ WAN_NEGATIVE_PROMPT = (
 
 
 @register_family
-class WanAdapter(FlowMatchingAdapter):
+class WanAdapter(DiffusersNetworkAdapter):
     family = "wan"
+    model_class_name = "WanTransformer3DModel"
+    lora_pipeline_name = "WanPipeline"
+    vae_class_name = "AutoencoderKLWan"
+    public_architectures = PUBLIC_ARCHITECTURES
+    tuple_keys = ("patch_size",)
+    default_depth = DIFFUSERS_DEFAULT_LAYERS
     config_class = WanConfig
     vaes = ("wan", "identity")
     folder_classes = ("WanTransformer3DModel", "AutoencoderKLWan")
@@ -115,13 +108,6 @@ class WanAdapter(FlowMatchingAdapter):
     def task(cls, model) -> str:
         return "text-to-video" if model.image_condition.value == "none" else "image-to-video"
 
-    @property
-    def model_class(self):
-        # imported here, where a network is built: launch.py validates and submits without diffusers
-        from diffusers import WanTransformer3DModel
-
-        return WanTransformer3DModel
-
     def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 **cond) -> torch.Tensor:
         dtype = (module.high if isinstance(module, ExpertPair) else module).patch_embedding.weight.dtype
@@ -143,8 +129,9 @@ class WanAdapter(FlowMatchingAdapter):
 
     def load(self, path: Optional[str], seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
         if self.cfg.boundary_ratio is not None:  # Wan2.2 A14B: transformer, transformer_2
-            return self._pair(*(self._load_one(path, seed + i, dtype, sub) for i, sub in enumerate(self._subfolders())))
-        return self._load_one(path, seed, dtype, self.cfg.subfolder)
+            return self._pair(*(super(WanAdapter, self).load(path, seed + i, dtype, sub)
+                                for i, sub in enumerate(self._subfolders())))
+        return super().load(path, seed, dtype)
 
     def _subfolders(self):
         return self.cfg.subfolder, LOW_NOISE_SUBFOLDER
@@ -152,32 +139,10 @@ class WanAdapter(FlowMatchingAdapter):
     def _pair(self, high: nn.Module, low: nn.Module) -> ExpertPair:
         return ExpertPair(high, low, self.cfg.boundary_ratio * 1000)
 
-    def _load_one(self, path: Optional[str], seed: int, dtype: torch.dtype, subfolder: str) -> nn.Module:
-        if path is None:
-            # Every role built from the same seed starts from the same weights,
-            # as DMD2's student and critic start from the teacher.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return cast_keeping_fp32(self.model_class(**self._arch()), dtype)
-        folder = resolve_model_folder(path, subfolder)
-        if folder is None:
-            raise FileNotFoundError(f"no diffusers model at {path} (subfolder {subfolder})")
-        return self.model_class.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
-
     def empty(self, path: Optional[str], dtype: torch.dtype = torch.float32) -> nn.Module:
         if self.cfg.boundary_ratio is not None:
-            return self._pair(*(self._empty_one(path, dtype, sub) for sub in self._subfolders()))
-        return self._empty_one(path, dtype, self.cfg.subfolder)
-
-    def _empty_one(self, path: Optional[str], dtype: torch.dtype, subfolder: str) -> nn.Module:
-        if path is None:
-            module = self.model_class(**self._arch())
-        elif resolve_model_folder(path, subfolder) is None and path in PUBLIC_ARCHITECTURES:
-            module = self.model_class(**self._arch(PUBLIC_ARCHITECTURES[path]))  # planning only
-        else:
-            folder = resolve_model_folder(path, subfolder)
-            module = self.model_class.from_config(self.model_class.load_config(folder, subfolder=subfolder))
-        return cast_keeping_fp32(module, dtype)
+            return self._pair(*(super(WanAdapter, self).empty(path, dtype, sub) for sub in self._subfolders()))
+        return super().empty(path, dtype)
 
     def freeze_untrained(self, module: nn.Module) -> nn.Module:
         """A trainable expert pair trains model.trained_experts; the other expert stays as loaded."""
@@ -212,9 +177,6 @@ class WanAdapter(FlowMatchingAdapter):
         if isinstance(module, ExpertPair):
             return [block for _, expert in module.experts() for block in expert.blocks]
         return list(module.blocks)
-
-    def hidden_size(self, module: nn.Module) -> int:
-        return module.config.num_attention_heads * module.config.attention_head_dim
 
     def make_causal(self, module: nn.Module) -> nn.Module:
         """Block-causal self-attention over chunks of model.chunk_frames latent frames
@@ -274,15 +236,11 @@ class WanAdapter(FlowMatchingAdapter):
         """diffusers' Wan LoRA format (`WanPipeline.load_lora_weights(folder)` reads it), and
         beside it the same adapters in the original-key layout with alpha tensors
         (`comfyui_lora.safetensors`), which ComfyUI's LoRA loader and diffusers both read."""
-        from diffusers import WanPipeline
         from safetensors.torch import save_file
 
         from distill.lora import adapter_metadata, adapter_state
 
-        WanPipeline.save_lora_weights(
-            folder, transformer_lora_layers=adapter_state(module),
-            transformer_lora_adapter_metadata=adapter_metadata(module),
-        )
+        super().save_lora(module, folder)
         alpha, state = adapter_metadata(module)["lora_alpha"], adapter_state(module)
         files = {COMFY_LORA_FILE: state}
         if isinstance(module, ExpertPair):  # one file per expert, as ComfyUI loads each model alone
@@ -311,11 +269,6 @@ class WanAdapter(FlowMatchingAdapter):
             save_file({k: v.contiguous() for k, v in to_original(net.state_dict()).items()}, str(path))
             written.append(path)
         return written
-
-    def load_lora(self, module: nn.Module, folder: Path) -> nn.Module:
-        module.load_lora_adapter(str(folder), prefix="transformer", adapter_name="default",
-                                 weight_name="pytorch_lora_weights.safetensors")
-        return module
 
     @classmethod
     def check(cls, config) -> List[str]:
@@ -353,38 +306,15 @@ class WanAdapter(FlowMatchingAdapter):
 
     @classmethod
     def role_architecture(cls, config, name: str) -> Tuple[Optional[dict], str, Optional[str]]:
-        """The transformer config.json of roles.<name>'s network (its path, else model.path,
-        else model.arch), read without loading weights: (arch, the key it comes from, error)."""
-        model, role = config.model, config.roles[name]
-        key = f"roles.{name}.path" if role.path else "model.path"
-        path = role.path or model.path
-        if path is None:
-            if not model.arch:
-                return None, key, f"{key} is null and model.arch is empty: give a model folder or an architecture"
-            return dict(model.arch), "model.arch", None
-        if config.plan and path in PUBLIC_ARCHITECTURES and resolve_model_folder(path, model.subfolder) is None:
-            return dict(PUBLIC_ARCHITECTURES[path]), key, None  # a plan needs the shapes, not the weights
-        arch, error = read_component_config(path, model.subfolder, key)
-        if error is None and model.boundary_ratio is not None:  # the low-noise expert beside it
-            _, error = read_component_config(path, LOW_NOISE_SUBFOLDER, key)
+        """The transformer's config.json, and with two experts the low-noise one's beside it."""
+        arch, key, error = super().role_architecture(config, name)
+        model = config.model
+        if error is None and key != "model.arch" and model.boundary_ratio is not None and not (
+                config.plan and resolve_model_folder(config.roles[name].path or model.path, model.subfolder) is None):
+            _, error = read_component_config(config.roles[name].path or model.path, LOW_NOISE_SUBFOLDER, key)
             if error:
                 error = f"{error} (model.boundary_ratio={model.boundary_ratio}: two experts)"
         return arch, key, error
-
-    @classmethod
-    def depth(cls, arch: dict) -> int:
-        return arch.get("num_layers", DIFFUSERS_DEFAULT_LAYERS)
-
-    @classmethod
-    def layer_names(cls, arch: dict) -> List[str]:
-        """The network's linear layers (what LoRA can adapt), from a meta-device build of
-        `arch`: no weights are read or allocated."""
-        from accelerate import init_empty_weights
-        from diffusers import WanTransformer3DModel
-
-        with init_empty_weights():
-            network = WanTransformer3DModel.from_config(arch)
-        return [name for name, module in network.named_modules() if isinstance(module, nn.Linear)]
 
     @classmethod
     def check_experts(cls, config) -> List[str]:
@@ -461,29 +391,8 @@ class WanAdapter(FlowMatchingAdapter):
     @torch.no_grad()
     def text_encoder(self, device: torch.device) -> "WanEncoders":
         """umT5 and its tokenizer from <model.path>/text_encoder and /tokenizer."""
-        folder = resolve_model_folder(self.cfg.path, "text_encoder") if self.cfg.path else None
-        if folder is None:
-            raise ValueError(f"model.path={self.cfg.path}: no text_encoder/ folder there to encode prompts "
-                             "(point model.path, or --model, at a diffusers Wan folder)")
-        return WanEncoders(Path(folder), text_only=True, max_text_len=self.cfg.text_len, device=device)
-
-    def decode_with_vae(self, latents: torch.Tensor) -> torch.Tensor:
-        """Un-normalised latents through AutoencoderKLWan from <model.path>/vae."""
-        if getattr(self, "_vae", None) is None:
-            from diffusers import AutoencoderKLWan
-
-            if self.cfg.path is None:
-                raise ValueError("model.vae=wan needs model.path with a vae/ folder (or model.vae=identity)")
-            folder = resolve_model_folder(self.cfg.path, "vae")
-            self._vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae").to(latents.device).eval()
-        return self._vae.decode(latents.to(self._vae.dtype)).sample.float().clamp(-1, 1)
-
-    def _arch(self, arch: Optional[dict] = None) -> dict:
-        arch = dict(self.cfg.arch if arch is None else arch)
-        if "patch_size" in arch:
-            arch["patch_size"] = tuple(arch["patch_size"])
-        return arch
-
+        return WanEncoders(self.part_folder("text_encoder"), text_only=True, max_text_len=self.cfg.text_len,
+                           device=device)
 
 class WanEncoders:
     """umT5 (with its tokenizer) and the Wan VAE from a diffusers Wan folder; with
