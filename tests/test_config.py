@@ -38,7 +38,7 @@ def test_role_preset_composes_into_any_role(option):
     assert OmegaConf.to_container(cfg.roles.student, resolve=True)["trainable"] in (True, False)
 
 
-RECIPE_FAMILIES = ("wan", "qwen_image")  # experiments named after a real model: they need its weights
+RECIPE_FAMILIES = ("wan", "qwen_image", "ltx2")  # experiments named after a real model: they need its weights
 
 
 @pytest.mark.parametrize("option", [o for o in options("experiment") if not o.startswith(RECIPE_FAMILIES)])
@@ -51,7 +51,7 @@ def test_recipe_composes_and_only_lacks_weights(option, tmp_path):
     """A recipe that starts from a pretrained student lists it under `required`: without it
     the refusal is one line per key, before any model folder is looked at."""
     cfg = compose_config([f"experiment={option}", f"data.path={tmp_path}"])
-    assert cfg.model.path.startswith(("Wan-AI/", "Qwen/"))
+    assert cfg.model.path.startswith(("Wan-AI/", "Qwen/", "Lightricks/"))
     required = dict(cfg.required)
     if required:
         with pytest.raises(ConfigError) as err:
