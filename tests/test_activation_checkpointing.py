@@ -44,7 +44,7 @@ def test_a_config_written_with_true_or_false_reads_as_full_or_none(tmp_path):
     from distill.config.io import load_config
 
     file = tmp_path / "config.yaml"
-    file.write_text("method: {name: dmd2}\nroles:\n  student: {trainable: true, activation_checkpointing: true}\n"
+    file.write_text("model: {family: wan}\nmethod: {name: dmd2}\nroles:\n  student: {trainable: true, activation_checkpointing: true}\n"
                     "  critic: {trainable: true, activation_checkpointing: false}\n")
     roles = load_config(file).roles
     assert roles["student"].activation_checkpointing == Checkpointing.full

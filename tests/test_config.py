@@ -139,7 +139,7 @@ INVALID = [
      "roles.teacher.cpu_offload=true: offloading goes through FSDP2, which needs 2 or more ranks (the launcher gives 1)"),
     (["roles.student.lora.rank=-1"], "roles.student.lora.rank=-1: must be >= 0"),
     (["roles.teacher.lora.rank=4"], "roles.teacher.lora.rank=4: LoRA needs a trainable role"),
-    (["model.family=nope"], "model.family=nope: no such model family (registered: qwen_image, wan"),
+    (["model.family=nope"], "model.family=nope: no such model family (registered: ltx2, qwen_image, wan"),
     (["method.gan.enabled=true", "method.gan.blocks=[0,7,-3]"],
      "method.gan.blocks=[0, 7, -3]: 7, -3 outside the 2 blocks of roles.critic's network (model.arch); allowed: -2 to 1"),
     (["roles.student.lora.rank=4", "roles.student.lora.target_modules=[to_q,to_x]"],

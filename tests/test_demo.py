@@ -59,7 +59,7 @@ def test_default_launch_composes_to_the_demo_and_runs(demo_run):
     validation size given: the default composes to the demo and runs end to end."""
     steps = validate(compose_config([*DEMO_SHORT, "experiment=digits_demo"])).training.max_steps
     config = (demo_run / ".hydra" / "config.yaml").read_text()
-    assert "assets/digits_teacher" in config and "student_steps:\n  - 1000\n  - 500" in config
+    assert "assets/digits_teacher" in config and "student_steps:\n  - 1000.0\n  - 500.0" in config
     assert "name: digits" in config
     assert [r["step"] for r in read_metrics(demo_run)] == list(range(25, steps + 1, 25))  # the demo logs every 25 steps
     for name in ("teacher_3step", "teacher_2step", "real", f"student_2step-step{steps:06d}"):

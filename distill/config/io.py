@@ -25,8 +25,9 @@ def load_config_node(path: Path) -> DictConfig:
             role.activation_checkpointing = "full" if role.activation_checkpointing else "none"
     schema = OmegaConf.structured(Config)
     schema.method = OmegaConf.structured(method_class(raw.method.name).config_class)
-    # the family's own keys (configs saved before families owned them name the same keys)
-    schema.model = OmegaConf.structured(family_class(raw.model.family).config_class)
+    family = OmegaConf.select(raw, "model.family")  # every saved config names it
+    if family is not None:  # the family's own keys (configs saved before families owned them name the same)
+        schema.model = OmegaConf.structured(family_class(family).config_class)
     return OmegaConf.merge(schema, raw)
 
 

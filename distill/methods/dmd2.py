@@ -111,7 +111,7 @@ class DMD2(Method):
     @classmethod
     def check(cls, cfg: DMD2Config) -> List[str]:
         errors = []
-        steps = list(cfg.student_steps)
+        steps = [int(s) if s == int(s) else s for s in cfg.student_steps]  # as written: 757, not 757.0
         if not steps:
             errors.append("method.student_steps is empty: list at least one step in (0, 1000], noisiest first")
         elif any(not 0 < s <= 1000 for s in steps):
