@@ -1,7 +1,8 @@
 """Model families: one adapter class each, all speaking flow matching.
 
-A new family is one file here (an adapter registered with
-`register_family`) and one YAML in conf/model/ naming it in `family`.
+A new family is one file here (an adapter registered with `register_family`,
+its config class beside it) and a YAML in conf/model/ that names that class
+first (`defaults: [/schema/model@_here_: NAME, _self_]`).
 """
 
 import json
