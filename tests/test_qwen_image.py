@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import compose_config, write_tiny_qwen_image_parts
+from conftest import assert_runs_match, compose_config, run_launch, train_here, write_tiny_qwen_image_parts
 from distill.config import validate
 from distill.config.validate import ConfigError
 
@@ -96,8 +96,23 @@ def test_wrong_shapes_and_causal_roles_are_refused():
         validate(compose_config([*TINY, "model.vae=wan"]))
     assert "model.vae=wan: model.family=qwen_image decodes with qwen_image, identity" in str(err.value)
     with pytest.raises(ConfigError) as err:
-        validate(compose_config([*TINY, "parallel.context=2", "launcher.nproc_per_node=2"]))
-    assert "parallel.context=2: model.family=qwen_image has no context parallelism" in str(err.value)
+        validate(compose_config([*TINY, "roles.student.causal=true", "model.chunk_frames=1"]))
+    assert "roles.student.causal=true: model.family=qwen_image has no block-causal variant" in str(err.value)
+
+
+@pytest.mark.multiprocess
+def test_context_parallel_run_equals_one_rank(tmp_path):
+    """diffusers' context-parallel plan for the Qwen-Image transformer (image and text tokens
+    split at the first block, Ulysses attention) on 2 ranks of one context group, with the GAN
+    head reading the gathered image tokens: the same records and exports as one rank."""
+    common = [*TINY, "method.gan.enabled=true", "method.generator_update_interval=2", "method.generator_lr=1e-3",
+              "method.critic_lr=1e-3", "data.batch_size=2", "training.max_steps=4", "validation.num_samples=2",
+              "validation.health.diversity_seeds=0"]
+    one = train_here([*common, f"hydra.run.dir={tmp_path / 'one'}"])
+    result = run_launch([*common, "launcher.nproc_per_node=2", "parallel.context=2",
+                         f"hydra.run.dir={tmp_path / 'cp'}"])
+    assert result.returncode == 0, result.stderr
+    assert_runs_match(tmp_path / "cp", one)
 
 
 def write_images(folder, count=4):

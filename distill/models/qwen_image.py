@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from distill.config.schema import ModelConfig
+from distill.models import context_parallel
 from distill.models.diffusers_network import DiffusersNetworkAdapter
 from distill.models.flow_matching import StockPipeline, dynamic_scheduler_config, dynamic_shift
 from distill.registry import register_family
@@ -97,6 +98,7 @@ class QwenImageAdapter(DiffusersNetworkAdapter):
     checkpoint_extra_bytes = CHECKPOINT_EXTRA_BYTES
     config_class = QwenImageConfig
     vaes = ("qwen_image", "identity")
+    supports_context_parallel = True
     folder_classes = ("QwenImageTransformer2DModel", "AutoencoderKLQwenImage")
     sigma_grid = "inverse_steps"  # QwenImagePipeline passes linspace(1, 1/N, N)
 
@@ -114,6 +116,14 @@ class QwenImageAdapter(DiffusersNetworkAdapter):
     def image_tokens(latent_shape) -> int:
         _, _, h, w = latent_shape
         return (h // PATCH) * (w // PATCH)
+
+    def install_context_parallel(self, module: nn.Module, runtime) -> nn.Module:
+        """diffusers' own plan for this transformer (image and text tokens split at the first
+        block, the RoPE tables and the text mask with them) and its Ulysses attention."""
+        return context_parallel.install(module, runtime)
+
+    def gather_tokens(self, module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return context_parallel.gather_tokens(module, tokens)
 
     def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 **cond) -> torch.Tensor:
