@@ -53,7 +53,7 @@ def check_scheduler(folder: Path, sigmas: List[float], grid: str = "train_min") 
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder)
-    if grid == "inverse_steps":  # as QwenImagePipeline calls it
+    if grid == "inverse_steps":  # as QwenImagePipeline and LTX2Pipeline call it
         n = len(sigmas)
         scheduler.set_timesteps(sigmas=[1 - i / n for i in range(n)])
     else:

@@ -45,12 +45,25 @@ def dynamic_shift(tokens: int, base_len: int, max_len: int, base_shift: float, m
     return math.exp(base_shift + slope * (tokens - base_len))
 
 
-def dynamic_scheduler_config(cfg) -> Dict:
-    """FlowMatchEulerDiscreteScheduler keys of a model config's resolution-dependent shift
-    (its dynamic_shift, base/max_image_seq_len and base/max_shift keys)."""
-    return {"use_dynamic_shifting": True, "time_shift_type": "exponential", "base_shift": cfg.base_shift,
-            "max_shift": cfg.max_shift, "base_image_seq_len": cfg.base_image_seq_len,
-            "max_image_seq_len": cfg.max_image_seq_len}
+@dataclass
+class DynamicShiftConfig(ModelConfig):
+    """The keys of a family whose pipeline shifts by the sample's size (diffusers' scheduler
+    with use_dynamic_shifting): shift = exp(mu), mu linear in the family's `shift_tokens` from
+    (base_image_seq_len, base_shift) to (max_image_seq_len, max_shift); the defaults are
+    diffusers' scheduler's, each family sets its pipeline's. dynamic_shift false: model.shift."""
+
+    dynamic_shift: bool = True
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+
+def dynamic_shift_errors(model) -> List[str]:
+    if model.dynamic_shift and not model.max_image_seq_len > model.base_image_seq_len:
+        return [f"model.max_image_seq_len={model.max_image_seq_len}: must exceed "
+                f"model.base_image_seq_len={model.base_image_seq_len}"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,17 @@ class FlowMatchingAdapter(ABC):
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
         self.shift = cfg.shift
+        if self.shifts_dynamically():
+            self.shift = dynamic_shift(self.shift_tokens(cfg), cfg.base_image_seq_len, cfg.max_image_seq_len,
+                                       cfg.base_shift, cfg.max_shift)
+
+    def shifts_dynamically(self) -> bool:
+        return isinstance(self.cfg, DynamicShiftConfig) and self.cfg.dynamic_shift
+
+    @classmethod
+    def shift_tokens(cls, model) -> int:
+        """The tokens a DynamicShiftConfig's shift is computed from (the pipeline's count)."""
+        raise NotImplementedError(f"model.family={cls.family} does not say how its pipeline counts tokens")
 
     # --- conventions -----------------------------------------------------
     def shift_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -379,6 +403,11 @@ class FlowMatchingAdapter(ABC):
 
     def euler_scheduler(self) -> Dict:
         """FlowMatchEulerDiscreteScheduler keys that sample the base model's ODE as its pipeline does."""
+        if self.shifts_dynamically():
+            c = self.cfg
+            return {"use_dynamic_shifting": True, "time_shift_type": "exponential", "base_shift": c.base_shift,
+                    "max_shift": c.max_shift, "base_image_seq_len": c.base_image_seq_len,
+                    "max_image_seq_len": c.max_image_seq_len}
         return {"shift": self.shift}
 
     def stock_pipeline(self) -> Optional[StockPipeline]:

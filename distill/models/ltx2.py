@@ -21,9 +21,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from distill.config.schema import ModelConfig
 from distill.models.diffusers_network import DiffusersNetworkAdapter
-from distill.models.flow_matching import dynamic_scheduler_config, dynamic_shift
+from distill.models.flow_matching import DynamicShiftConfig, dynamic_shift_errors
 from distill.registry import register_family
 
 # the video and audio attention and feed-forward projections of every block (peft's names)
@@ -37,21 +36,8 @@ LTX2_LORA_TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
 # captions 3,840 wide), so that a memory plan can be made where the weights are not
 PUBLIC_ARCHITECTURES = {"Lightricks/LTX-2": {}}
 
-# Activation memory of one audio-video block, forward + backward, per video token and
-# unit of video width, measured as live tensor bytes on the CPU by
-# benchmarks/family_activations.py (1,024 video tokens of width 512, 40 audio tokens
-# riding along): bytes by compute precision (element bytes); what stays for the
-# backward, and what a forward without gradient adds, as fractions of that peak
-BLOCK_BYTES = {4: 179.8, 2: 126.9}
-STORED_FRACTION = 0.855  # 0.841 fp32, 0.872 bf16
-NO_GRAD_FRACTION = 0.27  # 0.313 fp32, 0.222 bf16
-# a checkpointed block keeps its input (one element per video token and width; the audio's
-# is small) and nothing more (measured: 0.00 bytes)
-CHECKPOINT_EXTRA_BYTES = 0.0
-
-
 @dataclass
-class LTX2Config(ModelConfig):
+class LTX2Config(DynamicShiftConfig):
     family: str = "ltx2"
     # video latent: 121 frames at 512x768 (the pipeline's defaults) through the 32x spatial,
     # 8x temporal VAE: [128, (121 - 1) / 8 + 1, 512 / 32, 768 / 32]
@@ -68,9 +54,8 @@ class LTX2Config(ModelConfig):
     # CFG of the audio stream (the pipeline's audio_guidance_scale, 7.0 by default); null:
     # the method's guidance_scale, which the video uses
     audio_guidance_scale: Optional[float] = None
-    # resolution-dependent shift as LTX2Pipeline samples (mu from the video's tokens; the
-    # pipeline's defaults when the scheduler config names none); false: model.shift
-    dynamic_shift: bool = True
+    # resolution-dependent shift as LTX2Pipeline samples, from the video's tokens (the
+    # pipeline's defaults when the scheduler config names none)
     base_image_seq_len: int = 1024
     max_image_seq_len: int = 4096
     base_shift: float = 0.95
@@ -86,8 +71,17 @@ class LTX2Adapter(DiffusersNetworkAdapter):
     public_architectures = PUBLIC_ARCHITECTURES
     tuple_keys = ("vae_scale_factors",)
     default_depth = 48
-    block_bytes, stored_fraction, no_grad_fraction = BLOCK_BYTES, STORED_FRACTION, NO_GRAD_FRACTION
-    checkpoint_extra_bytes = CHECKPOINT_EXTRA_BYTES
+    # Activation memory of one audio-video block, forward + backward, per video token and
+    # unit of video width, measured as live tensor bytes on the CPU by
+    # benchmarks/family_activations.py (1,024 video tokens of width 512, 40 audio tokens
+    # riding along): bytes by compute precision (element bytes); what stays for the
+    # backward, and what a forward without gradient adds, as fractions of that peak
+    block_bytes = {4: 179.8, 2: 126.9}
+    stored_fraction = 0.855  # 0.841 fp32, 0.872 bf16
+    no_grad_fraction = 0.27  # 0.313 fp32, 0.222 bf16
+    # a checkpointed block keeps its input (one element per video token and width; the audio's
+    # is small) and nothing more (measured: 0.00 bytes)
+    checkpoint_extra_bytes = 0.0
     config_class = LTX2Config
     vaes = ("ltx2", "identity")
     folder_classes = ("LTX2VideoTransformer3DModel", "AutoencoderKLLTX2Video")
@@ -95,16 +89,14 @@ class LTX2Adapter(DiffusersNetworkAdapter):
     context_parallel_note = ("diffusers 0.42.1 declares a plan for LTX2VideoTransformer3DModel, but it splits the "
                              "4-D RoPE tables on their heads axis and the forward fails (tried on 2 ranks)")
 
-    def __init__(self, cfg: LTX2Config):
-        super().__init__(cfg)
-        if cfg.dynamic_shift:
-            self.shift = dynamic_shift(self.video_tokens(cfg), cfg.base_image_seq_len, cfg.max_image_seq_len,
-                                       cfg.base_shift, cfg.max_shift)
-
     @staticmethod
     def video_tokens(model, patch: int = 1, patch_t: int = 1) -> int:
         _, t, h, w = model.latent_shape
         return (t // patch_t) * (h // patch) * (w // patch)
+
+    @classmethod
+    def shift_tokens(cls, model) -> int:
+        return cls.video_tokens(model)
 
     # --- the joint sample ------------------------------------------------
     @classmethod
@@ -197,6 +189,7 @@ class LTX2Adapter(DiffusersNetworkAdapter):
             errors.append("model.family=ltx2 has no block-causal variant (roles.<r>.causal, model.chunk_frames)")
         if model.audio_weight < 0:
             errors.append(f"model.audio_weight={model.audio_weight}: must be >= 0")
+        errors += dynamic_shift_errors(model)
         if errors:
             return errors
         for name in config.roles:
@@ -222,10 +215,6 @@ class LTX2Adapter(DiffusersNetworkAdapter):
         if t % patch_t or h % patch or w % patch:
             errors.append(f"model.latent_shape={list(model.latent_shape)} does not divide into the patches of {key}")
         return errors
-
-    def euler_scheduler(self) -> dict:
-        """The base model's own scheduler: its resolution-dependent shift."""
-        return dynamic_scheduler_config(self.cfg) if self.cfg.dynamic_shift else super().euler_scheduler()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The video stream as pixels [N, 3, F, H, W] (identity: the video latent itself);

@@ -18,10 +18,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from distill.config.schema import ModelConfig
 from distill.models import context_parallel
 from distill.models.diffusers_network import DiffusersNetworkAdapter
-from distill.models.flow_matching import StockPipeline, dynamic_scheduler_config, dynamic_shift
+from distill.models.flow_matching import DynamicShiftConfig, StockPipeline, dynamic_shift_errors
 from distill.registry import register_family
 
 PATCH = 2  # QwenImagePipeline packs 2x2 latent pixels into one token
@@ -39,35 +38,18 @@ PUBLIC_ARCHITECTURES = {
                             axes_dims_rope=[16, 56, 56]),
 }
 
-# Activation memory of one double-stream block, forward + backward, per token (image
-# and text: the two streams run side by side) and unit of width, measured as live
-# tensor bytes on the CPU by benchmarks/family_activations.py (1,024 image + 64 text
-# tokens, width 512; the same script gives Wan's BLOCK_BYTES within 3%): bytes by
-# compute precision (element bytes), and what stays for the backward, or a forward
-# without gradient adds, as fractions of that peak
-BLOCK_BYTES = {4: 133.7, 2: 78.0}
-STORED_FRACTION = 0.715  # 0.708 fp32, 0.725 bf16
-NO_GRAD_FRACTION = 0.40  # 0.419 fp32, 0.374 bf16
-# a checkpointed block keeps its two streams' inputs (one element per token and width)
-# and 2.36 bytes more per token and width (the same in fp32 and bf16)
-CHECKPOINT_EXTRA_BYTES = 2.36
-
 
 @dataclass
-class QwenImageConfig(ModelConfig):
+class QwenImageConfig(DynamicShiftConfig):
     family: str = "qwen_image"
     latent_shape: List[int] = field(default_factory=lambda: [16, 1, 166, 166])  # 1328x1328 through the 8x VAE
     text_len: int = 512  # QwenImagePipeline's max_sequence_length default (it allows up to 1024)
     text_dim: int = 3584  # Qwen2.5-VL-7B's hidden size (the transformer's joint_attention_dim)
     vae: str = "qwen_image"  # qwen_image: AutoencoderKLQwenImage from <model.path>/vae; identity: none
     text_encoder: str = "family"  # Qwen2.5-VL from <model.path>/text_encoder, the pipeline's prompt template
-    # resolution-dependent shift as QwenImagePipeline samples (its scheduler's use_dynamic_shifting):
-    # shift = exp(mu), mu linear in the image's tokens from (base_image_seq_len, base_shift) to
-    # (max_image_seq_len, max_shift); false: model.shift
-    dynamic_shift: bool = True
-    base_image_seq_len: int = 256  # Qwen/Qwen-Image scheduler/scheduler_config.json
+    # resolution-dependent shift as QwenImagePipeline samples, from the packed image tokens
+    # (Qwen/Qwen-Image scheduler/scheduler_config.json; its 256 tokens and 0.5 are the defaults)
     max_image_seq_len: int = 8192
-    base_shift: float = 0.5
     max_shift: float = 0.9
 
 
@@ -94,19 +76,23 @@ class QwenImageAdapter(DiffusersNetworkAdapter):
     public_architectures = PUBLIC_ARCHITECTURES
     tuple_keys = ("axes_dims_rope",)
     default_depth = 60
-    block_bytes, stored_fraction, no_grad_fraction = BLOCK_BYTES, STORED_FRACTION, NO_GRAD_FRACTION
-    checkpoint_extra_bytes = CHECKPOINT_EXTRA_BYTES
+    # Activation memory of one double-stream block, forward + backward, per token (image
+    # and text: the two streams run side by side) and unit of width, measured as live
+    # tensor bytes on the CPU by benchmarks/family_activations.py (1,024 image + 64 text
+    # tokens, width 512; the same script gives Wan's BLOCK_BYTES within 3%): bytes by
+    # compute precision (element bytes), and what stays for the backward, or a forward
+    # without gradient adds, as fractions of that peak
+    block_bytes = {4: 133.7, 2: 78.0}
+    stored_fraction = 0.715  # 0.708 fp32, 0.725 bf16
+    no_grad_fraction = 0.40  # 0.419 fp32, 0.374 bf16
+    # a checkpointed block keeps its two streams' inputs (one element per token and width)
+    # and 2.36 bytes more per token and width (the same in fp32 and bf16)
+    checkpoint_extra_bytes = 2.36
     config_class = QwenImageConfig
     vaes = ("qwen_image", "identity")
     supports_context_parallel = True
     folder_classes = ("QwenImageTransformer2DModel", "AutoencoderKLQwenImage")
     sigma_grid = "inverse_steps"  # QwenImagePipeline passes linspace(1, 1/N, N)
-
-    def __init__(self, cfg: QwenImageConfig):
-        super().__init__(cfg)
-        if cfg.dynamic_shift:
-            self.shift = dynamic_shift(self.image_tokens(cfg.latent_shape), cfg.base_image_seq_len,
-                                       cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
 
     @classmethod
     def task(cls, model) -> str:
@@ -116,6 +102,10 @@ class QwenImageAdapter(DiffusersNetworkAdapter):
     def image_tokens(latent_shape) -> int:
         _, _, h, w = latent_shape
         return (h // PATCH) * (w // PATCH)
+
+    @classmethod
+    def shift_tokens(cls, model) -> int:
+        return cls.image_tokens(model.latent_shape)
 
     def install_context_parallel(self, module: nn.Module, runtime) -> nn.Module:
         """diffusers' own plan for this transformer (image and text tokens split at the first
@@ -171,9 +161,7 @@ class QwenImageAdapter(DiffusersNetworkAdapter):
                           "variant (images have one frame)")
         errors += [f"roles.{name}.causal=true: model.family=qwen_image has no block-causal variant"
                    for name, role in config.roles.items() if role.causal]
-        if model.dynamic_shift and not model.max_image_seq_len > model.base_image_seq_len:
-            errors.append(f"model.max_image_seq_len={model.max_image_seq_len}: must exceed "
-                          f"model.base_image_seq_len={model.base_image_seq_len}")
+        errors += dynamic_shift_errors(model)
         for name in config.roles:
             arch, source, error = cls.role_architecture(config, name)
             errors += [error] if error else cls.check_arch(arch, model, source)
@@ -208,10 +196,6 @@ class QwenImageAdapter(DiffusersNetworkAdapter):
             return None
         return StockPipeline(class_name="QwenImagePipeline", transformers=(self.cfg.subfolder,),
                              parts=("tokenizer", "text_encoder", "vae"))
-
-    def euler_scheduler(self) -> dict:
-        """The base model's own scheduler: its resolution-dependent shift."""
-        return dynamic_scheduler_config(self.cfg) if self.cfg.dynamic_shift else super().euler_scheduler()
 
 
 class QwenImageEncoders:
