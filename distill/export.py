@@ -102,7 +102,7 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
         "ema": ema,
     }
     (out / "distill.json").write_text(json.dumps(info, indent=1))
-    write_card(out, config, role, sampler, stock and stock.class_name, stock_schedule, cfg.causal,
+    write_card(out, config, role, sampler, stock, stock_schedule, cfg.causal,
                Path(checkpoint).parent)
     return out
 

@@ -17,14 +17,14 @@ from distill.stock_scheduler import override_snippet
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-def write_card(out: Path, config, role: str, sampler, pipeline: Optional[str], stock_schedule: bool,
+def write_card(out: Path, config, role: str, sampler, stock, stock_schedule: bool,
                causal: bool, run_dir: Path) -> None:
-    (out / "README.md").write_text(card_text(config, role, sampler, pipeline, stock_schedule, causal, run_dir))
+    (out / "README.md").write_text(card_text(config, role, sampler, stock, stock_schedule, causal, run_dir))
 
 
-def card_text(config, role, sampler, pipeline, stock_schedule, causal, run_dir) -> str:
+def card_text(config, role, sampler, stock, stock_schedule, causal, run_dir) -> str:
     """`sampler`: the role's (a few-step student's listed sigmas, or the Euler ODE with
-    guidance of a critic or finetuned model)."""
+    guidance of a critic or finetuned model); `stock`: the family's StockPipeline, or None."""
     model, method = config.model, config.method
     base = _repo_id(model.path)
     sigmas, steps = list(sampler.sigmas), len(sampler.sigmas)
@@ -50,8 +50,8 @@ def card_text(config, role, sampler, pipeline, stock_schedule, causal, run_dir) 
         f"- training config sha256: {config_hash(run_dir)}", "",
         "## Sampling", "",
     ]
-    lines += _how_to_sample(pipeline, stock_schedule, causal, sigmas, guidance, deterministic)
-    if pipeline is not None and not causal and guidance is None:
+    lines += _how_to_sample(stock, stock_schedule, causal, sigmas, guidance, deterministic)
+    if stock is not None and stock.comfyui and not causal and guidance is None:
         comfy_sampler = '"euler" (the ODE step)' if deterministic else '"lcm" (predict x0, re-noise)'
         lines += ["", "## ComfyUI (core nodes)", "",
                   f"`ManualSigmas` \"{listed}, 0\", `KSamplerSelect` {comfy_sampler}, cfg 1, "
@@ -66,22 +66,26 @@ def card_text(config, role, sampler, pipeline, stock_schedule, causal, run_dir) 
     return "\n".join(lines) + "\n"
 
 
-def _how_to_sample(pipeline, stock_schedule, causal, sigmas, guidance, deterministic=False) -> List[str]:
+def _how_to_sample(stock, stock_schedule, causal, sigmas, guidance, deterministic=False) -> List[str]:
+    """`stock`: the family's StockPipeline, or None."""
     if causal:
         return ["A block-causal student: it generates chunk by chunk over its KV cache, which no stock",
                 "pipeline does. Sample it with `python -m distill.sample THIS_FOLDER --prompt \"...\" --out clip.mp4`."]
-    if pipeline is None:
+    if stock is None:
         return ["No stock pipeline (the model has no text encoder or VAE folder of its own). Sample it with",
                 "`python -m distill.sample THIS_FOLDER --prompt \"...\" --out clip.gif`."]
+    pipeline = stock.class_name
     lines = ["```python", "import torch", f"from diffusers import {pipeline}", "",
              f"pipe = {pipeline}.from_pretrained(\"THIS_FOLDER\", torch_dtype=torch.bfloat16).to(\"cuda\")"]
     if guidance is not None:
-        return [*lines, f"video = pipe(prompt, num_inference_steps={len(sigmas)}, guidance_scale={guidance})"
-                        ".frames[0]", "```"]
+        call = f"prompt, num_inference_steps={len(sigmas)}, guidance_scale={guidance}"
+        return [*lines, stock.output.format(call=call), "```"]
     if not stock_schedule:
         lines += ["# these sigmas are not a shift / shift_terminal warp of an even grid: give them by hand",
                   *override_snippet(sigmas, stochastic=not deterministic).splitlines()]
-    lines += [f"video = pipe(prompt, num_inference_steps={len(sigmas)}, guidance_scale=1.0).frames[0]", "```"]
+    extra = "".join(f", {key}={value!r}" for key, value in stock.few_step_kwargs.items())
+    call = f"prompt, num_inference_steps={len(sigmas)}, guidance_scale=1.0{extra}"
+    lines += [stock.output.format(call=call), "```"]
     if not deterministic:
         lines += ["The re-noising draws from torch's global generator (the pipeline's `generator` does not reach",
                   "the scheduler): seed it with `torch.manual_seed` for repeatable samples."]

@@ -83,7 +83,7 @@ def plan_pipeline(stock: StockPipeline, model_path: str, transformer_class: str)
                 raise ExportError(f"{source} has no {part}/: {stock.class_name} needs it (model.path={model_path})")
             entries[part] = [None, None]
             continue
-        entries[part] = known.get(part) or component_class(source / part)
+        entries[part] = known.get(part) or component_class(source / part, stock.class_name)
         parts[part] = source / part
     accepted = set(inspect.signature(_pipeline_class(stock.class_name)).parameters)
     for name in stock.transformers:
@@ -107,8 +107,10 @@ def write_pipeline(out: Path, plan: PipelinePlan, parts_mode: str = "link") -> N
     (out / "model_index.json").write_text(json.dumps(plan.index, indent=2) + "\n")
 
 
-def component_class(folder: Path) -> List[str]:
-    """[library, class] of a saved component, from the file its library writes."""
+def component_class(folder: Path, pipeline: str) -> List[str]:
+    """[library, class] of a saved component, from the file its library writes. A diffusers
+    class that lives in the pipeline's own module (LTX-2's text connectors and vocoder) is
+    declared by that module's name, as diffusers' loader looks it up there."""
     for name, key, library in (("tokenizer_config.json", "tokenizer_class", "transformers"),
                                ("preprocessor_config.json", "image_processor_type", "transformers"),
                                ("config.json", "_class_name", "diffusers"),
@@ -117,7 +119,8 @@ def component_class(folder: Path) -> List[str]:
         if path.is_file():
             value = json.loads(path.read_text()).get(key)
             if value:
-                return [library, value[0] if isinstance(value, list) else value]
+                value = value[0] if isinstance(value, list) else value
+                return [_pipeline_module(pipeline, value) if library == "diffusers" else library, value]
     raise ExportError(f"{folder}: cannot tell its class (no tokenizer_config.json, preprocessor_config.json "
                       "or config.json naming one)")
 
@@ -136,6 +139,19 @@ def _model_folder(model_path: Optional[str], parts) -> Path:
 def _read_index(source: Path) -> dict:
     path = source / "model_index.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _pipeline_module(pipeline: str, class_name: str) -> str:
+    """'diffusers' for a class diffusers exports, else the name of the pipeline's package
+    (diffusers.pipelines.<name>) where the class is defined."""
+    import importlib
+
+    import diffusers
+
+    if hasattr(diffusers, class_name):
+        return "diffusers"
+    package = _pipeline_class(pipeline).__module__.split(".")[2]
+    return package if hasattr(importlib.import_module(f"diffusers.pipelines.{package}"), class_name) else "diffusers"
 
 
 def _pipeline_class(name: str):

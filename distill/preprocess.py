@@ -106,6 +106,29 @@ def load_clip(path: Path, frames: int, height: int, width: int) -> torch.Tensor:
     return cover_and_crop(torch.stack(decoded), height, width)
 
 
+def load_audio(path: Path, samples: int, rate: int, channels: int) -> torch.Tensor:
+    """The clip's first `samples` of sound as [channels, samples] float at `rate` (FFmpeg
+    resamples and remixes), padded with silence where the track ends sooner; SkipVideo
+    where the file has no audio stream."""
+    import av
+
+    chunks = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise SkipVideo("no audio stream (the model generates sound with the video)")
+            resampler = av.AudioResampler(format="fltp", layout="mono" if channels == 1 else "stereo", rate=rate)
+            for frame in container.decode(audio=0):
+                chunks += [out.to_ndarray() for out in resampler.resample(frame)]
+                if sum(c.shape[1] for c in chunks) >= samples:
+                    break
+            chunks += [out.to_ndarray() for out in resampler.resample(None)]  # what the resampler still holds
+    except (av.error.FFmpegError, OSError) as err:
+        raise SkipVideo(f"unreadable audio ({type(err).__name__}: {err})") from None
+    wave = torch.from_numpy(np.concatenate(chunks, axis=1)[:, :samples]) if chunks else torch.zeros(channels, 0)
+    return F.pad(wave.float(), (0, samples - wave.shape[1]))
+
+
 def load_image(path: Path, frames: int, height: int, width: int) -> torch.Tensor:
     """An image file as a one-frame clip [3, 1, height, width], or SkipVideo."""
     from PIL import Image, UnidentifiedImageError
@@ -181,14 +204,21 @@ def preprocess(args) -> Counter:
         prompt = adapter.default_negative_prompt if args.negative_prompt is None else args.negative_prompt
         write_negative_embedding(encoders, prompt, out)
     shards = RankShards(out, rank, args.rows_per_shard, args.row_group_size)
+    # a family that generates sound with the video (LTX-2) encodes each clip's audio too
+    hears = not args.text_only and hasattr(encoders, "audio_rate")
+    samples = hears and round(args.frames / args.fps * encoders.audio_rate)
     for chunk in batched(mine, args.batch_size):
-        clips, kept = [], []
+        clips, sounds, kept = [], [], []
         for row in chunk:
             if args.text_only:
                 kept.append(row)
                 continue
+            path = Path(args.videos) / row["file_name"]
             try:
-                clips.append(load_clip(Path(args.videos) / row["file_name"], args.frames, args.height, args.width))
+                clip = load_clip(path, args.frames, args.height, args.width)
+                if hears:
+                    sounds.append(load_audio(path, samples, encoders.audio_rate, encoders.audio_channels))
+                clips.append(clip)
                 kept.append(row)
             except SkipVideo as reason:
                 log.warning("skipped %s: %s", row["file_name"], reason)
@@ -196,7 +226,9 @@ def preprocess(args) -> Counter:
         if not kept:
             continue
         texts = encoders.text([row["caption"] for row in kept])
-        latents = encoders.video(torch.stack(clips)) if clips else [None] * len(kept)
+        latents = [None] * len(kept)
+        if clips:
+            latents = encoders.video(torch.stack(clips), **({"audio": torch.stack(sounds)} if hears else {}))
         images = [None] * len(kept)
         if args.task == "i2v":
             firsts = encoders.video(torch.stack([image_condition_clip(c) for c in clips]))

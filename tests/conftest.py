@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -243,6 +244,73 @@ def write_tiny_qwen_image_parts(folder: Path) -> Path:
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                             additional_special_tokens=special).save_pretrained(folder / "tokenizer")
     return folder
+
+
+def write_tiny_ltx2_parts(folder: Path) -> Path:
+    """A tiny LTX-2 video VAE (8 latent channels, 8x spatial, 2x temporal), audio VAE (16 mel
+    bins -> 2 channels x 4, 4x in time, as the pipeline assumes), vocoder, Gemma-3 (width 16,
+    one layer), text connectors (4 learnable registers, as LTX-2.0 has 128) and word-level
+    tokenizer, saved as the parts of a diffusers LTX-2 folder; model=ltx2_tiny's shapes."""
+    import torch
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    AutoencoderKLLTX2Video(latent_channels=8, block_out_channels=(8,), decoder_block_out_channels=(8,),
+                           layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+                           decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False),
+                           downsample_type=("spatiotemporal",), upsample_residual=(False,), upsample_factor=(1,),
+                           patch_size=4, decoder_causal=False).save_pretrained(folder / "vae")
+    # base_channels = channels x latent mel bins: the width of the audio statistics the pipeline applies
+    AutoencoderKLLTX2Audio(base_channels=8, ch_mult=(1, 2, 4), num_res_blocks=1, latent_channels=2,
+                           mel_bins=16).save_pretrained(folder / "audio_vae")
+    LTX2Vocoder(in_channels=2 * 16, hidden_channels=8, out_channels=2, upsample_kernel_sizes=[4, 4],
+                upsample_factors=[2, 2], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]],
+                output_sampling_rate=16000).save_pretrained(folder / "vocoder")
+    text = dict(vocab_size=len(WORDS) + 2, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                                boi_token_index=len(WORDS), eoi_token_index=len(WORDS),
+                                                image_token_index=len(WORDS) + 1)).save_pretrained(folder / "text_encoder")
+    connector = dict(num_attention_heads=2, attention_head_dim=8, num_layers=1, num_learnable_registers=4)
+    LTX2TextConnectors(caption_channels=16, text_proj_in_factor=2, connector_rope_base_seq_len=32,
+                       **{f"{stream}_connector_{key}": value for stream in ("video", "audio")
+                          for key, value in connector.items()}).save_pretrained(folder / "connectors")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(folder / "tokenizer")
+    return folder
+
+
+def write_sounding_clip(path: Path, frames: int, size: int = 32, fps: float = 24, tone: Optional[float] = None,
+                        seed: int = 0, rate: int = 22050) -> None:
+    """A clip of random frames (mpeg4) and, where `tone` is given, a stereo sine at `tone` Hz
+    (16-bit PCM at `rate`, 0.1 s longer than the frames) in a Matroska file."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=fps)
+        video.width = video.height = size
+        video.pix_fmt = "yuv420p"
+        sound = container.add_stream("pcm_s16le", rate=rate, layout="stereo") if tone is not None else None
+        for _ in range(frames):
+            image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(video.encode())
+        if sound is not None:
+            t = np.arange(int(rate * (frames / fps + 0.1))) / rate
+            wave = (0.5 * np.sin(2 * np.pi * tone * t) * 32767).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(np.stack([wave, wave], 1).reshape(1, -1), format="s16", layout="stereo")
+            frame.sample_rate = rate
+            container.mux(sound.encode(frame))
+            container.mux(sound.encode())
 
 
 @pytest.fixture(scope="session")

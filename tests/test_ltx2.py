@@ -3,6 +3,7 @@ layouts, shift and text mask, and the two streams in the losses (per-stream DMD
 normalisers, the audio weight and guidance), checked by hand on the tiny model
 (DMD2 and finetuning on 1 and 2 ranks: tests/test_families.py)."""
 
+import json
 import math
 
 import pytest
@@ -139,3 +140,133 @@ def test_wrong_shapes_and_causal_roles_are_refused():
         with pytest.raises(ConfigError) as err:
             validate(compose_config([*TINY, override, *(["launcher.nproc_per_node=2"] if "context" in override else [])]))
         assert message in str(err.value), override
+
+
+def test_the_log_mel_spectrogram_by_hand():
+    """16 kHz stereo, hop 160, 16 Slaney mel bins over 0-8 kHz: samples // hop + 1 frames;
+    silence is the log floor, ln(1e-5), in every bin; a 1 kHz sine peaks in bin 5 (Slaney
+    mels are 3 f / 200 below 1 kHz: 1 kHz is mel 15; the 18 band edges are 0 to mel(8 kHz)
+    = 45.245 in steps of 2.661, so bin 5 spans 13.31-18.63 with its peak at 15.97, bin 4
+    10.65-15.97) and bin 4 is next; bins above 6 hold nothing of it."""
+    from distill.models.ltx2_encoders import log_mel
+
+    t = torch.arange(3333) / 16000
+    tone = 0.5 * torch.sin(2 * math.pi * 1000 * t)
+    mel = log_mel(torch.stack([torch.zeros_like(t), tone])[None], 16000, 160, 16)
+    assert mel.shape == (1, 2, 3333 // 160 + 1, 16)
+    assert torch.allclose(mel[0, 0], torch.full_like(mel[0, 0], math.log(1e-5)))
+    frame = mel[0, 1, 10]
+    assert frame.argmax() == 5 and frame.topk(2).indices.tolist() == [5, 4]
+    assert torch.all(frame[7:] == math.log(1e-5))
+
+
+def write_clips(folder):
+    """Five sounding clips of 6 frames (1 kHz or 440 Hz), one without sound, one too short."""
+    from conftest import write_sounding_clip
+
+    folder.mkdir()
+    rows = []
+    for i in range(5):
+        write_sounding_clip(folder / f"clip{i}.mkv", frames=6, tone=1000 if i % 2 else 440, seed=i)
+        rows.append({"file_name": f"clip{i}.mkv", "caption": "a red square moves left" if i % 2 else "a blue square"})
+    write_sounding_clip(folder / "silent.mkv", frames=6)
+    write_sounding_clip(folder / "short.mkv", frames=3, tone=440)
+    rows += [{"file_name": "silent.mkv", "caption": "a square"}, {"file_name": "short.mkv", "caption": "a square"}]
+    captions = folder.parent / "captions.jsonl"
+    captions.write_text("\n".join(json.dumps(r) for r in rows))
+    return captions
+
+
+@pytest.fixture(scope="module")
+def ltx2_export(tmp_path_factory):
+    """A tiny LTX-2 pipeline folder; clips with sound + captions preprocessed through its
+    VAEs, Gemma-3 and text connectors into a parquet dataset; a 2-step student distilled on
+    it (rolled out from the data) with the deterministic sampler, and exported."""
+    from conftest import write_tiny_ltx2_parts
+    from distill.models import build_adapter
+    from distill.preprocess import main as preprocess
+    from distill.run import train
+
+    root = tmp_path_factory.mktemp("ltx2")
+    base = root / "model"
+    build_adapter(validate(compose_config(TINY)).model).load(None, seed=5).save_pretrained(base / "transformer")
+    write_tiny_ltx2_parts(base)
+    captions = write_clips(root / "clips")
+    # no --family: the folder's LTX2VideoTransformer3DModel names it
+    assert preprocess(["--model", str(base), "--captions", str(captions), "--videos", str(root / "clips"),
+                       "--out", str(root / "data"), "--frames", "5", "--height", "32", "--width", "32", "--fps", "24",
+                       "--max-text-len", "8", "--batch-size", "2"]) == 0
+    config = validate(compose_config([
+        *TINY, f"model.path={base}", "model.vae=ltx2", "model.text_encoder=family", "data=parquet",
+        f"data.path={root / 'data'}", "method.student_steps=[1000,500]", "method.student_sampler=deterministic",
+        "method.rollout=data", "training.max_steps=2", "validation.num_samples=1",
+        "validation.health.diversity_seeds=0"]))
+    train(config, root / "run")
+    return root / "run" / "export" / "student", root
+
+
+def test_clips_preprocess_into_joint_audio_video_samples(ltx2_export):
+    """Each row: the video latent [8, 3, 4, 4] and the audio latent [2, 5, 4] (5 frames at 24 fps
+    are 0.208 s: 5 audio latent frames at 25 a second) side by side, 424 numbers; the text is the
+    connectors' video and audio tokens [8, 32]; the clip without sound and the short one are
+    skipped; the two tones give different audio latents over the same video VAE."""
+    import pyarrow.parquet as pq
+
+    from distill.data.schema import decode
+
+    _, root = ltx2_export
+    table = pq.read_table(list((root / "data").glob("*.parquet"))).to_pylist()
+    rows = {row["id"]: row for row in table}
+    assert sorted(rows) == [f"clip{i}.mkv" for i in range(5)]
+    assert all(row["vae_latent_shape"] == [8 * 3 * 4 * 4 + 2 * 5 * 4] for row in table)
+    assert all(row["text_embedding_shape"] == [8, 32] for row in table)
+    latent = {k: decode(r["vae_latent_bytes"], r["vae_latent_shape"], r["vae_latent_dtype"]) for k, r in rows.items()}
+    audio = {k: v[8 * 3 * 4 * 4:] for k, v in latent.items()}
+    assert torch.allclose(audio["clip1.mkv"], audio["clip3.mkv"], atol=1e-5)  # both 1 kHz
+    assert not torch.allclose(audio["clip0.mkv"], audio["clip1.mkv"], atol=1e-3)  # 440 Hz against 1 kHz
+
+
+def test_the_stock_pipeline_samples_the_exported_student(ltx2_export):
+    """LTX2Pipeline.from_pretrained(export), given the noise `python -m distill.sample` draws for
+    seed 3 and the model card's call (guidance 1 for both streams, the pipeline's STG, modality
+    guidance and rescale off), runs the student once a step at its sigmas and gives the video and
+    audio latents it gives."""
+    from diffusers import LTX2Pipeline
+    from safetensors.torch import load_file
+
+    from distill.models.ltx2 import pack_audio, pack_video, unpack_audio
+    from distill.sample import load_exported, main
+
+    export, root = ltx2_export
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["_class_name"] == "LTX2Pipeline"
+    assert {part for part, entry in index.items() if entry != [None, None]} >= {
+        "tokenizer", "text_encoder", "connectors", "vae", "audio_vae", "vocoder", "transformer", "scheduler"}
+    card = (export / "README.md").read_text()
+    call = ("guidance_scale=1.0, audio_guidance_scale=1.0, stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0, "
+            "audio_modality_scale=1.0, guidance_rescale=0.0, audio_guidance_rescale=0.0, frame_rate=24.0")
+    assert call in card and ".to_tuple()" in card
+    info = json.loads((export / "distill.json").read_text())
+    out = root / "ours.safetensors"
+    assert main([str(export), "--prompt", "a red square moves left", "--seeds", "3", "--out", str(out)]) == 0
+    ours = load_file(out)["samples"]
+    adapter, _, _ = load_exported(export)
+    noise = adapter.streams(torch.randn((1, *adapter.latent_shape), generator=torch.Generator().manual_seed(3)))
+
+    pipe = LTX2Pipeline.from_pretrained(export)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"][0].item()), with_kwargs=True)
+    audio_vae = pipe.audio_vae
+    # the pipeline normalises given audio latents by the audio VAE's statistics (on packed tokens)
+    audio_noise = unpack_audio(pack_audio(noise["audio"]) * audio_vae.latents_std + audio_vae.latents_mean, 4)
+    kwargs = eval(f"dict({call})")  # the card's call
+    video, audio = pipe("a red square moves left", num_frames=5, height=32, width=32, num_inference_steps=2,
+                        max_sequence_length=8, latents=pack_video(noise["video"]), audio_latents=audio_noise,
+                        output_type="latent", return_dict=False, **kwargs)
+    assert seen == pytest.approx([1000 * s for s in info["sampler"]["sigmas"]], abs=1e-3)
+    vae = pipe.vae
+    ours = adapter.streams(ours)
+    mean, std = vae.latents_mean.view(1, -1, 1, 1, 1), vae.latents_std.view(1, -1, 1, 1, 1)
+    assert torch.allclose(video, ours["video"] * std / vae.config.scaling_factor + mean, atol=1e-5)
+    expected = unpack_audio(pack_audio(ours["audio"]) * audio_vae.latents_std + audio_vae.latents_mean, 4)
+    assert torch.allclose(audio, expected, atol=1e-5)

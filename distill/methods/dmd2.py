@@ -309,7 +309,7 @@ class DMD2(Method):
         student, text = self.roles["student"], batch["text_embeds"]
         if self.cfg.rollout.value == "data":
             latents = batch["latents"]
-            steps = self.input_steps(n, latents.shape[2])
+            steps = self.input_steps(n, self.adapter.cfg.latent_shape[1])  # the latent frames (chunks)
             sigma = torch.cat([sigmas, sigmas.new_zeros(1)])[steps]  # index len(sigmas): clean
             metrics.update({"student_step": steps.float().mean(), "sigma/student": sigma.mean()})
             x = self.adapter.add_noise(latents, self.randn(latents.shape), sigma)

@@ -76,6 +76,11 @@ class StockPipeline:
     parts: Tuple[str, ...]  # folders of the model folder it cannot run without (text encoder, VAE, ...)
     optional_parts: Tuple[str, ...] = ()  # linked when the model folder has them, else null
     config: Dict = field(default_factory=dict)  # the pipeline's own config entries (boundary_ratio, ...)
+    # what the model card's call passes besides the prompt, steps and guidance 1 to sample a
+    # few-step student (a pipeline's own extra guidances switched off), and how it reads the output
+    few_step_kwargs: Dict = field(default_factory=dict)
+    output: str = "video = pipe({call}).frames[0]"
+    comfyui: bool = False  # the export ships ComfyUI files (a workflow, single-file weights)
 
 
 class FlowMatchingAdapter(ABC):

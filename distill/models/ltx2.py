@@ -16,13 +16,14 @@ token is real where the zero padding is not (the mask).
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from distill.models.diffusers_network import DiffusersNetworkAdapter
-from distill.models.flow_matching import DynamicShiftConfig, dynamic_shift_errors
+from distill.models.flow_matching import DynamicShiftConfig, StockPipeline, dynamic_shift_errors
 from distill.registry import register_family
 
 # the video and audio attention and feed-forward projections of every block (peft's names)
@@ -48,6 +49,7 @@ class LTX2Config(DynamicShiftConfig):
     text_len: int = 1024  # the pipeline's max_sequence_length
     text_dim: int = 7680  # the connectors' video and audio embeddings side by side: 2 x caption_channels 3,840
     vae: str = "ltx2"  # ltx2: AutoencoderKLLTX2Video from <model.path>/vae; identity: the latents as they are
+    # family: Gemma-3 and the text connectors from <model.path> (ltx2_encoders.py); hash: the built-in one
     text_encoder: str = "family"
     fps: float = 24.0  # the frame rate the video RoPE's time coordinates use (the pipeline's frame_rate)
     audio_weight: float = 1.0  # the audio stream's weight in every loss (the video's is 1)
@@ -215,6 +217,33 @@ class LTX2Adapter(DiffusersNetworkAdapter):
         if t % patch_t or h % patch or w % patch:
             errors.append(f"model.latent_shape={list(model.latent_shape)} does not divide into the patches of {key}")
         return errors
+
+    # --- encoders, decoding, export --------------------------------------
+    def encoders(self, folder: Path, text_only: bool, max_text_len: int, device: torch.device, image: bool = False):
+        from distill.models.ltx2_encoders import LTX2Encoders
+
+        return LTX2Encoders(Path(folder), text_only, max_text_len, device)
+
+    def text_encoder(self, device: torch.device):
+        from distill.models.ltx2_encoders import LTX2Encoders
+
+        return LTX2Encoders(self.part_folder("text_encoder"), text_only=True, max_text_len=self.cfg.text_len,
+                            device=device)
+
+    def stock_pipeline(self) -> Optional[StockPipeline]:
+        """LTX2Pipeline: it passes linspace(1, 1/N, N) with its mu to the scheduler. A
+        guidance-free student samples with every guidance of the pipeline off, for both
+        streams: by default the audio's CFG is 7, and STG and modality isolation (a forward
+        each) are on."""
+        if self.cfg.vae != "ltx2" or self.cfg.text_encoder != "family":
+            return None
+        return StockPipeline(
+            class_name="LTX2Pipeline", transformers=(self.cfg.subfolder,),
+            parts=("tokenizer", "text_encoder", "connectors", "vae", "audio_vae", "vocoder"),
+            few_step_kwargs={"audio_guidance_scale": 1.0, "stg_scale": 0.0, "audio_stg_scale": 0.0,
+                             "modality_scale": 1.0, "audio_modality_scale": 1.0, "guidance_rescale": 0.0,
+                             "audio_guidance_rescale": 0.0, "frame_rate": self.cfg.fps},
+            output="video, audio = pipe({call}).to_tuple()")
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The video stream as pixels [N, 3, F, H, W] (identity: the video latent itself);

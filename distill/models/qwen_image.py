@@ -195,7 +195,7 @@ class QwenImageAdapter(DiffusersNetworkAdapter):
         if self.cfg.vae != "qwen_image" or self.cfg.text_encoder != "family":
             return None
         return StockPipeline(class_name="QwenImagePipeline", transformers=(self.cfg.subfolder,),
-                             parts=("tokenizer", "text_encoder", "vae"))
+                             parts=("tokenizer", "text_encoder", "vae"), output="image = pipe({call}).images[0]")
 
 
 class QwenImageEncoders:

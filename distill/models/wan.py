@@ -218,6 +218,7 @@ class WanAdapter(DiffusersNetworkAdapter):
             parts=("tokenizer", "text_encoder", "vae"),
             optional_parts=("image_encoder", "image_processor") if condition != "none" else (),  # Wan2.1 I2V's
             config={"boundary_ratio": self.cfg.boundary_ratio, "expand_timesteps": condition == "first_frame"},
+            comfyui=True,
         )
 
     def comfyui_workflow(self, sigmas: List[float], network_file: str, deterministic: bool = False) -> Optional[dict]:
