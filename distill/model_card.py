@@ -78,13 +78,13 @@ def _how_to_sample(stock, stock_schedule, causal, sigmas, guidance, deterministi
     lines = ["```python", "import torch", f"from diffusers import {pipeline}", "",
              f"pipe = {pipeline}.from_pretrained(\"THIS_FOLDER\", torch_dtype=torch.bfloat16).to(\"cuda\")"]
     if guidance is not None:
-        call = f"prompt, num_inference_steps={len(sigmas)}, guidance_scale={guidance}"
+        call = f"prompt=prompt, num_inference_steps={len(sigmas)}, guidance_scale={guidance}"
         return [*lines, stock.output.format(call=call), "```"]
     if not stock_schedule:
         lines += ["# these sigmas are not a shift / shift_terminal warp of an even grid: give them by hand",
                   *override_snippet(sigmas, stochastic=not deterministic).splitlines()]
     extra = "".join(f", {key}={value!r}" for key, value in stock.few_step_kwargs.items())
-    call = f"prompt, num_inference_steps={len(sigmas)}, guidance_scale=1.0{extra}"
+    call = f"prompt=prompt, num_inference_steps={len(sigmas)}, guidance_scale=1.0{extra}"
     lines += [stock.output.format(call=call), "```"]
     if not deterministic:
         lines += ["The re-noising draws from torch's global generator (the pipeline's `generator` does not reach",

@@ -14,7 +14,14 @@ diffusers folder of a model family (`--family`; by default the family whose
 transformer or VAE class the folder's config.json names) whose encoders are
 used: for Wan `vae/` (AutoencoderKLWan), `text_encoder/` (UMT5EncoderModel)
 and `tokenizer/`; for Qwen-Image `vae/` (AutoencoderKLQwenImage) and
-Qwen2.5-VL through QwenImagePipeline's own prompt encoding. A file named
+Qwen2.5-VL through QwenImagePipeline's own prompt encoding; for LTX-2 `vae/`,
+`audio_vae/` and Gemma-3 through LTX2Pipeline's prompt encoding and its
+`connectors/` (distill/models/ltx2_encoders.py). A family that generates sound
+with the video (LTX-2) also reads each clip's audio track: the first
+frames / fps seconds (`--fps`: the clips' frame rate), resampled by FFmpeg to
+its VAE's rate, padded with silence where the track ends sooner; a clip
+without an audio track is skipped. Its latent is then the family's joint
+sample (both latents, in model space). A file named
 .png, .jpg, .jpeg, .webp or .bmp is an image: one frame (`--frames 1`),
 media_type image. Frames are resized to cover
 height x width, centre-cropped, and the first `frames` are kept; the latent
@@ -231,7 +238,10 @@ def preprocess(args) -> Counter:
             latents = encoders.video(torch.stack(clips), **({"audio": torch.stack(sounds)} if hears else {}))
         images = [None] * len(kept)
         if args.task == "i2v":
-            firsts = encoders.video(torch.stack([image_condition_clip(c) for c in clips]))
+            if hasattr(encoders, "image_latents"):  # the image encoded alone (LTX-2's pipeline)
+                firsts = encoders.image_latents(torch.stack([c[:, :1] for c in clips]))
+            else:  # the image followed by black frames (Wan's pipelines)
+                firsts = encoders.video(torch.stack([image_condition_clip(c) for c in clips]))
             pixels = [first_frame_pixels(c) for c in clips]
             features = encoders.image(torch.stack(pixels)) if encoders.image_encoder else [None] * len(clips)
             images = [{CLIP: c, FIRST_FRAME: f, IMAGE: p} for c, f, p in zip(features, firsts, pixels)]
@@ -264,7 +274,8 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--fps", type=float, default=16.0)
+    p.add_argument("--fps", type=float, default=16.0, help="the clips' frame rate (metadata; the span of sound an "
+                   "audio-video family encodes with the frames)")
     p.add_argument("--max-text-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--rows-per-shard", type=int, default=256)

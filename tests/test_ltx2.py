@@ -1,7 +1,11 @@
 """LTX-2 (model.family=ltx2): the joint audio-video sample, the pipeline's token
 layouts, shift and text mask, and the two streams in the losses (per-stream DMD
-normalisers, the audio weight and guidance), checked by hand on the tiny model
-(DMD2 and finetuning on 1 and 2 ranks: tests/test_families.py)."""
+normalisers, the audio weight and guidance), checked by hand on the tiny model;
+the log-mel spectrogram by hand; clips with sound preprocessed through a tiny
+LTX-2 folder (both VAEs, Gemma-3, the text connectors), a student distilled on
+them for text-to-video and for image-to-video, and each export sampled by the
+stock LTX2Pipeline / LTX2ImageToVideoPipeline as our sampler samples it (DMD2 and
+finetuning on 1 and 2 ranks: tests/test_families.py)."""
 
 import json
 import math
@@ -133,12 +137,16 @@ def test_wrong_shapes_and_causal_roles_are_refused():
         "model.text_dim=30": "model.text_dim=30 does not match caption_channels=16 of model.arch",
         "model.latents_mean=[0,0,0,0,0,0,0,0]": "model.latents_mean: model.family=ltx2 keeps its joint samples",
         "roles.student.causal=true": "model.family=ltx2 has no block-causal variant",
+        "model.image_condition=concat": "model.image_condition=concat: model.family=ltx2 conditions on an image "
+                                        "as LTX2ImageToVideoPipeline does (first_frame)",
+        "model.latent_shape=[8,1,4,4]": "the image is the first latent frame, so the video needs at least 2",
         "parallel.context=2": "parallel.context=2: model.family=ltx2 has no context parallelism (allowed: 1): "
                               "diffusers 0.42.1 declares a plan",
     }
     for override, message in cases.items():
         with pytest.raises(ConfigError) as err:
-            validate(compose_config([*TINY, override, *(["launcher.nproc_per_node=2"] if "context" in override else [])]))
+            extra = {"context": ["launcher.nproc_per_node=2"], "[8,1,4,4]": ["model.image_condition=first_frame"]}
+            validate(compose_config([*TINY, override, *next((v for k, v in extra.items() if k in override), [])]))
         assert message in str(err.value), override
 
 
@@ -244,7 +252,8 @@ def test_the_stock_pipeline_samples_the_exported_student(ltx2_export):
         "tokenizer", "text_encoder", "connectors", "vae", "audio_vae", "vocoder", "transformer", "scheduler"}
     card = (export / "README.md").read_text()
     call = ("guidance_scale=1.0, audio_guidance_scale=1.0, stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0, "
-            "audio_modality_scale=1.0, guidance_rescale=0.0, audio_guidance_rescale=0.0, frame_rate=24.0")
+            "audio_modality_scale=1.0, guidance_rescale=0.0, audio_guidance_rescale=0.0, use_cross_timestep=False, "
+            "frame_rate=24.0")
     assert call in card and ".to_tuple()" in card
     info = json.loads((export / "distill.json").read_text())
     out = root / "ours.safetensors"
@@ -267,6 +276,96 @@ def test_the_stock_pipeline_samples_the_exported_student(ltx2_export):
     vae = pipe.vae
     ours = adapter.streams(ours)
     mean, std = vae.latents_mean.view(1, -1, 1, 1, 1), vae.latents_std.view(1, -1, 1, 1, 1)
+    assert torch.allclose(video, ours["video"] * std / vae.config.scaling_factor + mean, atol=1e-5)
+    expected = unpack_audio(pack_audio(ours["audio"]) * audio_vae.latents_std + audio_vae.latents_mean, 4)
+    assert torch.allclose(audio, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def ltx2_i2v(ltx2_export):
+    """The same clips preprocessed for image-to-video (`--task i2v`), a 2-step first-frame
+    student distilled on them (rolled out from the data, deterministic), and exported."""
+    from distill.preprocess import main as preprocess
+    from distill.run import train
+
+    _, root = ltx2_export
+    assert preprocess(["--task", "i2v", "--model", str(root / "model"), "--captions", str(root / "captions.jsonl"),
+                       "--videos", str(root / "clips"), "--out", str(root / "data_i2v"), "--frames", "5", "--height",
+                       "32", "--width", "32", "--fps", "24", "--max-text-len", "8", "--batch-size", "2"]) == 0
+    config = validate(compose_config([
+        *TINY, f"model.path={root / 'model'}", "model.vae=ltx2", "model.text_encoder=family",
+        "model.image_condition=first_frame", "data=parquet", f"data.path={root / 'data_i2v'}",
+        "method.student_steps=[1000,500]", "method.student_sampler=deterministic", "method.rollout=data",
+        "training.max_steps=2", "validation.num_samples=1", "validation.health.diversity_seeds=0"]))
+    train(config, root / "run_i2v")
+    return root / "run_i2v", root
+
+
+def test_i2v_rows_hold_the_image_latent_the_clip_starts_with(ltx2_i2v):
+    """`--task i2v`: first_frame_latent is the first frame encoded alone [8, 1, 4, 4] (the
+    image-to-video pipeline's encoding), equal to the first latent frame of the clip's joint
+    sample (the causal VAE); pil_image the frame's pixels; no image-encoder features."""
+    import pyarrow.parquet as pq
+
+    from distill.data.schema import decode
+
+    _, root = ltx2_i2v
+    for row in pq.read_table(list((root / "data_i2v").glob("*.parquet"))).to_pylist():
+        image = decode(row["first_frame_latent_bytes"], row["first_frame_latent_shape"], row["first_frame_latent_dtype"])
+        clip = decode(row["vae_latent_bytes"], row["vae_latent_shape"], row["vae_latent_dtype"])
+        assert image.shape == (8, 1, 4, 4) and row["pil_image_shape"] == [32, 32, 3] and row["clip_feature_bytes"] == b""
+        assert torch.allclose(image, clip[: 8 * 3 * 4 * 4].reshape(8, 3, 4, 4)[:, :1], atol=1e-5)
+
+
+def test_the_i2v_student_runs_in_the_stock_image_to_video_pipeline(ltx2_i2v):
+    """LTX2ImageToVideoPipeline.from_pretrained(export), its latents' first frame the image's and
+    the rest the noise of seed 3, with the card's call: the image's tokens at timestep 0, the
+    others and the audio at the student's sigmas, and the video and audio latents our sampler
+    gives with the image as the held first frame."""
+    import pyarrow.parquet as pq
+    from diffusers import LTX2ImageToVideoPipeline
+    from PIL import Image
+
+    from distill.data.schema import decode
+    from distill.models import build_adapter
+    from distill.models.ltx2 import pack_audio, unpack_audio
+    from distill.sample import exported_model
+    from distill.sampling import Sampler
+
+    run, root = ltx2_i2v
+    export = run / "export" / "student"
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["_class_name"] == "LTX2ImageToVideoPipeline"
+    card = (export / "README.md").read_text()
+    assert "pipeline_tag: image-to-video" in card and ", image=image).to_tuple()" in card
+    call = card.split("num_inference_steps=2, ")[1].split(", image=image")[0]
+    info = json.loads((export / "distill.json").read_text())
+    adapter = build_adapter(exported_model(info, str(root / "model")))
+    role = Role("sampler", RoleConfig(), adapter.load(str(export), seed=0).eval().requires_grad_(False))
+    text = adapter.text_encoder(torch.device("cpu")).text(["a red square moves left"])[0][None]
+    row = pq.read_table(sorted((root / "data_i2v").glob("*.parquet"))[0]).to_pylist()[0]
+    image = decode(row["first_frame_latent_bytes"], row["first_frame_latent_shape"], row["first_frame_latent_dtype"])[None]
+    g = torch.Generator().manual_seed(3)
+    ours = Sampler.from_json(info["sampler"])(adapter, role, text, None, lambda shape: torch.randn(shape, generator=g),
+                                              first_frame=image)
+    noise = adapter.streams(torch.randn((1, *adapter.latent_shape), generator=torch.Generator().manual_seed(3)))
+
+    pipe = LTX2ImageToVideoPipeline.from_pretrained(export)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"][0]), with_kwargs=True)
+    audio_vae = pipe.audio_vae
+    audio_noise = unpack_audio(pack_audio(noise["audio"]) * audio_vae.latents_std + audio_vae.latents_mean, 4)
+    vae = pipe.vae
+    mean, std = vae.latents_mean.view(1, -1, 1, 1, 1), vae.latents_std.view(1, -1, 1, 1, 1)
+    latents = torch.cat([image, noise["video"][:, :, 1:]], dim=2) * std / vae.config.scaling_factor + mean  # it normalises
+    video, audio = pipe(prompt="a red square moves left", image=Image.new("RGB", (32, 32)), num_frames=5, height=32,
+                        width=32, num_inference_steps=2, max_sequence_length=8, latents=latents,
+                        audio_latents=audio_noise, output_type="latent", return_dict=False, **eval(f"dict({call})"))
+    assert len(seen) == 2  # one forward a step: every guidance off
+    for t, sigma in zip(seen, info["sampler"]["sigmas"]):
+        assert (t[:16] == 0).all() and torch.allclose(t[16:], torch.full_like(t[16:], 1000 * sigma), atol=1e-3)
+    ours = adapter.streams(ours)
+    assert torch.allclose(ours["video"][:, :, :1], image, atol=1e-6)  # the held first frame
     assert torch.allclose(video, ours["video"] * std / vae.config.scaling_factor + mean, atol=1e-5)
     expected = unpack_audio(pack_audio(ours["audio"]) * audio_vae.latents_std + audio_vae.latents_mean, 4)
     assert torch.allclose(audio, expected, atol=1e-5)

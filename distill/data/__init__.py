@@ -1,5 +1,6 @@
 """Batch sources for the trainer."""
 
+import functools
 import logging
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import torch
 
 from distill.data.parquet import DataError, ParquetIndex, ParquetLatents, Shapes, StatefulLoader
 from distill.data.synthetic import SyntheticLatents
+from distill.registry import family_class
 
 # written by `python -m distill.preprocess` beside the shards: the negative
 # prompt's embedding (`text_embeds` [L, D], the prompt in the metadata)
@@ -21,9 +23,12 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
     if ode and data.name != "parquet":  # data=digits names the prompts of the ODE pairs
         raise DataError(f"data={data.name.value}: method {config.method.name} trains on ODE pairs: data=parquet "
                         "data.path=<a folder python -m distill.ode_pairs wrote>")
+    family = family_class(model.family)
+    first_frame_of = functools.partial(family.first_frame_of, model)
     if data.name == "synthetic":
         return SyntheticLatents(model, data, seed=config.seed, rank=rank, world_size=world_size,
-                                image_condition=image_condition(model), sample_shape=sample_shape(model))
+                                image_condition=image_condition(model), sample_shape=sample_shape(model),
+                                first_frame_of=first_frame_of)
     if data.name == "digits":
         from distill.data.digits import ensure_digits
 
@@ -38,7 +43,8 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
         path = data.path
     sample = sample_shape(model)
     shapes = Shapes(None if data.text_only or ode else sample, model.text_len, model.text_dim,
-                    ode=sample if ode else None, image_condition=image_condition(model), image_latent=sample)
+                    ode=sample if ode else None, image_condition=image_condition(model),
+                    image_latent=family.image_latent_shape(model))
     dataset = ParquetLatents(
         ParquetIndex(str(path), shapes),
         shapes,
@@ -50,6 +56,7 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
         latents_std=_tensor_or_none(model.latents_std),
         negative_text=_negative(negative_embedding_file(data), shapes),
         shuffle_window=data.shuffle_window,
+        first_frame_of=first_frame_of,
     )
     return StatefulLoader(dataset, num_workers=data.num_workers, pin_memory=device_type == "cuda")
 
@@ -57,16 +64,12 @@ def build_data(config, rank: int = 0, world_size: int = 1, device_type: str = "c
 def image_condition(model) -> str:
     """The image-conditioning columns the model family reads for this config (none,
     first_frame or concat): the family says, the data layer only reads columns."""
-    from distill.registry import family_class
-
     return family_class(model.family).batch_condition(model)
 
 
 def sample_shape(model) -> tuple:
     """A sample's latent shape as the model family lays it out (a joint family's streams
     side by side)."""
-    from distill.registry import family_class
-
     return family_class(model.family).sample_shape(model)
 
 

@@ -16,7 +16,7 @@ would have. Only the needed columns are read.
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pyarrow.parquet as pq
 import torch
@@ -27,6 +27,11 @@ from distill.data.schema import CLIP, DTYPES, FIRST_FRAME, LATENT, ODE, ODE_SIGM
 
 class DataError(ValueError):
     """A dataset that cannot be trained on; the message names the file and row."""
+
+
+def first_latent_frame(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, T, H, W] -> its first latent frame [B, C, 1, H, W]."""
+    return latents[:, :, :1]
 
 
 @dataclass
@@ -176,8 +181,11 @@ class ParquetLatents(IterableDataset):
         latents_std: Optional[torch.Tensor] = None,
         negative_text: Optional[torch.Tensor] = None,
         shuffle_window: int = 8,
+        first_frame_of: Optional[Callable] = None,
     ):
         self.index = index
+        # a sample's first latent frame [B, C, 1, H, W] (the model family's layout)
+        self.first_frame_of = first_frame_of or first_latent_frame
         self.shapes = shapes
         self.batch_size = batch_size
         self.seed = seed
@@ -310,7 +318,7 @@ class ParquetLatents(IterableDataset):
         if latents:
             out["latents"] = torch.stack(latents)
         if self.shapes.image_condition == "first_frame":  # the image's own latent frame
-            out["first_frame"] = (torch.stack(images) if images else out["latents"])[:, :, :1].clone()
+            out["first_frame"] = self.first_frame_of(torch.stack(images) if images else out["latents"]).clone()
         elif self.shapes.image_condition == "concat":
             out["image_latent"], out["image_embeds"] = torch.stack(images), torch.stack(clips)
         if odes:

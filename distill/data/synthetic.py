@@ -6,14 +6,14 @@ is a fixed batch a model can overfit. Ranks take turns along one stream of
 sample positions, so any number of ranks sees the same global batches.
 """
 
-from typing import Dict, Iterator
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
 
 class SyntheticLatents:
     def __init__(self, model_cfg, data_cfg, seed: int, rank: int = 0, world_size: int = 1, image_condition: str = "none",
-                 sample_shape=None):
+                 sample_shape=None, first_frame_of: Optional[Callable] = None):
         g = torch.Generator().manual_seed(seed + 7)
         n = data_cfg.num_samples
         self.latents = torch.randn((n, *(sample_shape or model_cfg.latent_shape)), generator=g)
@@ -25,6 +25,9 @@ class SyntheticLatents:
             raise DataError("data=synthetic has no image embeddings for model.image_condition=concat: use data=parquet "
                             "(python -m distill.preprocess --task i2v writes them)")
         self.image_conditioned = image_condition == "first_frame"
+        if first_frame_of is None:
+            from distill.data.parquet import first_latent_frame as first_frame_of
+        self.first_frame_of = first_frame_of
         self.batch_size = data_cfg.batch_size
         self.position = rank * self.batch_size
         self.stride = world_size * self.batch_size
@@ -43,7 +46,7 @@ class SyntheticLatents:
             "negative_text_embeds": self.negative_text.expand(self.batch_size, -1, -1),
         }
         if self.image_conditioned:  # the video's own first latent frame is its image
-            batch["first_frame"] = self.latents[index][:, :, :1]
+            batch["first_frame"] = self.first_frame_of(self.latents[index])
         return batch
 
     def state_dict(self) -> dict:

@@ -228,6 +228,18 @@ class FlowMatchingAdapter(ABC):
         return "text-to-video"
 
     @classmethod
+    def first_frame_of(cls, model, latents: torch.Tensor) -> torch.Tensor:
+        """The first latent frame [B, C, 1, H, W] of a batch of samples (laid out as
+        `sample_shape`) or of image latents: a video's own image for first-frame conditioning."""
+        return latents[:, :, :1]
+
+    @classmethod
+    def image_latent_shape(cls, model) -> Tuple[int, ...]:
+        """The shape of an image-to-video dataset's first_frame_latent column: by default the
+        image followed by black frames through the VAE, laid out as a sample."""
+        return tuple(cls.sample_shape(model))
+
+    @classmethod
     def batch_condition(cls, model) -> str:
         """Which image-conditioning columns the data carries for this model config:
         none, first_frame (the image's latent) or concat (image latent and embeddings)."""

@@ -12,6 +12,12 @@ steps its two schedulers together.
 The text input is the two outputs of the pipeline's text connectors side by side
 on the feature axis, [L, 2 * caption_channels]: the video's, then the audio's; a
 token is real where the zero padding is not (the mask).
+
+Image-to-video (model.image_condition=first_frame) is LTX2ImageToVideoPipeline's:
+the video's first latent frame is the image's clean latent, its tokens run at
+timestep 0 while the other frames and the audio run at the sample's, and the
+first frame's velocity takes it onto the image (distill/models/image_condition.py).
+Preprocessing and prompt encoding: ltx2_encoders.py.
 """
 
 import math
@@ -22,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from distill.models import image_condition
 from distill.models.diffusers_network import DiffusersNetworkAdapter
 from distill.models.flow_matching import DynamicShiftConfig, StockPipeline, dynamic_shift_errors
 from distill.registry import register_family
@@ -56,6 +63,13 @@ class LTX2Config(DynamicShiftConfig):
     # CFG of the audio stream (the pipeline's audio_guidance_scale, 7.0 by default); null:
     # the method's guidance_scale, which the video uses
     audio_guidance_scale: Optional[float] = None
+    # none: text-to-video (LTX2Pipeline); first_frame: image-to-video as LTX2ImageToVideoPipeline
+    # does it: the first latent frame is the clean image latent, its tokens at timestep 0, the
+    # audio and the other frames at the sample's (distill/models/image_condition.py)
+    image_condition: str = "none"
+    # the cross-modal attention's modulation reads the other stream's sigma (true: LTX-2.3 and
+    # later) or its own stream's timesteps (false: LTX-2.0); only image-to-video tells them apart
+    cross_timestep: bool = False
     # resolution-dependent shift as LTX2Pipeline samples, from the video's tokens (the
     # pipeline's defaults when the scheduler config names none)
     base_image_seq_len: int = 1024
@@ -111,6 +125,19 @@ class LTX2Adapter(DiffusersNetworkAdapter):
         return {"video": x[:, :split].reshape(x.shape[0], *self.cfg.latent_shape),
                 "audio": x[:, split:].reshape(x.shape[0], *self.cfg.audio_shape)}
 
+    @classmethod
+    def first_frame_of(cls, model, latents: torch.Tensor) -> torch.Tensor:
+        """The video stream's first latent frame of joint samples [B, N] (or of video latents)."""
+        if latents.dim() == 2:
+            latents = latents[:, : math.prod(model.latent_shape)].reshape(-1, *model.latent_shape)
+        return latents[:, :, :1]
+
+    @classmethod
+    def image_latent_shape(cls, model) -> Tuple[int, ...]:
+        """The image's own latent [C, 1, H, W] (LTX2ImageToVideoPipeline encodes it alone)."""
+        c, _, h, w = model.latent_shape
+        return (c, 1, h, w)
+
     def join_streams(self, parts: Dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([parts["video"].flatten(1), parts["audio"].flatten(1)], dim=1)
 
@@ -127,6 +154,33 @@ class LTX2Adapter(DiffusersNetworkAdapter):
         per_element[split:] = audio
         return per_element
 
+    # --- image conditioning ----------------------------------------------
+    @classmethod
+    def batch_condition(cls, model) -> str:
+        return model.image_condition
+
+    @classmethod
+    def task(cls, model) -> str:
+        return "image-to-video" if model.image_condition == "first_frame" else "text-to-video"
+
+    def conditioning(self, batch):
+        """The image's latent [B, C, 1, H, W] for image-to-video."""
+        if self.cfg.image_condition == "first_frame":
+            return {image_condition.KEY: batch[image_condition.KEY]}
+        return {}
+
+    def conditioning_image(self, cond):
+        return cond.get(image_condition.KEY)
+
+    def held_velocity(self, v: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+        """Image-to-video: the video's first frame moves onto the image latent (its x0)."""
+        if image_condition.KEY not in cond:
+            return v
+        parts = self.streams(v)
+        parts["video"] = image_condition.first_frame_velocity(parts["video"], self.streams(x_t)["video"],
+                                                              cond[image_condition.KEY], sigma)
+        return self.join_streams(parts)
+
     # --- the network -----------------------------------------------------
     def forward(self, module: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 **cond) -> torch.Tensor:
@@ -135,6 +189,12 @@ class LTX2Adapter(DiffusersNetworkAdapter):
         parts = self.streams(x_t)
         video, audio = parts["video"], parts["audio"]
         _, _, t, h, w = video.shape
+        video_timestep = timestep
+        first_frame = cond.pop(image_condition.KEY, None)
+        if first_frame is not None:  # as LTX2ImageToVideoPipeline: the clean image, its tokens at timestep 0
+            video = image_condition.hold_first_frame(video, first_frame)
+            per_frame = image_condition.first_frame_timesteps(timestep, t)
+            video_timestep = per_frame[:, :, None].expand(-1, -1, (h // c.patch_size) * (w // c.patch_size)).flatten(1)
         width = text.shape[-1] // 2
         video_text, audio_text = text[..., :width], text[..., width:]
         mask = video_text.ne(0).any(dim=-1).to(dtype)  # the connectors' tokens before the zero padding
@@ -143,8 +203,10 @@ class LTX2Adapter(DiffusersNetworkAdapter):
             audio_hidden_states=pack_audio(audio).to(dtype),
             encoder_hidden_states=video_text.to(dtype),
             audio_encoder_hidden_states=audio_text.to(dtype),
-            timestep=timestep.to(dtype),  # 1000 sigma, as LTX2Pipeline passes its scheduler's timesteps
+            timestep=video_timestep.to(dtype),  # 1000 sigma, as LTX2Pipeline passes its scheduler's timesteps
+            audio_timestep=timestep.to(dtype),
             sigma=timestep.to(dtype),
+            use_cross_timestep=self.cfg.cross_timestep,
             encoder_attention_mask=mask,
             audio_encoder_attention_mask=mask,
             num_frames=t // c.patch_size_t, height=h // c.patch_size, width=w // c.patch_size, fps=self.cfg.fps,
@@ -191,6 +253,12 @@ class LTX2Adapter(DiffusersNetworkAdapter):
             errors.append("model.family=ltx2 has no block-causal variant (roles.<r>.causal, model.chunk_frames)")
         if model.audio_weight < 0:
             errors.append(f"model.audio_weight={model.audio_weight}: must be >= 0")
+        if model.image_condition not in ("none", "first_frame"):
+            errors.append(f"model.image_condition={model.image_condition}: model.family=ltx2 conditions on an image "
+                          "as LTX2ImageToVideoPipeline does (first_frame), or not at all (none)")
+        elif model.image_condition == "first_frame" and model.latent_shape[1] < 2:
+            errors.append(f"model.image_condition=first_frame with model.latent_shape={list(model.latent_shape)}: "
+                          "the image is the first latent frame, so the video needs at least 2")
         errors += dynamic_shift_errors(model)
         if errors:
             return errors
@@ -231,24 +299,28 @@ class LTX2Adapter(DiffusersNetworkAdapter):
                             device=device)
 
     def stock_pipeline(self) -> Optional[StockPipeline]:
-        """LTX2Pipeline: it passes linspace(1, 1/N, N) with its mu to the scheduler. A
+        """LTX2Pipeline (LTX2ImageToVideoPipeline for first_frame): it passes linspace(1, 1/N, N)
+        with its mu to the scheduler. A
         guidance-free student samples with every guidance of the pipeline off, for both
         streams: by default the audio's CFG is 7, and STG and modality isolation (a forward
         each) are on."""
         if self.cfg.vae != "ltx2" or self.cfg.text_encoder != "family":
             return None
+        image = self.cfg.image_condition == "first_frame"
         return StockPipeline(
-            class_name="LTX2Pipeline", transformers=(self.cfg.subfolder,),
+            class_name="LTX2ImageToVideoPipeline" if image else "LTX2Pipeline", transformers=(self.cfg.subfolder,),
             parts=("tokenizer", "text_encoder", "connectors", "vae", "audio_vae", "vocoder"),
             few_step_kwargs={"audio_guidance_scale": 1.0, "stg_scale": 0.0, "audio_stg_scale": 0.0,
                              "modality_scale": 1.0, "audio_modality_scale": 1.0, "guidance_rescale": 0.0,
-                             "audio_guidance_rescale": 0.0, "frame_rate": self.cfg.fps},
-            output="video, audio = pipe({call}).to_tuple()")
+                             "audio_guidance_rescale": 0.0, "use_cross_timestep": self.cfg.cross_timestep,
+                             "frame_rate": self.cfg.fps},
+            output="video, audio = pipe({call}" + (", image=image" if image else "") + ").to_tuple()")
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """The video stream as pixels [N, 3, F, H, W] (identity: the video latent itself);
+        """The video stream of joint samples (or video latents [N, C, F, H, W], e.g. the
+        conditioning image's) as pixels [N, 3, F, H, W] (identity: the video latent itself);
         the audio stream is not rendered in validation samples."""
-        video = self.streams(latents.float())["video"]
+        video = latents.float() if latents.dim() == 5 else self.streams(latents.float())["video"]
         if self.cfg.vae == "identity":
             return video
         if getattr(self, "_vae", None) is None:

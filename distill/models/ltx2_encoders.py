@@ -91,6 +91,16 @@ class LTX2Encoders:
         return [rows[keep.bool()].float().cpu() for rows, keep in zip(joined, kept)]
 
     @torch.no_grad()
+    def image_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images as one-frame clips [N, 3, 1, H, W] -> their latents [N, C, 1, H, W] in model
+        space, each encoded alone and normalised as LTX2ImageToVideoPipeline does (the causal
+        VAE makes it the clip's own first latent frame)."""
+        from diffusers import LTX2Pipeline
+
+        latent = self.vae.encode(images.to(self.device)).latent_dist.mean
+        return LTX2Pipeline._normalize_latents(latent, self.vae.latents_mean, self.vae.latents_std).float().cpu()
+
+    @torch.no_grad()
     def video(self, clips: torch.Tensor, audio: torch.Tensor = None) -> torch.Tensor:
         """Clips [N, 3, F, H, W] in [-1, 1] and their sound [N, channels, samples] at
         `audio_rate` -> joint samples [N, C*T*H*W + Ca*L*M] in model space."""

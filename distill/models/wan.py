@@ -219,6 +219,7 @@ class WanAdapter(DiffusersNetworkAdapter):
             optional_parts=("image_encoder", "image_processor") if condition != "none" else (),  # Wan2.1 I2V's
             config={"boundary_ratio": self.cfg.boundary_ratio, "expand_timesteps": condition == "first_frame"},
             comfyui=True,
+            output="video = pipe({call}" + (", image=image" if condition != "none" else "") + ").frames[0]",
         )
 
     def comfyui_workflow(self, sigmas: List[float], network_file: str, deterministic: bool = False) -> Optional[dict]:
