@@ -140,6 +140,7 @@ def test_wrong_shapes_and_causal_roles_are_refused():
         "model.image_condition=concat": "model.image_condition=concat: model.family=ltx2 conditions on an image "
                                         "as LTX2ImageToVideoPipeline does (first_frame)",
         "model.latent_shape=[8,1,4,4]": "the image is the first latent frame, so the video needs at least 2",
+        "model.stg_scale=1": "model.stg_blocks=[29]: model.arch has blocks 0-1",
         "parallel.context=2": "parallel.context=2: model.family=ltx2 has no context parallelism (allowed: 1): "
                               "diffusers 0.42.1 declares a plan",
     }
@@ -369,3 +370,70 @@ def test_the_i2v_student_runs_in_the_stock_image_to_video_pipeline(ltx2_i2v):
     assert torch.allclose(video, ours["video"] * std / vae.config.scaling_factor + mean, atol=1e-5)
     expected = unpack_audio(pack_audio(ours["audio"]) * audio_vae.latents_std + audio_vae.latents_mean, 4)
     assert torch.allclose(audio, expected, atol=1e-5)
+
+
+def test_guided_predictions_are_the_pipelines(ltx2_export):
+    """CFG with STG, modality isolation and rescale, per stream, as LTX2Pipeline guides: its one
+    step from sigma 1 with an Euler scheduler lands on the guided x0, which the adapter's guided
+    prediction (the teacher's real score) equals."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
+
+    from distill.models import build_adapter
+    from distill.models.ltx2 import pack_audio, pack_video, unpack_audio
+    from distill.sample import exported_model
+
+    export, root = ltx2_export
+    scales = dict(guidance_scale=2.0, audio_guidance_scale=3.0, stg_scale=1.0, audio_stg_scale=0.5,
+                  modality_scale=2.0, audio_modality_scale=1.5, guidance_rescale=0.5, audio_guidance_rescale=0.3)
+    info = json.loads((export / "distill.json").read_text())
+    model = exported_model(info, str(root / "model"))
+    for key, value in scales.items():
+        if key != "guidance_scale":
+            setattr(model, key, value)
+    model.stg_blocks = [1]
+    adapter = build_adapter(model)
+    role = Role("teacher", RoleConfig(), adapter.load(str(export), seed=0).eval().requires_grad_(False))
+    encoder = adapter.text_encoder(torch.device("cpu"))
+    text, uncond = (encoder.text([p])[0][None] for p in ("a red square moves left", ""))
+    x = torch.randn((1, *adapter.latent_shape), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = adapter.streams(adapter.predict_x0_cfg(role, x, torch.ones(1), text, uncond, scales["guidance_scale"]))
+
+    pipe = LTX2Pipeline.from_pretrained(export)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler()  # shift 1: sigma 1, then one Euler step to 0
+    noise = adapter.streams(x)
+    audio_vae = pipe.audio_vae
+    audio_noise = unpack_audio(pack_audio(noise["audio"]) * audio_vae.latents_std + audio_vae.latents_mean, 4)
+    video, audio = pipe(prompt="a red square moves left", negative_prompt="", num_frames=5, height=32, width=32,
+                        num_inference_steps=1, max_sequence_length=8, latents=pack_video(noise["video"]),
+                        audio_latents=audio_noise, spatio_temporal_guidance_blocks=[1], use_cross_timestep=False,
+                        frame_rate=24.0, output_type="latent", return_dict=False, **scales)
+    vae = pipe.vae
+    mean, std = vae.latents_mean.view(1, -1, 1, 1, 1), vae.latents_std.view(1, -1, 1, 1, 1)
+    assert torch.allclose(video, ours["video"] * std / vae.config.scaling_factor + mean, atol=1e-5)
+    expected = unpack_audio(pack_audio(ours["audio"]) * audio_vae.latents_std + audio_vae.latents_mean, 4)
+    assert torch.allclose(audio, expected, atol=1e-5)
+    plain = adapter.streams(super(type(adapter), adapter).predict_x0_cfg(role, x, torch.ones(1), text, uncond, 2.0))
+    assert not torch.allclose(plain["video"], ours["video"], atol=1e-3)  # the extra guidances moved it
+
+
+def test_a_timestep_conditioned_vae_decodes_at_the_pipelines_decode_timestep(tmp_path):
+    """A VAE whose decoder is timestep-conditioned (LTX-Video's later VAEs) fails without a
+    timestep; validation decodes at the pipeline's decode_timestep, 0, as LTX2Pipeline does."""
+    from diffusers import AutoencoderKLLTX2Video
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLLTX2Video(latent_channels=8, block_out_channels=(8,), decoder_block_out_channels=(8,),
+                                 layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+                                 spatio_temporal_scaling=(True,), decoder_spatio_temporal_scaling=(True,),
+                                 decoder_inject_noise=(False, False), downsample_type=("spatiotemporal",),
+                                 upsample_residual=(False,), upsample_factor=(1,), patch_size=4, decoder_causal=False,
+                                 timestep_conditioning=True)
+    vae.save_pretrained(tmp_path / "vae")
+    adapter = tiny_adapter()
+    adapter.cfg.path, adapter.cfg.vae = str(tmp_path), "ltx2"  # a folder with just the VAE
+    x = torch.randn((2, *adapter.latent_shape), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pixels = adapter.decode(x)
+        expected = vae.decode(adapter.streams(x)["video"], torch.zeros(2), return_dict=False)[0].clamp(-1, 1)
+    assert pixels.shape == (2, 3, 5, 32, 32) and torch.allclose(pixels, expected, atol=1e-6)

@@ -63,6 +63,19 @@ class LTX2Config(DynamicShiftConfig):
     # CFG of the audio stream (the pipeline's audio_guidance_scale, 7.0 by default); null:
     # the method's guidance_scale, which the video uses
     audio_guidance_scale: Optional[float] = None
+    # The guidances LTX2Pipeline adds to CFG, in every guided prediction (the teacher's real
+    # score, guided sampling), per stream (audio_*: null takes the video's): STG, the
+    # prediction with the self-attention of `stg_blocks` skipped (a forward more); modality
+    # isolation, the prediction with the cross-modal attention off (a forward more); and the
+    # rescale of the guided x0 toward the conditional one's std. All off by default; the
+    # pipeline's call uses stg 1 (block 29 for LTX-2.0, 28 for 2.3), modality 3, rescale 0.7.
+    stg_scale: float = 0.0
+    audio_stg_scale: Optional[float] = None
+    stg_blocks: List[int] = field(default_factory=lambda: [29])
+    modality_scale: float = 1.0
+    audio_modality_scale: Optional[float] = None
+    guidance_rescale: float = 0.0
+    audio_guidance_rescale: Optional[float] = None
     # none: text-to-video (LTX2Pipeline); first_frame: image-to-video as LTX2ImageToVideoPipeline
     # does it: the first latent frame is the clean image latent, its tokens at timestep 0, the
     # audio and the other frames at the sample's (distill/models/image_condition.py)
@@ -154,6 +167,52 @@ class LTX2Adapter(DiffusersNetworkAdapter):
         per_element[split:] = audio
         return per_element
 
+    def stream_guidance(self, scale: float) -> Dict[str, Tuple[float, float, float, float]]:
+        """Each stream's (CFG, STG, modality, rescale) scales."""
+        c = self.cfg
+
+        def pick(audio, video):
+            return video if audio is None else audio
+
+        return {"video": (scale, c.stg_scale, c.modality_scale, c.guidance_rescale),
+                "audio": (pick(c.audio_guidance_scale, scale), pick(c.audio_stg_scale, c.stg_scale),
+                          pick(c.audio_modality_scale, c.modality_scale),
+                          pick(c.audio_guidance_rescale, c.guidance_rescale))}
+
+    def predict_x0_cfg(self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor,
+                       scale: float, **cond) -> torch.Tensor:
+        """CFG, and where model.* asks for them the pipeline's other guidances, per stream in x0
+        as LTX2Pipeline combines them: g = pos + (cfg - 1)(pos - neg) + stg (pos - skipped)
+        + (modality - 1)(pos - isolated), then g <- r g std(pos) / std(g) + (1 - r) g."""
+        scales = self.stream_guidance(scale)
+        stg = any(s[1] > 0 for s in scales.values())
+        isolate = any(s[2] != 1 for s in scales.values())
+        rescale = any(s[3] > 0 for s in scales.values())
+        if not (stg or isolate or rescale):
+            return super().predict_x0_cfg(role, x_t, sigma, text, uncond, scale, **cond)
+        doubled = {k: torch.cat([v, v]) for k, v in cond.items()}
+        pos, neg = self.predict_x0(role, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([text, uncond]),
+                                   **doubled).chunk(2)
+        preds = {"pos": pos, "neg": neg}
+        if stg:
+            preds["stg"] = self.predict_x0(role, x_t, sigma, text, stg_blocks=list(self.cfg.stg_blocks), **cond)
+        if isolate:
+            preds["iso"] = self.predict_x0(role, x_t, sigma, text, isolate_modalities=True, **cond)
+        parts = {name: self.streams(x) for name, x in preds.items()}
+        guided = {}
+        for stream, (cfg, stg_scale, modality, r) in scales.items():
+            p = parts["pos"][stream]
+            g = p + (cfg - 1) * (p - parts["neg"][stream])
+            if stg:
+                g = g + stg_scale * (p - parts["stg"][stream])
+            if isolate:
+                g = g + (modality - 1) * (p - parts["iso"][stream])
+            if r > 0:
+                dims = list(range(1, g.dim()))
+                g = r * g * (p.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)) + (1 - r) * g
+            guided[stream] = g
+        return self.join_streams(guided)
+
     # --- image conditioning ----------------------------------------------
     @classmethod
     def batch_condition(cls, model) -> str:
@@ -190,6 +249,7 @@ class LTX2Adapter(DiffusersNetworkAdapter):
         video, audio = parts["video"], parts["audio"]
         _, _, t, h, w = video.shape
         video_timestep = timestep
+        stg_blocks, isolate = cond.pop("stg_blocks", None), cond.pop("isolate_modalities", False)  # guidance forwards
         first_frame = cond.pop(image_condition.KEY, None)
         if first_frame is not None:  # as LTX2ImageToVideoPipeline: the clean image, its tokens at timestep 0
             video = image_condition.hold_first_frame(video, first_frame)
@@ -207,6 +267,8 @@ class LTX2Adapter(DiffusersNetworkAdapter):
             audio_timestep=timestep.to(dtype),
             sigma=timestep.to(dtype),
             use_cross_timestep=self.cfg.cross_timestep,
+            spatio_temporal_guidance_blocks=stg_blocks,
+            isolate_modalities=isolate,
             encoder_attention_mask=mask,
             audio_encoder_attention_mask=mask,
             num_frames=t // c.patch_size_t, height=h // c.patch_size, width=w // c.patch_size, fps=self.cfg.fps,
@@ -253,6 +315,9 @@ class LTX2Adapter(DiffusersNetworkAdapter):
             errors.append("model.family=ltx2 has no block-causal variant (roles.<r>.causal, model.chunk_frames)")
         if model.audio_weight < 0:
             errors.append(f"model.audio_weight={model.audio_weight}: must be >= 0")
+        scales = [model.stg_scale, model.audio_stg_scale, model.guidance_rescale, model.audio_guidance_rescale]
+        if any(v is not None and v < 0 for v in scales):
+            errors.append("model.stg_scale, audio_stg_scale, guidance_rescale, audio_guidance_rescale: must be >= 0")
         if model.image_condition not in ("none", "first_frame"):
             errors.append(f"model.image_condition={model.image_condition}: model.family=ltx2 conditions on an image "
                           "as LTX2ImageToVideoPipeline does (first_frame), or not at all (none)")
@@ -281,6 +346,10 @@ class LTX2Adapter(DiffusersNetworkAdapter):
         if 2 * arch.get("caption_channels", 3840) != model.text_dim:
             errors.append(f"model.text_dim={model.text_dim} does not match caption_channels="
                           f"{arch.get('caption_channels', 3840)} of {key} (the video's and the audio's side by side)")
+        depth = arch.get("num_layers", 48)
+        if (model.stg_scale > 0 or (model.audio_stg_scale or 0) > 0) and any(
+                not 0 <= b < depth for b in model.stg_blocks):
+            errors.append(f"model.stg_blocks={list(model.stg_blocks)}: {key} has blocks 0-{depth - 1}")
         _, t, h, w = model.latent_shape
         if t % patch_t or h % patch or w % patch:
             errors.append(f"model.latent_shape={list(model.latent_shape)} does not divide into the patches of {key}")
@@ -332,7 +401,9 @@ class LTX2Adapter(DiffusersNetworkAdapter):
         c = video.shape[1]
         mean = vae.latents_mean.view(1, c, 1, 1, 1).to(video)
         std = vae.latents_std.view(1, c, 1, 1, 1).to(video)
-        pixels = vae.decode(video * std / vae.config.scaling_factor + mean, return_dict=False)[0]
+        # a timestep-conditioned decoder at the pipeline's decode_timestep, 0 (no decode noise)
+        timestep = video.new_zeros(video.shape[0]) if vae.config.timestep_conditioning else None
+        pixels = vae.decode(video * std / vae.config.scaling_factor + mean, timestep, return_dict=False)[0]
         return pixels.float().clamp(-1, 1)
 
 
