@@ -246,6 +246,17 @@ def write_tiny_qwen_image_parts(folder: Path) -> Path:
     return folder
 
 
+def write_tiny_family(folder: Path, preset: str, write_parts) -> Path:
+    """A tiny family's diffusers folder: the transformer of `model=<preset>` (random weights,
+    seed 5) beside the parts `write_parts(folder)` writes."""
+    from distill.config import validate
+    from distill.models import build_adapter
+
+    module = build_adapter(validate(compose_config([f"model={preset}"])).model).load(None, seed=5)
+    module.save_pretrained(folder / "transformer")
+    return write_parts(folder)
+
+
 def write_tiny_ltx2_parts(folder: Path) -> Path:
     """A tiny LTX-2 video VAE (8 latent channels, 8x spatial, 2x temporal), audio VAE (16 mel
     bins -> 2 channels x 4, 4x in time, as the pipeline assumes), vocoder, Gemma-3 (width 16,

@@ -191,15 +191,12 @@ def ltx2_export(tmp_path_factory):
     """A tiny LTX-2 pipeline folder; clips with sound + captions preprocessed through its
     VAEs, Gemma-3 and text connectors into a parquet dataset; a 2-step student distilled on
     it (rolled out from the data) with the deterministic sampler, and exported."""
-    from conftest import write_tiny_ltx2_parts
-    from distill.models import build_adapter
+    from conftest import write_tiny_family, write_tiny_ltx2_parts
     from distill.preprocess import main as preprocess
     from distill.run import train
 
     root = tmp_path_factory.mktemp("ltx2")
-    base = root / "model"
-    build_adapter(validate(compose_config(TINY)).model).load(None, seed=5).save_pretrained(base / "transformer")
-    write_tiny_ltx2_parts(base)
+    base = write_tiny_family(root / "model", "ltx2_tiny", write_tiny_ltx2_parts)
     captions = write_clips(root / "clips")
     # no --family: the folder's LTX2VideoTransformer3DModel names it
     assert preprocess(["--model", str(base), "--captions", str(captions), "--videos", str(root / "clips"),

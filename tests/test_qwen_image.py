@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_runs_match, compose_config, run_launch, train_here, write_tiny_qwen_image_parts
+from conftest import (assert_runs_match, compose_config, run_launch, train_here, write_tiny_family,
+                      write_tiny_qwen_image_parts)
 from distill.config import validate
 from distill.config.validate import ConfigError
 
@@ -137,14 +138,11 @@ def qwen_export(tmp_path_factory):
     """A tiny Qwen-Image pipeline folder; images + captions preprocessed through its VAE and
     Qwen2.5-VL into a parquet dataset; a 2-step student distilled on that dataset (its input
     rolled out from the data's latents) with the deterministic (ODE-step) sampler, and exported."""
-    from distill.models import build_adapter
     from distill.preprocess import main as preprocess
     from distill.run import train
 
     root = tmp_path_factory.mktemp("qwen")
-    base = root / "model"
-    build_adapter(validate(compose_config(TINY)).model).load(None, seed=5).save_pretrained(base / "transformer")
-    write_tiny_qwen_image_parts(base)
+    base = write_tiny_family(root / "model", "qwen_image_tiny", write_tiny_qwen_image_parts)
     captions = write_images(root / "images")
     # no --family: the folder's QwenImageTransformer2DModel names it
     assert preprocess(["--model", str(base), "--captions", str(captions), "--videos", str(root / "images"),
