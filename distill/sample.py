@@ -3,7 +3,8 @@
     python -m distill.sample EXPORT_DIR --prompt "the digit 7 moving left" --out clip.gif
     python -m distill.sample EXPORT_DIR --prompt "a cat" --prompt "a dog" --seeds 0 1 --out grid.mp4
         --out FILE             .gif (animated), .png (frames side by side) or .mp4 (PyAV, H.264);
-                               one clip alone, several in a grid, each captioned with its prompt
+                               one clip alone, several in a grid, each captioned with its prompt;
+                               an .mp4 of one clip of a family with sound (LTX-2) carries it (AAC)
         --latents FILE         also write the raw latents and text embeddings (safetensors)
         --seeds S [S ...]      each prompt is sampled once per seed (default: 0)
         --steps N              Euler samplers only (a finetuned model, a critic): N steps
@@ -90,7 +91,7 @@ def sample_latents(adapter, role, sampler, text: torch.Tensor, uncond: torch.Ten
     return torch.cat(samples)
 
 
-def write_video(pixels: torch.Tensor, path: Path, captions: List[str], fps: int) -> None:
+def write_video(pixels: torch.Tensor, path: Path, captions: List[str], fps: float, sound=None) -> None:
     from distill.validation.media import save_gif, save_grid, save_mp4
 
     if path.suffix == ".gif":
@@ -98,7 +99,8 @@ def write_video(pixels: torch.Tensor, path: Path, captions: List[str], fps: int)
     elif path.suffix == ".png":
         save_grid(pixels, path, captions, per_row=1, limit=len(captions))
     else:
-        save_mp4(pixels, path, captions, fps=fps, per_row=min(len(captions), 4), limit=len(captions))
+        save_mp4(pixels, path, captions, fps=fps, per_row=min(len(captions), 4), limit=len(captions),
+                 sound=sound and (sound.waveforms[0], sound.rate))
 
 
 def parse(argv) -> argparse.Namespace:
@@ -153,8 +155,10 @@ def main(argv=None) -> int:
         if args.out.suffix != ".safetensors":
             with torch.no_grad():
                 pixels = adapter.decode(latents)
+                # one clip in an .mp4 carries its sound (LTX-2), at the video's own frame rate
+                sound = adapter.decode_audio(latents) if args.out.suffix == ".mp4" and len(latents) == 1 else None
             write_video(pixels, args.out, [f"{p} (seed {s})" if len(args.seeds) > 1 else p
-                                           for p, s in zip(prompts, seeds)], args.fps)
+                                           for p, s in zip(prompts, seeds)], sound.fps if sound else args.fps, sound)
     except (ValueError, NotImplementedError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -72,7 +72,7 @@ class Tracker:
         import wandb
 
         media = {k: wandb.Image(str(p)) for k, p in images.items()}
-        media.update({k: wandb.Video(str(p), format="gif") for k, p in videos.items()})
+        media.update({k: wandb.Video(str(p), format=Path(p).suffix[1:]) for k, p in videos.items()})  # gif, mp4
         self.wandb.log(media, step=step)
 
     def alert(self, title: str, text: str) -> None:

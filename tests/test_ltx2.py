@@ -434,3 +434,34 @@ def test_a_timestep_conditioned_vae_decodes_at_the_pipelines_decode_timestep(tmp
         pixels = adapter.decode(x)
         expected = vae.decode(adapter.streams(x)["video"], torch.zeros(2), return_dict=False)[0].clamp(-1, 1)
     assert pixels.shape == (2, 3, 5, 32, 32) and torch.allclose(pixels, expected, atol=1e-6)
+
+
+def test_the_sound_is_rendered_as_the_pipeline_renders_it(ltx2_export):
+    """The audio stream through the audio VAE and vocoder as LTX2Pipeline renders it (the same
+    waveform from the same latents); `distill.sample --out clip.mp4` carries it as an AAC track
+    beside the video at its 24 fps, and each validation wrote the first sample with its sound."""
+    import av
+    from diffusers import LTX2Pipeline
+
+    from distill.models.ltx2 import pack_audio, unpack_audio
+    from distill.sample import load_exported, main
+
+    export, root = ltx2_export
+    adapter, _, _ = load_exported(export)
+    x = torch.randn((1, *adapter.latent_shape), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        sound = adapter.decode_audio(x)
+    pipe = LTX2Pipeline.from_pretrained(export)
+    parts, audio_vae = adapter.streams(x), pipe.audio_vae
+    with torch.no_grad():  # the pipeline's decoding of its final audio latents
+        tokens = pack_audio(parts["audio"]) * audio_vae.latents_std + audio_vae.latents_mean
+        expected = pipe.vocoder(audio_vae.decode(unpack_audio(tokens, 4), return_dict=False)[0])
+    assert sound.rate == pipe.vocoder.config.output_sampling_rate and sound.fps == 24.0
+    assert sound.waveforms.shape == expected.shape and torch.allclose(sound.waveforms, expected.clamp(-1, 1), atol=1e-5)
+
+    out = root / "clip.mp4"
+    assert main([str(export), "--prompt", "a red square moves left", "--out", str(out)]) == 0
+    with av.open(str(out)) as clip:
+        assert sorted(s.type for s in clip.streams) == ["audio", "video"]
+        assert clip.streams.audio[0].rate == sound.rate and clip.streams.video[0].average_rate == 24
+    assert list((root / "run" / "samples").glob("student_2step-step*-sound.mp4"))

@@ -19,7 +19,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Dict, List, Optional, Tuple
+from typing import ClassVar, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -81,6 +81,12 @@ class StockPipeline:
     few_step_kwargs: Dict = field(default_factory=dict)
     output: str = "video = pipe({call}).frames[0]"
     comfyui: bool = False  # the export ships ComfyUI files (a workflow, single-file weights)
+
+
+class Sound(NamedTuple):
+    waveforms: torch.Tensor  # [N, channels, samples] in [-1, 1]
+    rate: int  # samples a second
+    fps: float  # the frame rate of the video it goes with
 
 
 class FlowMatchingAdapter(ABC):
@@ -267,6 +273,10 @@ class FlowMatchingAdapter(ABC):
         if self.cfg.vae == "identity":
             return latents.float()
         return self.decode_with_vae(self.denormalise(latents.float()))
+
+    def decode_audio(self, latents: torch.Tensor) -> Optional["Sound"]:
+        """The sound of samples that carry it, or None for a family or config without sound."""
+        return None
 
     def encode_prompts(self, prompts: List[str], device: torch.device = torch.device("cpu")) -> torch.Tensor:
         """Prompts -> text embeddings [N, text_len, text_dim], zero-padded as the data loader pads them."""

@@ -30,7 +30,7 @@ from torch import nn
 
 from distill.models import image_condition
 from distill.models.diffusers_network import DiffusersNetworkAdapter
-from distill.models.flow_matching import DynamicShiftConfig, StockPipeline, dynamic_shift_errors
+from distill.models.flow_matching import DynamicShiftConfig, Sound, StockPipeline, dynamic_shift_errors
 from distill.registry import register_family
 
 # the video and audio attention and feed-forward projections of every block (peft's names)
@@ -405,6 +405,24 @@ class LTX2Adapter(DiffusersNetworkAdapter):
         timestep = video.new_zeros(video.shape[0]) if vae.config.timestep_conditioning else None
         pixels = vae.decode(video * std / vae.config.scaling_factor + mean, timestep, return_dict=False)[0]
         return pixels.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def decode_audio(self, latents: torch.Tensor) -> Optional[Sound]:
+        """The audio stream as LTX2Pipeline renders it: de-normalised by the audio VAE's
+        statistics, decoded to a mel spectrogram, through the vocoder (with model.vae=ltx2)."""
+        if self.cfg.vae != "ltx2":
+            return None
+        if getattr(self, "_sound", None) is None:
+            from diffusers import AutoencoderKLLTX2Audio
+            from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+            self._sound = (AutoencoderKLLTX2Audio.from_pretrained(self.part_folder("audio_vae"), subfolder="audio_vae"),
+                           LTX2Vocoder.from_pretrained(self.part_folder("vocoder"), subfolder="vocoder"))
+        audio_vae, vocoder = (m.to(latents.device).eval() for m in self._sound)
+        audio = self.streams(latents.float())["audio"]
+        tokens = pack_audio(audio) * audio_vae.latents_std.to(audio) + audio_vae.latents_mean.to(audio)
+        mel = audio_vae.decode(unpack_audio(tokens, audio.shape[3]), return_dict=False)[0]
+        return Sound(vocoder(mel).float().clamp(-1, 1), vocoder.config.output_sampling_rate, self.cfg.fps)
 
 
 def pack_video(latents: torch.Tensor, patch: int = 1, patch_t: int = 1) -> torch.Tensor:

@@ -4,8 +4,9 @@ Each clip carries its prompt as a caption under it (the PNG also keeps the
 prompts as JSON in its `captions` text chunk). At most `limit` clips are drawn."""
 
 import json
+from fractions import Fraction
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -95,20 +96,33 @@ def save_gif(pixels: torch.Tensor, path: Path, captions: Optional[List[str]] = N
     return path
 
 
-def save_mp4(pixels: torch.Tensor, path: Path, captions: Optional[List[str]] = None, fps: int = 8, per_row: int = 4,
-             limit: int = 16) -> Path:
-    """The GIF's captioned grid as an H.264 MP4 (PyAV), padded to even sides as yuv420p needs."""
+def save_mp4(pixels: torch.Tensor, path: Path, captions: Optional[List[str]] = None, fps: float = 8, per_row: int = 4,
+             limit: int = 16, sound: Optional[Tuple[torch.Tensor, int]] = None) -> Path:
+    """The GIF's captioned grid as an H.264 MP4 (PyAV), padded to even sides as yuv420p needs;
+    with `sound` (a waveform [channels, samples] in [-1, 1] and its rate) an AAC track too."""
     import av
     import numpy as np
 
     images = playing_sheets(pixels, captions, per_row, limit)
     width, height = images[0].width + images[0].width % 2, images[0].height + images[0].height % 2
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
+        rate = Fraction(fps).limit_denominator(1001)  # 24, 30000/1001, ...
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        audio = sound and container.add_stream("aac", rate=sound[1], layout=_layout(sound[0]))  # before any packet
         for image in images:
             canvas = Image.new("RGB", (width, height), "white")
             canvas.paste(image, (0, 0))
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(canvas), format="rgb24")))
         container.mux(stream.encode())
+        if audio:
+            planar = np.ascontiguousarray(sound[0][:2].detach().float().clamp(-1, 1).cpu().numpy())
+            frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=_layout(sound[0]))
+            frame.sample_rate = sound[1]
+            container.mux(audio.encode(frame))
+            container.mux(audio.encode())
     return path
+
+
+def _layout(waveform: torch.Tensor) -> str:
+    return "mono" if waveform.shape[0] == 1 else "stereo"

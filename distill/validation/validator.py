@@ -29,7 +29,7 @@ from distill.data import image_condition
 from distill.registry import method_class
 from distill.sampling import EulerSampler
 from distill.validation.health import clip_statistics, findings
-from distill.validation.media import save_gif, save_grid
+from distill.validation.media import save_gif, save_grid, save_mp4
 
 
 class Validator:
@@ -114,6 +114,11 @@ class Validator:
                 clip = torch.cat([image.expand(-1, -1, pixels.shape[2], -1, -1), pixels], dim=4)  # beside each frame
             images[f"samples/{name}"] = save_grid(grid, self.out / f"{stem}.png", self.captions)
             videos[f"videos/{name}"] = save_gif(clip, self.out / f"{stem}.gif", self.captions, fps=self.cfg.fps)
+            sound = self.adapter.decode_audio(latents[:1])
+            if sound is not None:  # the first sample with its sound, at the video's own frame rate
+                videos[f"videos/{name}_sound"] = save_mp4(clip[:1], self.out / f"{stem}-sound.mp4", self.captions[:1],
+                                                          fps=sound.fps, per_row=1, limit=1,
+                                                          sound=(sound.waveforms[0], sound.rate))
             if self.metric is not None and self.cfg.metrics:
                 for key, value in self.metric(pixels, self.labels).items():
                     metrics[f"val/{name}/{key}"] = value
