@@ -465,3 +465,18 @@ def test_the_sound_is_rendered_as_the_pipeline_renders_it(ltx2_export):
         assert sorted(s.type for s in clip.streams) == ["audio", "video"]
         assert clip.streams.audio[0].rate == sound.rate and clip.streams.video[0].average_rate == 24
     assert list((root / "run" / "samples").glob("student_2step-step*-sound.mp4"))
+
+
+def test_image_to_video_guidance_keeps_the_image_as_the_first_frame():
+    """The rescale of the guided x0 scales every frame; the held first frame of an
+    image-to-video prediction stays the image latent, as the pipeline keeps it."""
+    adapter = tiny_adapter(["model.image_condition=first_frame", "model.guidance_rescale=0.5",
+                            "model.modality_scale=2"])
+    role = Role("teacher", RoleConfig(), adapter.load(None, seed=3).eval())
+    g = torch.Generator().manual_seed(0)
+    x, text, uncond = (torch.randn(s, generator=g) for s in ((2, *adapter.latent_shape), (2, 8, 32), (2, 8, 32)))
+    image = torch.randn((2, 8, 1, 4, 4), generator=g)
+    with torch.no_grad():
+        x0 = adapter.predict_x0_cfg(role, x, torch.full((2,), 0.7), text, uncond, 3.0, first_frame=image)
+    video = adapter.streams(x0)["video"]
+    assert torch.equal(video[:, :, :1], image)

@@ -211,6 +211,8 @@ class LTX2Adapter(DiffusersNetworkAdapter):
                 dims = list(range(1, g.dim()))
                 g = r * g * (p.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)) + (1 - r) * g
             guided[stream] = g
+        if image_condition.KEY in cond:  # the rescale moves every frame; the held one stays the image
+            guided["video"] = image_condition.hold_first_frame(guided["video"], cond[image_condition.KEY])
         return self.join_streams(guided)
 
     # --- image conditioning ----------------------------------------------
