@@ -209,12 +209,17 @@ class FlowMatchingAdapter(ABC):
         self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor, scale: float,
         **cond,
     ) -> torch.Tensor:
-        """Guided x0 = uncond + scale * (cond - uncond), both halves in one batch; the scale
-        of each sample is the family's `guidance` (Wan's two experts have one each)."""
+        """Guided x0 = uncond + scale * (cond - uncond); the scale of each sample is the
+        family's `guidance` (Wan's two experts have one each)."""
+        cond_x0, unc = self.predict_x0_pair(role, x_t, sigma, text, uncond, **cond)
+        return unc + self.guidance(sigma, scale, like=unc) * (cond_x0 - unc)
+
+    def predict_x0_pair(self, role, x_t: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor,
+                        **cond) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The conditional and unconditional x0, both halves in one batch."""
         doubled = {k: torch.cat([v, v]) for k, v in cond.items()}
         x0 = self.predict_x0(role, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([text, uncond]), **doubled)
-        cond_x0, unc = x0.chunk(2)
-        return unc + self.guidance(sigma, scale, like=unc) * (cond_x0 - unc)
+        return x0.chunk(2)
 
     def guidance(self, sigma: torch.Tensor, scale: float, like: torch.Tensor):
         """The CFG scale of each sample (a float, or a tensor broadcasting over `like`)."""

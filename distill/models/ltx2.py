@@ -132,18 +132,20 @@ class LTX2Adapter(DiffusersNetworkAdapter):
     def sample_shape(cls, model) -> Tuple[int, ...]:
         return (math.prod(model.latent_shape) + math.prod(model.audio_shape),)
 
+    @staticmethod
+    def video_of(model, x: torch.Tensor) -> torch.Tensor:
+        """The video stream [B, C, T, H, W] of joint samples [B, N] (a view)."""
+        return x[:, : math.prod(model.latent_shape)].reshape(x.shape[0], *model.latent_shape)
+
     def streams(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """{video [B, C, T, H, W], audio [B, Ca, L, M]}: views of a joint sample [B, N]."""
         split = math.prod(self.cfg.latent_shape)
-        return {"video": x[:, :split].reshape(x.shape[0], *self.cfg.latent_shape),
-                "audio": x[:, split:].reshape(x.shape[0], *self.cfg.audio_shape)}
+        return {"video": self.video_of(self.cfg, x), "audio": x[:, split:].reshape(x.shape[0], *self.cfg.audio_shape)}
 
     @classmethod
     def first_frame_of(cls, model, latents: torch.Tensor) -> torch.Tensor:
         """The video stream's first latent frame of joint samples [B, N] (or of video latents)."""
-        if latents.dim() == 2:
-            latents = latents[:, : math.prod(model.latent_shape)].reshape(-1, *model.latent_shape)
-        return latents[:, :, :1]
+        return (cls.video_of(model, latents) if latents.dim() == 2 else latents)[:, :, :1]
 
     @classmethod
     def image_latent_shape(cls, model) -> Tuple[int, ...]:
@@ -190,9 +192,7 @@ class LTX2Adapter(DiffusersNetworkAdapter):
         rescale = any(s[3] > 0 for s in scales.values())
         if not (stg or isolate or rescale):
             return super().predict_x0_cfg(role, x_t, sigma, text, uncond, scale, **cond)
-        doubled = {k: torch.cat([v, v]) for k, v in cond.items()}
-        pos, neg = self.predict_x0(role, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([text, uncond]),
-                                   **doubled).chunk(2)
+        pos, neg = self.predict_x0_pair(role, x_t, sigma, text, uncond, **cond)
         preds = {"pos": pos, "neg": neg}
         if stg:
             preds["stg"] = self.predict_x0(role, x_t, sigma, text, stg_blocks=list(self.cfg.stg_blocks), **cond)
@@ -371,10 +371,9 @@ class LTX2Adapter(DiffusersNetworkAdapter):
 
     def stock_pipeline(self) -> Optional[StockPipeline]:
         """LTX2Pipeline (LTX2ImageToVideoPipeline for first_frame): it passes linspace(1, 1/N, N)
-        with its mu to the scheduler. A
-        guidance-free student samples with every guidance of the pipeline off, for both
-        streams: by default the audio's CFG is 7, and STG and modality isolation (a forward
-        each) are on."""
+        with its mu to the scheduler. A guidance-free student samples with every guidance of
+        the pipeline off, for both streams: by default the audio's CFG is 7, and STG and
+        modality isolation (a forward each) are on."""
         if self.cfg.vae != "ltx2" or self.cfg.text_encoder != "family":
             return None
         image = self.cfg.image_condition == "first_frame"
@@ -389,23 +388,21 @@ class LTX2Adapter(DiffusersNetworkAdapter):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The video stream of joint samples (or video latents [N, C, F, H, W], e.g. the
-        conditioning image's) as pixels [N, 3, F, H, W] (identity: the video latent itself);
-        the audio stream is not rendered in validation samples."""
-        video = latents.float() if latents.dim() == 5 else self.streams(latents.float())["video"]
+        conditioning image's) as pixels [N, 3, F, H, W] (identity: the video latent itself),
+        as LTX2Pipeline decodes it; the audio stream: `decode_audio`."""
+        video = (latents if latents.dim() == 5 else self.video_of(self.cfg, latents)).float()
         if self.cfg.vae == "identity":
             return video
-        if getattr(self, "_vae", None) is None:
-            from diffusers import AutoencoderKLLTX2Video
+        from diffusers import AutoencoderKLLTX2Video, LTX2Pipeline
 
+        if getattr(self, "_vae", None) is None:
             self._vae = AutoencoderKLLTX2Video.from_pretrained(self.part_folder("vae"), subfolder="vae").to(
                 video.device).eval()
         vae = self._vae
-        c = video.shape[1]
-        mean = vae.latents_mean.view(1, c, 1, 1, 1).to(video)
-        std = vae.latents_std.view(1, c, 1, 1, 1).to(video)
+        latents = LTX2Pipeline._denormalize_latents(video, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
         # a timestep-conditioned decoder at the pipeline's decode_timestep, 0 (no decode noise)
         timestep = video.new_zeros(video.shape[0]) if vae.config.timestep_conditioning else None
-        pixels = vae.decode(video * std / vae.config.scaling_factor + mean, timestep, return_dict=False)[0]
+        pixels = vae.decode(latents, timestep, return_dict=False)[0]
         return pixels.float().clamp(-1, 1)
 
     @torch.no_grad()
@@ -414,15 +411,16 @@ class LTX2Adapter(DiffusersNetworkAdapter):
         statistics, decoded to a mel spectrogram, through the vocoder (with model.vae=ltx2)."""
         if self.cfg.vae != "ltx2":
             return None
-        if getattr(self, "_sound", None) is None:
-            from diffusers import AutoencoderKLLTX2Audio
-            from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+        from diffusers import AutoencoderKLLTX2Audio, LTX2Pipeline
+        from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 
-            self._sound = (AutoencoderKLLTX2Audio.from_pretrained(self.part_folder("audio_vae"), subfolder="audio_vae"),
-                           LTX2Vocoder.from_pretrained(self.part_folder("vocoder"), subfolder="vocoder"))
-        audio_vae, vocoder = (m.to(latents.device).eval() for m in self._sound)
+        if getattr(self, "_sound", None) is None:
+            self._sound = tuple(m.to(latents.device).eval() for m in (
+                AutoencoderKLLTX2Audio.from_pretrained(self.part_folder("audio_vae"), subfolder="audio_vae"),
+                LTX2Vocoder.from_pretrained(self.part_folder("vocoder"), subfolder="vocoder")))
+        audio_vae, vocoder = self._sound
         audio = self.streams(latents.float())["audio"]
-        tokens = pack_audio(audio) * audio_vae.latents_std.to(audio) + audio_vae.latents_mean.to(audio)
+        tokens = LTX2Pipeline._denormalize_audio_latents(pack_audio(audio), audio_vae.latents_mean, audio_vae.latents_std)
         mel = audio_vae.decode(unpack_audio(tokens, audio.shape[3]), return_dict=False)[0]
         return Sound(vocoder(mel).float().clamp(-1, 1), vocoder.config.output_sampling_rate, self.cfg.fps)
 

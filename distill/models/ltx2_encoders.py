@@ -18,7 +18,6 @@ in model space.
 """
 
 import json
-import math
 from pathlib import Path
 from typing import List
 
@@ -122,8 +121,3 @@ class LTX2Encoders:
         tokens = LTX2Pipeline._normalize_audio_latents(tokens, audio_vae.latents_mean, audio_vae.latents_std)
         sound = unpack_audio(tokens, sound.shape[3])
         return torch.cat([video.flatten(1), sound.flatten(1)], dim=1).float().cpu()
-
-
-def audio_samples(frames: int, fps: float, rate: int) -> int:
-    """The samples of sound that span `frames` video frames at `fps`."""
-    return math.floor(frames / fps * rate + 0.5)
