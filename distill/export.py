@@ -41,7 +41,7 @@ from distill.checkpoint import load_tensors, read_complete
 from distill.config.io import load_config
 from distill.config.schema import Config
 from distill.lora import merge_lora
-from distill.model_card import write_card
+from distill.model_card import config_hash, write_card
 from distill.models import build_adapter
 from distill.pipeline_folder import ExportError, plan_pipeline, write_pipeline, write_scheduler
 from distill.registry import method_class
@@ -100,6 +100,7 @@ def export_role(checkpoint: Path, config: Config, role: str, out: Path, ema: boo
         "checkpoint": Path(checkpoint).name,  # no machine paths in what may be shipped
         "role": role,
         "ema": ema,
+        "config_sha256": config_hash(Path(checkpoint).parent),  # the model card's, for evaluation records
     }
     (out / "distill.json").write_text(json.dumps(info, indent=1))
     write_card(out, config, role, sampler, stock, stock_schedule, cfg.causal,

@@ -80,6 +80,7 @@ def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None, stop=N
         samples_per_step=config.data.batch_size * t.grad_accum_steps * runtime.dp_size,
         validator=build_validator(config, adapter, run_dir, runtime),
         validation_every=config.validation.every,
+        evaluation=build_evaluation(config, adapter, run_dir, runtime),
     )
     # what a checkpoint holds, in load order: the RNG last
     for name, role in roles.items():
@@ -90,6 +91,15 @@ def build_trainer(config: Config, run_dir: Path, runtime: Runtime = None, stop=N
     checkpointer.register("method", method, per_rank=True)
     checkpointer.register("rng", ProcessRNG(), per_rank=True)
     return trainer
+
+
+def build_evaluation(config: Config, adapter, run_dir: Path, runtime: Runtime):
+    """validation.evaluate.every > 0: the live student's evaluation on the prompt file."""
+    if not config.validation.evaluate.every:
+        return None
+    from distill.evaluation.live import LiveEvaluation
+
+    return LiveEvaluation(config, adapter, run_dir, runtime)
 
 
 def describe(role) -> str:
@@ -162,6 +172,7 @@ def _train(config: Config, run_dir: Path, runtime: Runtime, stop=None) -> Traine
     try:
         trainer.fit()
         trainer.validate()
+        trainer.evaluate()
     finally:
         trainer.checkpointer.close()
         trainer.tracker.close()

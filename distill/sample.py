@@ -81,13 +81,24 @@ def with_steps(sampler: Sampler, adapter, steps: Optional[int]) -> Sampler:
     return EulerSampler(adapter.euler_sigmas(steps), sampler.guidance_scale)
 
 
+def encode_prompts(adapter, prompts: List[str], negative: Optional[str] = None,
+                   device: torch.device = torch.device("cpu")):
+    """(text, uncond) embeddings of `prompts` and of the negative prompt (default: the family's
+    with the family's encoder; the demo's hash encoder trained on zeros)."""
+    text = adapter.encode_prompts(prompts, device)
+    if negative is None:
+        negative = adapter.default_negative_prompt if adapter.cfg.text_encoder == "family" else ""
+    uncond = adapter.encode_prompts([negative] * len(prompts), device) if negative else torch.zeros_like(text)
+    return text, uncond
+
+
 def sample_latents(adapter, role, sampler, text: torch.Tensor, uncond: torch.Tensor, seeds: List[int]) -> torch.Tensor:
     """One sample per row of `text`; row i draws its noise from seeds[i]."""
     samples = []
     for i, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(seed)
         samples.append(sampler(adapter, role, text[i : i + 1], uncond[i : i + 1],
-                               lambda shape: torch.randn(shape, generator=g)))
+                               lambda shape: torch.randn(shape, generator=g).to(text.device)))
     return torch.cat(samples)
 
 
@@ -137,11 +148,7 @@ def main(argv=None) -> int:
         sampler = with_steps(sampler, adapter, args.steps)
         if args.prompt:
             prompts = [p for p in args.prompt for _ in args.seeds]
-            text = adapter.encode_prompts(prompts)
-            negative = args.negative_prompt
-            if negative is None:  # the family's default goes with the family's encoder; the demo trained on zeros
-                negative = adapter.default_negative_prompt if adapter.cfg.text_encoder == "family" else ""
-            uncond = adapter.encode_prompts([negative] * len(prompts)) if negative else torch.zeros_like(text)
+            text, uncond = encode_prompts(adapter, prompts, args.negative_prompt)
         else:
             loaded = load_file(str(args.text_embeds))["text_embeds"].float()
             prompts = [f"{args.text_embeds.name}[{i}]" for i in range(len(loaded)) for _ in args.seeds]

@@ -45,6 +45,7 @@ class Trainer:
         samples_per_step: int = 0,
         validator=None,
         validation_every: int = 0,
+        evaluation=None,
     ):
         self.method = method
         self.roles = roles
@@ -62,6 +63,8 @@ class Trainer:
         self.validator = validator
         self.validation_every = validation_every
         self.validated_at = -1
+        self.evaluation = evaluation  # validation.evaluate.every (distill/evaluation/live.py)
+        self.evaluated_at = -1
         self.window = MetricWindow()
         self.window_started = 0.0
         self.window_steps = 0
@@ -74,6 +77,8 @@ class Trainer:
                 self.checkpointer.save(self.step)
             if self.validator and self.validation_every and self.step % self.validation_every == 0:
                 self.validate()
+            if self.evaluation and self.step % self.evaluation.every == 0:
+                self.evaluate()
             if self.stop is not None and self.runtime.any_rank(self.stop.requested):
                 self._save_once()
                 raise Preempted(self.step, self.stop.signum or signal.SIGTERM)
@@ -89,6 +94,16 @@ class Trainer:
         if metrics and self.runtime.is_main:
             self.tracker.log(self.step, metrics, force=True)
         self.check_health(self.validator.findings if self.runtime.is_main else [])
+        return metrics
+
+    def evaluate(self) -> Dict[str, float]:
+        """The prompt-file evaluation of the live student at this step (every rank samples)."""
+        if self.evaluation is None or self.evaluated_at == self.step:
+            return {}
+        self.evaluated_at = self.step
+        metrics = self.evaluation.run(self.roles, self.step)
+        if metrics and self.runtime.is_main:
+            self.tracker.log(self.step, metrics, force=True)
         return metrics
 
     def check_health(self, found) -> None:

@@ -260,6 +260,28 @@ class HealthConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """Evaluation on a prompt file (distill/evaluation; `python -m distill.evaluate` takes the
+    same keys as flags): videos named as VBench expects, and the listed metrics, each of
+    which needs its network on disk. During training: every `every` steps on the live
+    student, or by a watcher job (launcher=slurm) scoring each checkpoint as it completes."""
+
+    prompts: Optional[str] = None  # plain text (a prompt a line) or VBench's JSON prompt list
+    every: int = 0  # steps between evaluations of the live student (0: none during training)
+    watcher: bool = False  # launcher=slurm: a job beside the run scores each new checkpoint
+    samples: int = 1  # videos per prompt, video i from seed + i (VBench's protocol: 5)
+    seed: int = 0
+    fps: float = 8  # of the written MP4s
+    negative_prompt: Optional[str] = None  # null: the family's
+    metrics: List[str] = field(default_factory=list)  # clip_score, fvd, vbench, digits
+    clip_model: Optional[str] = None  # clip_score: a CLIP folder (transformers CLIPModel and processor)
+    i3d_model: Optional[str] = None  # fvd: an I3D, TorchScript or a state dict (distill/evaluation/i3d.py)
+    fvd_reference: Optional[str] = None  # fvd: a folder of reference videos (e.g. the teacher's evaluation)
+    vbench_cache: Optional[str] = None  # vbench: VBENCH_CACHE_DIR with its checkpoints
+    vbench_dimensions: List[str] = field(default_factory=list)  # empty: every dimension the prompts allow
+
+
+@dataclass
 class ValidationConfig:
     every: int = 0  # steps between validations; 0: only at the end
     num_samples: int = 16  # fixed prompts, each at a fixed seed
@@ -271,6 +293,7 @@ class ValidationConfig:
     # a health finding (static, flat, collapsed) ends the run with a checkpoint (exit 6)
     stop_on_collapse: bool = False
     fps: int = 4  # of the saved GIFs
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 class LauncherName(str, Enum):

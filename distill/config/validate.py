@@ -10,6 +10,7 @@ traceback.
 import dataclasses
 import os
 import re
+from pathlib import Path
 from typing import List
 
 from omegaconf import DictConfig, OmegaConf
@@ -322,6 +323,7 @@ def _check_ranges(config: Config) -> List[str]:
     from distill.validation.health import check_health_config
 
     errors += check_health_config(v.health)
+    errors += _check_evaluate(v.evaluate, launcher)
     if v.guidance_scale is not None and v.guidance_scale < 0:
         errors.append(f"validation.guidance_scale={v.guidance_scale}: must be >= 0 (null: the method's)")
     if launcher.gpu_memory_gib is not None and not launcher.gpu_memory_gib > 0:
@@ -334,6 +336,29 @@ def _check_ranges(config: Config) -> List[str]:
     if d.negative_embedding and not os.path.isfile(d.negative_embedding):
         errors.append(f"data.negative_embedding={d.negative_embedding}: no such file")
     return errors
+
+
+def _check_evaluate(cfg, launcher) -> List[str]:
+    """validation.evaluate: its prompt file and the paths of its metrics, read before any model is built."""
+    from distill.evaluation import metrics
+    from distill.evaluation.prompts import PromptFileError, read_prompts
+
+    key = "validation.evaluate"
+    if cfg.every < 0:
+        return [f"{key}.every={cfg.every}: must be >= 0 (0: no evaluation during training)"]
+    if cfg.samples < 1:
+        return [f"{key}.samples={cfg.samples}: must be >= 1"]
+    if not cfg.prompts:
+        return [f"{key}.prompts is empty: every={cfg.every} / watcher=true evaluate on a prompt file"] \
+            if cfg.every or cfg.watcher else []
+    if cfg.watcher and launcher.name.value != "slurm":
+        return [f"{key}.watcher=true: a job beside the run under launcher=slurm; with launcher=local run "
+                "`python -m distill.evaluate RUN --prompts FILE --watch` beside it"]
+    try:
+        prompts = read_prompts(Path(cfg.prompts), key=f"{key}.prompts")
+    except PromptFileError as err:
+        return [str(err)]
+    return metrics.problems(cfg, prompts)
 
 
 def world_size(launcher) -> int:

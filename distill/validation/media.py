@@ -100,20 +100,44 @@ def save_mp4(pixels: torch.Tensor, path: Path, captions: Optional[List[str]] = N
              limit: int = 16, sound: Optional[Tuple[torch.Tensor, int]] = None) -> Path:
     """The GIF's captioned grid as an H.264 MP4 (PyAV), padded to even sides as yuv420p needs;
     with `sound` (a waveform [channels, samples] in [-1, 1] and its rate) an AAC track too."""
-    import av
     import numpy as np
 
     images = playing_sheets(pixels, captions, per_row, limit)
     width, height = images[0].width + images[0].width % 2, images[0].height + images[0].height % 2
+    frames = []
+    for image in images:
+        canvas = Image.new("RGB", (width, height), "white")
+        canvas.paste(image, (0, 0))
+        frames.append(np.asarray(canvas))
+    return encode_mp4(frames, path, fps, sound)
+
+
+def save_clip(pixels: torch.Tensor, path: Path, fps: float = 8, sound: Optional[Tuple[torch.Tensor, int]] = None,
+              crf: int = 10) -> Path:
+    """One clip [C, T, H, W] in [-1, 1] as it is, no caption and no scaling: an MP4 for
+    evaluation tools (VBench, FVD) to read (odd sides repeat their last row or column)."""
+    frames = to_uint8(pixels[None])[0]  # [T, H, W, 3]
+    h, w = frames.shape[1], frames.shape[2]
+    frames = torch.nn.functional.pad(frames.permute(0, 3, 1, 2).float(), (0, w % 2, 0, h % 2), mode="replicate")
+    return encode_mp4(list(frames.permute(0, 2, 3, 1).to(torch.uint8).numpy()), path, fps, sound, crf)
+
+
+def encode_mp4(frames: list, path: Path, fps: float, sound: Optional[Tuple[torch.Tensor, int]] = None,
+               crf: Optional[int] = None) -> Path:
+    """[H, W, 3] uint8 frames (even sides) as H.264 yuv420p at `fps`, with an optional AAC track."""
+    import av
+    import numpy as np
+
     with av.open(str(path), mode="w") as container:
         rate = Fraction(fps).limit_denominator(1001)  # 24, 30000/1001, ...
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        h264 = "libx264" in av.codecs_available
+        stream = container.add_stream("libx264" if h264 else "mpeg4", rate=rate,
+                                      options={"crf": str(crf)} if h264 and crf is not None else {})
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
         audio = sound and container.add_stream("aac", rate=sound[1], layout=_layout(sound[0]))  # before any packet
-        for image in images:
-            canvas = Image.new("RGB", (width, height), "white")
-            canvas.paste(image, (0, 0))
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(canvas), format="rgb24")))
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())
         if audio:
             planar = np.ascontiguousarray(sound[0][:2].detach().float().clamp(-1, 1).cpu().numpy())
@@ -122,6 +146,18 @@ def save_mp4(pixels: torch.Tensor, path: Path, captions: Optional[List[str]] = N
             container.mux(audio.encode(frame))
             container.mux(audio.encode())
     return path
+
+
+def read_clip(path: Path) -> torch.Tensor:
+    """An MP4 (or GIF) back as pixels [3, T, H, W] in [-1, 1]."""
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError(f"{path}: no video frames")
+    return torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
 
 
 def _layout(waveform: torch.Tensor) -> str:
