@@ -64,7 +64,7 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument("--idle-timeout-min", type=float, default=120,
                         help="--watch: stop after this long without a new checkpoint")
     parser.add_argument("overrides", nargs="*", help="launcher=slurm and launcher.KEY=VALUE")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def evaluate_config(args) -> EvaluateConfig:

@@ -86,9 +86,9 @@ def launch(config: Config) -> None:
         print(describe_layout(config.parallel, launcher.nodes, launcher.tasks_per_node or max(launcher.gpus_per_node, 1)))
     if config.launcher.name == "slurm":
         if hydra.mode == RunMode.MULTIRUN:
-            PENDING_ARRAY.append((config.launcher, run_dir))
+            PENDING_ARRAY.append((config.launcher, run_dir, config.validation.evaluate))
         else:
-            submit_slurm(config.launcher, [run_dir], run_dir)
+            submit_slurm(config.launcher, [run_dir], run_dir, [config.validation.evaluate])
     elif config.launcher.nproc_per_node == 1:
         from distill.preemption import StopRequest
         from distill.run import train
@@ -103,15 +103,24 @@ def submit_pending_array() -> None:
     if not PENDING_ARRAY:
         return
     cfg = PENDING_ARRAY[0][0]
-    run_dirs = [run_dir for _, run_dir in PENDING_ARRAY]
+    run_dirs = [run_dir for _, run_dir, _ in PENDING_ARRAY]
+    evaluations = [evaluate for _, _, evaluate in PENDING_ARRAY]
     PENDING_ARRAY.clear()
-    submit_slurm(cfg, run_dirs, Path(os.path.commonpath([str(d) for d in run_dirs])))
+    submit_slurm(cfg, run_dirs, Path(os.path.commonpath([str(d) for d in run_dirs])), evaluations)
 
 
-def submit_slurm(cfg, run_dirs, folder: Path) -> None:
+def submit_slurm(cfg, run_dirs, folder: Path, evaluations) -> None:
+    """The training job(s), and a watcher job beside each run whose validation.evaluate.watcher is on."""
+    from distill.evaluation.submit import submit_watcher
     from distill.slurm import report, submit
 
     jobs = submit(cfg, run_dirs, folder)
+    code = folder / "code" if cfg.snapshot_code else None
+    for i, (run_dir, evaluate) in enumerate(zip(run_dirs, evaluations)):
+        if evaluate.watcher:
+            job = submit_watcher(cfg, run_dir, evaluate, code, jobs[i].job_id if jobs else None)
+            if job:
+                print(f"job {job}: the evaluation watcher of {run_dir}")
     if jobs and report(jobs, run_dirs, cfg.wait) != 0:
         raise LaunchError("run failed: a SLURM job failed (see above)")
 

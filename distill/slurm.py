@@ -27,8 +27,8 @@ def rendezvous_port(job_id: str) -> int:
     return 20000 + int(job_id) % 40000
 
 
-def job_entry(run_dir: str) -> None:
-    """Runs on every SLURM task: set the ranks from submitit's environment, train."""
+def set_rank_environment() -> None:
+    """torchrun's variables from submitit's job environment (this task's rank, the rendezvous)."""
     env = submitit.JobEnvironment()
     os.environ.update(
         MASTER_ADDR=env.hostnames[0],
@@ -37,6 +37,11 @@ def job_entry(run_dir: str) -> None:
         WORLD_SIZE=str(env.num_tasks),
         LOCAL_RANK=str(env.local_rank),
     )
+
+
+def job_entry(run_dir: str) -> None:
+    """Runs on every SLURM task: set the ranks from submitit's environment, train."""
+    set_rank_environment()
     from distill.worker import main
 
     code = main([run_dir])

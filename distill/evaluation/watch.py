@@ -62,8 +62,8 @@ def watch(args, cfg, prompts) -> int:
             append_record(run, record)
             if wandb_run is not None:
                 wandb_run.log({"eval/step": step, **{k: v for k, v in record.items() if k != "step"}})
-            print(f"checkpoint {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()),
-                  flush=True)
+            print(f"checkpoint {step}: " + ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in record.items()
+                                                     if k != "step"), flush=True)
         if (run / "eval" / config.checkpoint.folder.format(step=last_step) / "metrics.json").is_file():
             break
         if time.monotonic() - idle_since > args.idle_timeout_min * 60:
