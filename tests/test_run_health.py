@@ -21,6 +21,8 @@ def test_clip_statistics_by_hand():
     assert stats == {"flat_share": 1.0, "motion": 1.0}
     rgb = torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]]).T.reshape(1, 3, 1, 1, 2)  # two pixels, one frame
     assert clip_statistics(rgb)["saturation"] == pytest.approx(0.5)  # (1 + 0) / 2
+    red = torch.tensor([1.0, -1.0, -1.0]).reshape(1, 3, 1, 1, 1).expand(1, 3, 2, 4, 4)
+    assert clip_statistics(red)["flat_share"] == 1.0  # a solid colour is flat, whatever its channels differ by
     seeds = torch.stack([torch.zeros(1, 2, 4, 4), torch.full((1, 2, 4, 4), 1.0), torch.zeros(1, 2, 4, 4)])
     # on [0, 1]: 0.5, 1, 0.5 -> pairs 0.5, 0, 0.5
     assert clip_statistics(clip, seeds)["diversity"] == pytest.approx(1 / 3)
@@ -62,6 +64,34 @@ def test_a_collapsed_student_is_named_in_the_log_and_the_run_goes_on(constant_st
     said = [r.getMessage() for r in caplog.records if "health at step" in r.getMessage()]
     assert {line.split("looks ")[1].split(":")[0] for line in said} == {"static", "flat", "collapsed"}
     assert any(line.startswith("health at step 2:") for line in said) and (tmp_path / "checkpoint-4").is_dir()
+
+
+def fixed_output(monkeypatch, make):
+    """The student's sampler returns make(shape) for every prompt and seed."""
+    from distill.sampling import FewStepSampler
+
+    monkeypatch.setattr(FewStepSampler, "__call__", lambda self, adapter, role, text, *a, **k:
+                        make((text.shape[0], *adapter.latent_shape)).to(text.device))
+
+
+def warned(caplog):
+    return {line.split("looks ")[1].split(":")[0]
+            for line in (r.getMessage() for r in caplog.records) if "health at step" in line}
+
+
+def test_a_static_student_and_a_flat_coloured_one_are_each_named(monkeypatch, tmp_path, caplog):
+    """Static: one textured frame, held over time and the same for every seed (its output fixed):
+    static and collapsed, not flat. Flat: every frame one colour, changing over time and seeds."""
+    from distill.run import train
+
+    texture = torch.rand(torch.Size([1, 16, 1, 16, 16]), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    fixed_output(monkeypatch, lambda shape: texture.expand(shape[0], -1, shape[2], -1, -1))
+    train(validate(compose_config(TINY)), tmp_path / "static")
+    assert warned(caplog) == {"static", "collapsed"}
+    caplog.clear()
+    fixed_output(monkeypatch, lambda shape: (torch.rand(*shape[:3], 1, 1) * 2 - 1).expand(shape))
+    train(validate(compose_config(TINY)), tmp_path / "flat")
+    assert warned(caplog) == {"flat"}
 
 
 def test_stop_on_collapse_ends_the_run_with_a_checkpoint(constant_student, tmp_path):

@@ -4,7 +4,8 @@ student that goes static, flat-coloured, or the same for every seed).
 
 On pixels in [-1, 1], mapped to [0, 1]:
   motion       mean |frame t+1 - frame t| of each clip, averaged over clips
-  flat_share   the share of frames whose pixel standard deviation is under FLAT_STD
+  flat_share   the share of frames of one colour: in every channel, the standard deviation
+               over the frame's pixels under FLAT_STD (a solid blue frame is flat too)
   saturation   HSV saturation (max - min) / max over RGB, averaged (3-channel clips only)
   diversity    mean pairwise mean |a - b| over clips of one prompt at different seeds
 
@@ -35,8 +36,8 @@ def check_health_config(cfg: HealthConfig, key: str = "validation.health") -> Li
 def clip_statistics(pixels: torch.Tensor, seeds_of_one_prompt: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """The statistics of clips [N, C, T, H, W] (and of one prompt's clips at several seeds)."""
     p = (pixels.float().clamp(-1, 1) + 1) / 2
-    frames = p.transpose(1, 2).flatten(2)  # [N, T, C*H*W]
-    stats = {"flat_share": (frames.std(dim=2) < FLAT_STD).float().mean().item()}
+    spread = p.transpose(1, 2).flatten(3).std(dim=3)  # [N, T, C]: over each channel's pixels
+    stats = {"flat_share": (spread.amax(dim=2) < FLAT_STD).float().mean().item()}
     if p.shape[2] > 1:
         stats["motion"] = (p[:, :, 1:] - p[:, :, :-1]).abs().mean().item()
     if p.shape[1] == 3:
