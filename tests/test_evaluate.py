@@ -68,6 +68,7 @@ def test_an_export_is_sampled_into_vbench_names_and_a_rerun_skips_them(run, prom
     assert "another seeds ([5, 6]" in capsys.readouterr().err.replace("another seeds ([0, 1], now ", "another seeds (")
 
 
+@pytest.mark.multiprocess
 def test_shards_and_two_ranks_write_the_same_files_as_one(run, prompts, tmp_path):
     target = str(run / "checkpoint-4")
     one, shards, ranks = tmp_path / "one", tmp_path / "shards", tmp_path / "ranks"
@@ -227,6 +228,7 @@ def test_the_watcher_scores_checkpoints_as_a_short_run_writes_them_then_stops(pr
     assert sorted(r["step"] for r in records if "eval/videos" in r) == scored
 
 
+@pytest.mark.multiprocess
 def test_evaluation_during_training_on_one_and_two_ranks(prompts, tmp_path):
     """validation.evaluate.every on the live student; on 2 ranks each samples a share (3 videos:
     one rank pads its share, or the sharded forward would hang) and the videos equal 1 rank's."""

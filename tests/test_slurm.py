@@ -72,6 +72,30 @@ def test_sweep_is_one_job_array(slurm, tmp_path):
     assert "2 succeeded, 0 failed, 2 runs" in status.stdout
 
 
+def test_evaluation_as_a_job_array_writes_what_one_process_writes(slurm, tmp_path):
+    """python -m distill.evaluate ... launcher=slurm --array 2: two one-task jobs, one shard each;
+    the videos equal a local single-process evaluation's, and metrics.json is written once all are in."""
+    from conftest import train_here
+
+    run = train_here(["experiment=tiny", "training.max_steps=2", "validation.num_samples=2", "logger=none",
+                      "training.torch_threads=1", "training.export_at_end=false", f"hydra.run.dir={tmp_path / 'run'}"])
+    (tmp_path / "prompts.txt").write_text("a red ball\nthe sea at night\na dog\n")
+    common = [str(run), "--prompts", str(tmp_path / "prompts.txt"), "--samples", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **slurm.env)
+    local = subprocess.run([sys.executable, "-m", "distill.evaluate", *common, "--out", str(tmp_path / "local")],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-2000:]
+    jobs = subprocess.run([sys.executable, "-m", "distill.evaluate", *common, "--out", str(tmp_path / "array"),
+                           *SLURM[:-1], "launcher.wait=true", "--array", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert jobs.returncode == 0, jobs.stdout + jobs.stderr
+    assert jobs.stdout.count("job ") == 2
+    videos = lambda folder: {p.name: p.read_bytes() for p in (folder / "videos").iterdir()}
+    assert videos(tmp_path / "array") == videos(tmp_path / "local") and len(videos(tmp_path / "local")) == 6
+    assert json.loads((tmp_path / "array" / "metrics.json").read_text())["videos"] == 6
+    assert queue(slurm) == []
+
+
 def _wait(predicate, timeout, what, explain=lambda: ""):
     deadline = time.time() + timeout
     while time.time() < deadline:
