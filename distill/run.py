@@ -115,14 +115,19 @@ def describe(role) -> str:
 
 
 def print_summary(validator, run_dir: Path) -> None:
-    """The final quality table (where the data has metrics) and where the pictures are."""
+    """The final quality table (where the data has metrics) and where the pictures are; the
+    student also as the mean of its last 2 validations, which swing by points of FD."""
     rows = validator.history
     if rows:
         names = sorted({k.split("/")[1] for k in rows})
         keys = sorted({k.split("/")[2] for k in rows})
+        student = f"student_{validator.student_sampler.num_steps}step"
+        table = {name: {k: rows.get(f"val/{name}/{k}", float("nan")) for k in keys} for name in names}
+        if validator.recent_student_mean() and student in table:
+            table[f"{student}, last 2"] = validator.recent_student_mean()
         lines = [f"{'':<22}" + "".join(f"{k:>18}" for k in keys)]
-        for name in names:
-            lines.append(f"{name:<22}" + "".join(f"{rows.get(f'val/{name}/{k}', float('nan')):>18.3f}" for k in keys))
+        for name, values in table.items():
+            lines.append(f"{name:<22}" + "".join(f"{values.get(k, float('nan')):>18.3f}" for k in keys))
         print("\n".join(lines))
     print(f"samples: {run_dir / 'samples'}")
 

@@ -263,3 +263,70 @@ def test_the_slurm_dry_run_shows_the_watcher_beside_the_training_job(prompts, tm
     refused = run_launch(["validation.evaluate.watcher=true", f"validation.evaluate.prompts={prompts}",
                           f"hydra.run.dir={tmp_path / 'local'}"])
     assert refused.returncode != 0 and "validation.evaluate.watcher=true: a job beside the run" in refused.stderr
+
+
+def test_vbench_runs_through_its_api_in_local_mode(run, prompts, tmp_path, monkeypatch):
+    """A stand-in of vbench 0.1.5's API (VBench(device, full_info_dir, output_path).evaluate(...),
+    results in <output_path>/<name>_eval_results.json as {dimension: [score, per-video]}):
+    custom prompts go by file name in custom-input mode, VBench's list in its standard mode."""
+    import types
+
+    from distill.config.schema import EvaluateConfig
+    from distill.evaluation import metrics
+    from distill.evaluation.prompts import items, read_prompts
+    from distill.evaluation.vbench_dimensions import CUSTOM_DIMENSIONS
+
+    calls = []
+
+    class VBench:
+        def __init__(self, device, full_info_dir, output_path):
+            self.full_info, self.out = full_info_dir, Path(output_path)
+
+        def evaluate(self, videos_path, name, prompt_list=(), dimension_list=None, local=False, mode="", **kw):
+            calls.append(dict(videos=videos_path, prompts=prompt_list, dims=dimension_list, local=local, mode=mode,
+                              full_info=self.full_info, cache=os.environ["VBENCH_CACHE_DIR"]))
+            self.out.mkdir(parents=True, exist_ok=True)
+            scores = {d: [0.5 + i / 100, []] for i, d in enumerate(dimension_list)}
+            (self.out / f"{name}_eval_results.json").write_text(json.dumps(scores))
+
+    fake = types.ModuleType("vbench")
+    fake.VBench, fake.__file__ = VBench, str(tmp_path / "vbench" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "vbench", fake)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object() if name == "vbench" else None)
+    (tmp_path / "cache").mkdir()
+    cfg = EvaluateConfig(prompts=str(prompts), vbench_cache=str(tmp_path / "cache"))
+    assert metrics.chosen(cfg) == ["vbench"]
+    [vbench] = metrics.build(cfg, read_prompts(prompts), torch.device("cpu"))
+    videos = [(item, None) for item in items(read_prompts(prompts), 1, 0)]
+    scores = vbench(videos, tmp_path / "eval")
+    call = calls[-1]
+    assert call["mode"] == "custom_input" and call["local"] and call["cache"] == str(tmp_path / "cache")
+    assert call["prompts"] == {"a red ball-0.mp4": "a red ball", "the digit 3 moving left-0.mp4":
+                               "the digit 3 moving left", "the sea at night-0.mp4": "the sea at night"}
+    assert call["dims"] == list(CUSTOM_DIMENSIONS) and call["videos"] == str(tmp_path / "eval" / "videos")
+    assert scores["vbench/subject_consistency"] == 0.5 and len(scores) == len(CUSTOM_DIMENSIONS)
+    listing = tmp_path / "VBench_full_info.json"
+    listing.write_text(json.dumps([{"prompt_en": "a dog running", "dimension": ["dynamic_degree"]},
+                                   {"prompt_en": "a red apple", "dimension": ["color", "dynamic_degree"]}]))
+    cfg = EvaluateConfig(prompts=str(listing), vbench_cache=str(tmp_path / "cache"))
+    [vbench] = metrics.build(cfg, read_prompts(listing), torch.device("cpu"))
+    assert vbench([], tmp_path / "standard") == {"vbench/dynamic_degree": 0.5, "vbench/color": 0.51}
+    assert calls[-1]["mode"] == "vbench_standard" and calls[-1]["full_info"] == str(listing)
+    refused = metrics.problems(EvaluateConfig(prompts=str(prompts), vbench_cache=str(tmp_path / "cache"),
+                                              vbench_dimensions=["color"]), read_prompts(prompts))
+    assert refused == ["vbench_dimensions: color is not one custom prompts allow (aesthetic_quality, "
+                       "background_consistency, dynamic_degree, human_action, imaging_quality, motion_smoothness, "
+                       "overall_consistency, subject_consistency, temporal_flickering, temporal_style)"]
+
+
+def test_the_demo_student_and_its_teacher_judged_on_the_same_digit_prompts(demo_run, tmp_path):
+    """The digits metric on the shared demo run: 40 prompts (each digit 4 times), the 2-step
+    student against its teacher at 2 Euler steps, both from the run folder."""
+    lines = [f"the digit {d} moving {m}" for d in range(10) for m in ("left", "right", "up", "down")]
+    (tmp_path / "digits.txt").write_text("\n".join(lines) + "\n")
+    common = ["--prompts", str(tmp_path / "digits.txt"), "--metrics", "digits"]
+    assert evaluate([str(demo_run), *common, "--out", str(tmp_path / "student")]) == 0
+    assert evaluate([str(demo_run), *common, "--role", "teacher", "--steps", "2", "--out", str(tmp_path / "teacher")]) == 0
+    student, teacher = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("student", "teacher"))
+    assert student["seeds"] == teacher["seeds"] == [0] and student["prompts_sha256"] == teacher["prompts_sha256"]
+    assert student["metrics"]["digits/accuracy"] > teacher["metrics"]["digits/accuracy"] + 0.1, (student, teacher)

@@ -61,7 +61,7 @@ def _export(folder: Path, steps: Optional[int]) -> Target:
     from distill.sample import load_exported, with_steps
 
     info = json.loads((folder / "distill.json").read_text())
-    adapter, role, sampler = load_exported(folder, lora=bool(info.get("lora")))
+    adapter, role, sampler = load_exported(folder)  # a LoRA role's export holds its merged network too
     step = info.get("checkpoint", "").rpartition("-")[2]
     return Target(adapter, role, with_steps(sampler, adapter, steps), folder, "export", info.get("role", "student"),
                   int(step) if step.isdigit() else None, info.get("config_sha256", "unknown"))

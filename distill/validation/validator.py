@@ -50,6 +50,7 @@ class Validator:
         self.student_sampler = method.sampler(config.method, adapter, "student")
         self.teacher_done = False
         self.history: Dict[str, float] = {}  # the latest value of every metric, teacher's included
+        self.student_history: List[Dict[str, float]] = []  # the student's metrics, one entry a validation
         self.teacher_health: Optional[Dict[str, float]] = None  # the reference statistics
         self.findings: List[str] = []  # of the last validation (rank 0)
 
@@ -131,7 +132,16 @@ class Validator:
         self.findings = findings(health[student], self.teacher_health, self.cfg.health) \
             if student in health and self.teacher_health else []
         self.history.update({k: v for k, v in metrics.items() if k.startswith("val/")})  # the quality table's
+        self.student_history.append({k.split("/")[2]: v for k, v in metrics.items() if k.startswith(f"val/{student}/")})
         return metrics, images, videos
+
+    def recent_student_mean(self, count: int = 2) -> Dict[str, float]:
+        """The student's metrics averaged over its last `count` validations (validation swings
+        by points of FD from one to the next); empty before `count` validations."""
+        recent = self.student_history[-count:]
+        if len(recent) < count:
+            return {}
+        return {k: sum(r[k] for r in recent) / count for k in recent[-1] if all(k in r for r in recent)}
 
 
 def build_validator(config: Config, adapter, run_dir: Path, runtime) -> Validator:
