@@ -18,7 +18,7 @@ exported student."""
 
 COMMANDS = """\
 Common commands:
-  python launch.py                                  the digits demo: DMD2 into a 2-step student, CPU, ~5 min
+  python launch.py                                  the digits demo: DMD2 + GAN into a 2-step student, CPU, ~7 min
   python launch.py experiment=tiny                  plumbing check: a tiny Wan on random data, seconds
   python launch.py experiment=wan21_t2v_1.3b_dmd2_3step data.path=DATA launcher=slurm launcher.nodes=8
   python launch.py -m +sweep=digits_lr              a sweep: one run folder per point
@@ -31,9 +31,12 @@ Common commands:
   python launch.py --cfg job                        print the composed config and stop
   python -m distill.export RUN                      export the newest checkpoint in diffusers format
   python -m distill.sample RUN/export/student --prompt "the digit 7 moving left" --out clip.gif
+  python -m distill.evaluate RUN --prompts prompts.txt [--role teacher] [--clip-model DIR] [--watch]
+                                                    videos named as VBench reads them, metrics.json
 
 Exit codes: 0 done or already finished, 1 failed, 2 config refused (or plan does not fit), 3 bad data,
-4 bad checkpoint, 128+N stopped by signal N (checkpoint written; resume command printed).
+4 bad checkpoint, 5 a NaN/inf loss, 6 a collapsed student (validation.stop_on_collapse),
+128+N stopped by signal N (checkpoint written; resume command printed).
 Every key and its default: distill/config/schema.py. Hydra's own help: --hydra-help."""
 
 

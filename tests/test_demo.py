@@ -31,10 +31,11 @@ def test_short_distillation_beats_the_teacher_at_two_steps(demo_run):
 
 
 def test_the_gan_term_lowers_the_frechet_distance_of_the_short_run(tmp_path, request):
-    m = distil(tmp_path, GAN)
-    plain = validation_scores(request.getfixturevalue("demo_run"))  # after this run: the other worker may build it
+    """The default (with the GAN term) against the same short run of plain DMD2."""
+    plain = distil(tmp_path, ["method.gan.enabled=false"])
+    m = validation_scores(request.getfixturevalue("demo_run"))  # after this run: the other worker may build it
     assert m["student_last2/frechet_distance"] < plain["student_last2/frechet_distance"], (m, plain)
-    assert m["student_last2/accuracy"] > m["teacher_2step/accuracy"] + 0.1, m
+    assert plain["student_last2/accuracy"] > plain["teacher_2step/accuracy"] + 0.1, plain
 
 
 # A flipped DMD gradient wrecks the student within tens of iterations, so the
@@ -62,10 +63,10 @@ def test_default_launch_composes_to_the_demo_and_runs(demo_run):
     assert "assets/digits_teacher" in config and "student_steps:\n  - 1000.0\n  - 500.0" in config
     assert "name: digits" in config
     assert [r["step"] for r in read_metrics(demo_run)] == list(range(25, steps + 1, 25))  # the demo logs every 25 steps
-    for name in ("teacher_3step", "teacher_2step", "real", f"student_2step-step{steps:06d}"):
+    for name in ("teacher_50step", "teacher_2step", "real", f"student_2step-step{steps:06d}"):
         assert (demo_run / "samples" / f"{name}.png").is_file() and (demo_run / "samples" / f"{name}.gif").is_file()
     table = (demo_run.parent / "stdout.txt").read_text()
-    for row in ("real", "student_2step", "teacher_2step", "teacher_3step"):
+    for row in ("real", "student_2step", "teacher_2step", "teacher_50step", "student_2step, last 2"):
         assert row in table
     assert "accuracy" in table and "frechet_distance" in table and f"samples: {demo_run / 'samples'}" in table
     assert (demo_run / "loss_curves.png").stat().st_size > 1000
