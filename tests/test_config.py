@@ -24,7 +24,8 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_group_option_composes(group, option, tmp_path):
-    extra = {("data", "parquet"): [f"data.path={tmp_path}"], ("data", "digits"): ["model=digits"]}
+    extra = {("data", "parquet"): [f"data.path={tmp_path}"], ("data", "digits"): ["model=digits"],
+             ("method", "dmd2_digits"): ["model=digits"]}  # its GAN head reads the digits model's blocks 1 and 3
     cfg = compose_config([f"{group}={option}", *extra.get((group, option), [])])
     assert OmegaConf.select(cfg, group) is not None
     if group != "model" or option in ("wan_tiny", "digits", "qwen_image_tiny"):  # real models need their weights
