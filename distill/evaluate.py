@@ -132,6 +132,13 @@ def barrier() -> None:
     dist.barrier()
 
 
+def close_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse(sys.argv[1:] if argv is None else argv)
@@ -147,6 +154,7 @@ def main(argv=None) -> int:
 
             return watch(args, cfg, prompts)
         result = evaluate_once(args, cfg, prompts, args.target)
+        close_group()
     except (PromptFileError, metric_registry.MetricSetupError, TargetError, EvaluationMismatch, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
