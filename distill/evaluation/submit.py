@@ -73,6 +73,8 @@ def submit(args, argv: List[str]) -> int:
         cfg.nodes, cfg.tasks_per_node, cfg.gpus_per_node = 1, 1, min(cfg.gpus_per_node, 1)
     executor = make_executor(cfg, Path(base) / "slurm", None)
     if cfg.dry_run:
+        if args.array:
+            print(f"# a job array of {args.array} one-task jobs: element i runs --shard i/{args.array}")
         print(sbatch_script(executor))
         return 0
     if args.array:
