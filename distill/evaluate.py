@@ -101,8 +101,10 @@ def check_inputs(args, cfg: EvaluateConfig) -> List[str]:
     return prompts
 
 
-def evaluate_once(args, cfg: EvaluateConfig, prompts: List[str], target_path: Path, out: Optional[Path] = None):
-    """Sample this rank's share and, when all videos are in, score them; the metrics or None."""
+def evaluate_once(args, cfg: EvaluateConfig, prompts: List[str], target_path: Path, out: Optional[Path] = None,
+                  metrics: Optional[list] = None):
+    """Sample this rank's share and, when all videos are in, score them (with `metrics`, those
+    built once by the watcher); the metrics or None."""
     rank, world, distributed = ranks(args)
     device = device_for(int(os.environ.get("LOCAL_RANK", 0)))
     target = resolve(target_path, args.role, args.steps, args.guidance, args.ema)
@@ -118,7 +120,7 @@ def evaluate_once(args, cfg: EvaluateConfig, prompts: List[str], target_path: Pa
         barrier()
         if rank != 0:
             return None
-    result = score(target, cfg, prompts, out, device)
+    result = score(target, cfg, prompts, out, device, metrics)
     if result is None:
         print(f"shard {rank}/{world} written into {out}; the metrics come when every shard is in")
     return result

@@ -49,19 +49,24 @@ def job_entry(run_dir: str) -> None:
         sys.exit(code)  # a requeued job leaves no result behind
 
 
-def code_version(run_dir: Path, snapshot: bool) -> dict:
-    """Record the git commit (and whether the tree was dirty); copy distill/."""
+def git_state() -> dict:
+    """The checkout's git commit and whether distill/ differs from it ({"commit": None} outside git)."""
     repo = PACKAGE.parent
-    info = {"package": str(PACKAGE)}
     try:
-        info["commit"] = subprocess.run(
+        commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
         ).stdout.strip()
-        info["dirty"] = bool(
+        dirty = bool(
             subprocess.run(["git", "status", "--porcelain", "distill"], cwd=repo, capture_output=True, text=True).stdout
         )
     except (OSError, subprocess.CalledProcessError):
-        info["commit"] = None
+        return {"commit": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def code_version(run_dir: Path, snapshot: bool) -> dict:
+    """Record the git commit (and whether the tree was dirty); copy distill/."""
+    info = {"package": str(PACKAGE), **git_state()}
     if snapshot:
         target = run_dir / "code"
         shutil.copytree(PACKAGE, target / "distill", ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)

@@ -49,6 +49,7 @@ class FVD:
         self.network = load_i3d(i3d, device)
         self.reference = reference_videos(Path(reference))
         self.device = device
+        self._reference_features = None  # read and computed at the first call, the same for every later one
 
     @torch.no_grad()
     def features(self, pixels: torch.Tensor) -> np.ndarray:
@@ -59,9 +60,13 @@ class FVD:
         return self.network(clip).reshape(-1).double().cpu().numpy()
 
     def distance(self, clips: List[torch.Tensor], reference: List[torch.Tensor]) -> float:
+        return self._frechet(clips, np.stack([self.features(c) for c in reference]))
+
+    def _frechet(self, clips: List[torch.Tensor], reference_features: np.ndarray) -> float:
         a = np.stack([self.features(c) for c in clips])
-        b = np.stack([self.features(c) for c in reference])
-        return frechet_distance(*_gaussian(a), *_gaussian(b))
+        return frechet_distance(*_gaussian(a), *_gaussian(reference_features))
 
     def __call__(self, videos: List[Tuple[Item, torch.Tensor]], out: Path) -> Dict[str, float]:
-        return {"fvd": self.distance([pixels for _, pixels in videos], [read_clip(p) for p in self.reference])}
+        if self._reference_features is None:
+            self._reference_features = np.stack([self.features(read_clip(p)) for p in self.reference])
+        return {"fvd": self._frechet([pixels for _, pixels in videos], self._reference_features)}

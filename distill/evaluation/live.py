@@ -7,6 +7,7 @@ student's ranks call its forward equally often (the short shares pad)."""
 from pathlib import Path
 from typing import Dict
 
+from distill.evaluation import metrics as metric_registry
 from distill.evaluation.prompts import read_prompts
 from distill.evaluation.scoring import claim_folder, sample_share, score, spec
 from distill.evaluation.targets import Target
@@ -23,6 +24,7 @@ class LiveEvaluation:
         self.adapter, self.run_dir, self.runtime = adapter, Path(run_dir), runtime
         self.folder = config.checkpoint.folder
         self.config_sha256 = config_hash(run_dir)
+        self.metrics = None  # built at the first scoring (rank 0), kept for the later ones
 
     def run(self, roles, step: int) -> Dict[str, float]:
         role, rt = roles["student"], self.runtime
@@ -40,5 +42,7 @@ class LiveEvaluation:
         rt.barrier()
         if not rt.is_main:
             return {}
-        result = score(target, self.cfg, self.prompts, out, rt.device)
+        if self.metrics is None:
+            self.metrics = metric_registry.build(self.cfg, self.prompts, rt.device)
+        result = score(target, self.cfg, self.prompts, out, rt.device, self.metrics)
         return {"eval/videos": result["videos"], **{f"eval/{k}": v for k, v in result["metrics"].items()}}

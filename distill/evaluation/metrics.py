@@ -41,8 +41,8 @@ def problems(cfg: EvaluateConfig, prompts: Optional[List[str]] = None) -> List[s
     """Everything that stops the chosen metrics, one line each (cheap: no network is loaded)."""
     from distill.evaluation import vbench_dimensions
 
-    found = []
-    for metric in chosen(cfg):
+    found, metrics = [], chosen(cfg)
+    for metric in metrics:
         if metric not in NEEDS:
             found.append(f"metric {metric}: unknown; one of {', '.join(NEEDS)}")
             continue
@@ -52,7 +52,6 @@ def problems(cfg: EvaluateConfig, prompts: Optional[List[str]] = None) -> List[s
                 found.append(f"metric {metric} needs {name}: give {key(name)}")
             elif not Path(value).exists():
                 found.append(f"{name}={value}: no such file or folder ({key(name)})")
-    metrics = chosen(cfg)
     if "fvd" in metrics and cfg.fvd_reference and Path(cfg.fvd_reference).is_dir():
         from distill.evaluation.fvd import reference_videos
 

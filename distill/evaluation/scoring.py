@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
@@ -22,24 +21,14 @@ from distill.config.schema import EvaluateConfig
 from distill.evaluation import metrics as metric_registry
 from distill.evaluation.generate import missing, write_videos
 from distill.evaluation.prompts import items, shard
+from distill.slurm import git_state
 from distill.validation.media import read_clip
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class EvaluationMismatch(ValueError):
     pass
-
-
-def git_commit() -> dict:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    try:
-        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "distill"))}
-    except OSError:
-        return {"commit": None, "dirty": None}
 
 
 def spec(target, cfg: EvaluateConfig, prompts: List[str]) -> dict:
@@ -74,25 +63,25 @@ def sample_share(target, cfg: EvaluateConfig, prompts: List[str], out: Path, ran
                  pad_to_share: bool = False) -> int:
     """Write this rank's missing videos; with `pad_to_share` every rank samples its full share's
     count (a sharded role's forward is collective). Returns how many it wrote."""
-    videos = out / "videos"
-    share = shard(items(prompts, cfg.samples, cfg.seed), rank, world)
-    todo = missing(share, videos)
-    pad = -(-len(items(prompts, cfg.samples, cfg.seed)) // world) if pad_to_share else 0
-    return write_videos(target, todo, videos, cfg.fps, cfg.negative_prompt, pad_to=pad)
+    videos, every = out / "videos", items(prompts, cfg.samples, cfg.seed)
+    pad = -(-len(every) // world) if pad_to_share else 0
+    return write_videos(target, missing(shard(every, rank, world), videos), videos, cfg.fps, cfg.negative_prompt,
+                        pad_to=pad)
 
 
 def score(target, cfg: EvaluateConfig, prompts: List[str], out: Path, device: torch.device,
-          extra: Optional[dict] = None) -> Optional[dict]:
-    """metrics.json, when every video is on disk (None when some are still missing)."""
+          metrics: Optional[list] = None) -> Optional[dict]:
+    """metrics.json, when every video is on disk (None when some are still missing). `metrics`:
+    the built metrics of an evaluator that scores many times (default: built here)."""
     every = items(prompts, cfg.samples, cfg.seed)
     if missing(every, out / "videos"):
         return None
     videos = [(item, read_clip(out / "videos" / item.file_name)) for item in every]
     values = {}
-    for metric in metric_registry.build(cfg, prompts, device):
+    for metric in metric_registry.build(cfg, prompts, device) if metrics is None else metrics:
         values.update(metric(videos, out))
         log.info("%s: %s", metric.name, {k: round(v, 4) for k, v in values.items()})
-    result = {**spec(target, cfg, prompts), **git_commit(), "videos": len(every), "fps": cfg.fps,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "metrics": values, **(extra or {})}
+    result = {**spec(target, cfg, prompts), "dirty": None, **git_state(), "videos": len(every), "fps": cfg.fps,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "metrics": values}
     write_json(out / "metrics.json", result)
     return result

@@ -71,6 +71,7 @@ def from_checkpoint(checkpoint: Path, role: str, steps: Optional[int] = None, gu
                     ema: bool = False) -> Target:
     from distill.export import trained_module
     from distill.models import build_adapter
+    from distill.sample import with_steps
 
     config = load_config(checkpoint / "config.yaml")
     if role not in config.roles:
@@ -82,11 +83,7 @@ def from_checkpoint(checkpoint: Path, role: str, steps: Optional[int] = None, gu
     if cfg.trainable:
         module = trained_module(checkpoint, config, adapter, role, ema)
         module = adapter.make_causal(module) if cfg.causal else module
-        sampler = method_class(config.method.name).sampler(config.method, adapter, role)
-        if steps is not None and steps != sampler.num_steps:
-            if not isinstance(sampler, EulerSampler):
-                raise TargetError(f"--steps {steps}: the {role} samples in its {sampler.num_steps} distilled steps only")
-            sampler = EulerSampler(adapter.euler_sigmas(steps), sampler.guidance_scale)
+        sampler = with_steps(method_class(config.method.name).sampler(config.method, adapter, role), adapter, steps)
     else:  # a frozen role (the teacher): the flow ODE by Euler with CFG, as validation samples it
         module = adapter.load(weights_path(config, role), config.seed).eval().requires_grad_(False)
         scale = guidance or config.validation.guidance_scale or method_class(config.method.name).guidance_scale(

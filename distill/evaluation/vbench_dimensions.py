@@ -42,11 +42,11 @@ def check(cache: str, dimensions: List[str], prompts_file: Path) -> List[str]:
                         "environment of its own); its CLI runs on the videos/ folder unchanged")
     if not Path(cache).is_dir():
         problems.append(f"vbench_cache={cache}: no such folder (VBENCH_CACHE_DIR with VBench's checkpoints)")
-    known = set(standard_dimensions(prompts_file)) or set(CUSTOM_DIMENSIONS)
+    standard = standard_dimensions(prompts_file)
+    known = set(standard) or set(CUSTOM_DIMENSIONS)
+    allowed = "this VBench prompt list names" if standard else "custom prompts allow"
     for name in dimensions:
         if name not in known:
-            allowed = "this VBench prompt list names" if standard_dimensions(prompts_file) else \
-                "custom prompts allow"
             problems.append(f"vbench_dimensions: {name} is not one {allowed} ({', '.join(sorted(known))})")
     return problems
 
@@ -56,8 +56,9 @@ class VBenchDimensions:
 
     def __init__(self, cache: str, dimensions: List[str], prompts_file: Path, device: torch.device):
         self.cache, self.prompts_file, self.device = cache, Path(prompts_file), device
-        self.standard = bool(standard_dimensions(prompts_file))
-        self.dimensions = list(dimensions) or (standard_dimensions(prompts_file) or list(CUSTOM_DIMENSIONS))
+        standard = standard_dimensions(prompts_file)
+        self.standard = bool(standard)
+        self.dimensions = list(dimensions) or standard or list(CUSTOM_DIMENSIONS)
 
     def __call__(self, videos: List[Tuple[Item, torch.Tensor]], folder: Path) -> Dict[str, float]:
         os.environ["VBENCH_CACHE_DIR"] = str(Path(self.cache).resolve())  # read when vbench is imported

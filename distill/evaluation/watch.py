@@ -11,6 +11,7 @@ It stops once the checkpoint of the run's last step is scored, or after
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def append_record(run: Path, record: dict) -> None:
 
 def watch(args, cfg, prompts) -> int:
     from distill.evaluate import evaluate_once
+    from distill.evaluation import metrics as metric_registry
+    from distill.evaluation.targets import device_for
 
     run = Path(args.target)
     if not (run / "config.yaml").is_file():
@@ -41,6 +44,7 @@ def watch(args, cfg, prompts) -> int:
     config = OmegaConf.load(run / "config.yaml")
     last_step = int(config.training.max_steps)
     checkpoints = Checkpointer(run, CheckpointConfig(folder=config.checkpoint.folder), runtime=None, fingerprint={})
+    metrics = metric_registry.build(cfg, prompts, device_for(int(os.environ.get("LOCAL_RANK", 0))))  # once
     wandb_run = shared_wandb_run(run, config)
     idle_since = time.monotonic()
     log.info("watching %s for checkpoints up to step %d", run, last_step)
@@ -51,7 +55,7 @@ def watch(args, cfg, prompts) -> int:
                 continue
             step = Checkpointer.step_of(checkpoint)
             try:
-                result = evaluate_once(args, cfg, prompts, checkpoint, out)
+                result = evaluate_once(args, cfg, prompts, checkpoint, out, metrics)
             except FileNotFoundError as err:  # pruned (checkpoint.keep_last) while it was read
                 log.warning("checkpoint %s went away while it was scored: %s", checkpoint.name, err)
                 continue
@@ -64,7 +68,7 @@ def watch(args, cfg, prompts) -> int:
                 wandb_run.log({"eval/step": step, **{k: v for k, v in record.items() if k != "step"}})
             print(f"checkpoint {step}: " + ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in record.items()
                                                      if k != "step"), flush=True)
-        if (run / "eval" / config.checkpoint.folder.format(step=last_step) / "metrics.json").is_file():
+        if (run / "eval" / checkpoints.path(last_step).name / "metrics.json").is_file():
             break
         if time.monotonic() - idle_since > args.idle_timeout_min * 60:
             print(f"no new checkpoint in {args.idle_timeout_min:g} min: the watcher stops")
