@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -64,9 +65,18 @@ def compose_config(overrides=()):
 
 def launch_as_typed(args, cwd=None, timeout=300):
     """launch.py exactly as typed: no overrides added."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
-    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd or ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    # PYTHONFAULTHANDLER: a launch that hangs is stopped with SIGABRT, so its stderr ends with
+    # every thread's stack, which the failure shows
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0", PYTHONFAULTHANDLER="1")
+    with subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd or ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            out, err = process.communicate()
+            raise AssertionError(f"launch.py {' '.join(args)} ran past {timeout}s; its stacks:\n{err[-6000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def run_launch(args, cwd=None, timeout=300):

@@ -93,7 +93,8 @@ def test_evaluation_as_a_job_array_writes_what_one_process_writes(slurm, tmp_pat
     videos = lambda folder: {p.name: p.read_bytes() for p in (folder / "videos").iterdir()}
     assert videos(tmp_path / "array") == videos(tmp_path / "local") and len(videos(tmp_path / "local")) == 6
     assert json.loads((tmp_path / "array" / "metrics.json").read_text())["videos"] == 6
-    assert queue(slurm) == []
+    # submitit sees a task's result before slurmd has finished its epilogue: the job may read RUNNING briefly
+    _wait(lambda: queue(slurm) == [], 60, "the array's jobs to leave the queue")
 
 
 def _wait(predicate, timeout, what, explain=lambda: ""):
@@ -165,6 +166,7 @@ def test_bad_config_never_reaches_the_queue(slurm, tmp_path):
 
 
 def test_dry_run_prints_the_sbatch_script(slurm, tmp_path):
+    _wait(lambda: queue(slurm) == [], 60, "an empty queue")  # an earlier test's job may still be COMPLETING
     out = launch(slurm, [*SLURM, "launcher.nodes=2", "launcher.dry_run=true", "+launcher.sbatch_extra.reservation=r1",
                          f"hydra.run.dir={tmp_path}"])
     assert out.returncode == 0, out.stderr
