@@ -56,6 +56,7 @@ def validate(cfg: DictConfig) -> Config:
         + _check_data(config, method)
         + family.check(config)
         + method.check_model(config.method, config.model)
+        + method.check_parallel(config.method, config.parallel)
     )
     if not errors:  # the networks' own configs are read once the keys naming them are sound
         errors = _check_block_indices(config, method, family) + _check_lora_targets(config, family)

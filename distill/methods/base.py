@@ -24,11 +24,13 @@ TEXT_KEYS = frozenset({"text_embeds", "negative_text_embeds"})
 @dataclass
 class Forward:
     """One forward of a role over `samples` x data.batch_size samples (CFG doubles it);
-    with `grad`, its activations stay until the backward."""
+    with `grad`, its activations stay until the backward; with `tangent`, each
+    activation has its tangent beside it while the block runs."""
 
     role: str
     samples: int = 1
     grad: bool = True
+    tangent: bool = False  # a forward-mode JVP (distill/jvp.py): a tangent beside each activation
 
 
 @dataclass
@@ -54,6 +56,11 @@ class Method(ABC):
     @classmethod
     def check_model(cls, cfg, model) -> List[str]:
         """Errors of this method's config that depend on the model section (ModelConfig)."""
+        return []
+
+    @classmethod
+    def check_parallel(cls, cfg, parallel) -> List[str]:
+        """Errors of this method's config that depend on the parallel section (ParallelConfig)."""
         return []
 
     @classmethod

@@ -96,6 +96,17 @@ def generator_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.mse_loss(x0, target)
 
 
+def check_student_steps(student_steps) -> List[str]:
+    steps = [int(s) if s == int(s) else s for s in student_steps]  # as written: 757, not 757.0
+    if not steps:
+        return ["method.student_steps is empty: list at least one step in (0, 1000], noisiest first"]
+    if any(not 0 < s <= 1000 for s in steps):
+        return [f"method.student_steps={steps}: each step must be in (0, 1000]"]
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        return [f"method.student_steps={steps}: must be strictly decreasing (noisiest first)"]
+    return []
+
+
 def student_sigmas(cfg, adapter) -> torch.Tensor:
     """The student's listed steps (cfg.student_steps) as sigmas, passed through the
     shift when cfg.warp_steps (DMD2's, Self-Forcing's and ODE init's configs)."""
@@ -110,14 +121,7 @@ class DMD2(Method):
 
     @classmethod
     def check(cls, cfg: DMD2Config) -> List[str]:
-        errors = []
-        steps = [int(s) if s == int(s) else s for s in cfg.student_steps]  # as written: 757, not 757.0
-        if not steps:
-            errors.append("method.student_steps is empty: list at least one step in (0, 1000], noisiest first")
-        elif any(not 0 < s <= 1000 for s in steps):
-            errors.append(f"method.student_steps={steps}: each step must be in (0, 1000]")
-        elif any(a <= b for a, b in zip(steps, steps[1:])):
-            errors.append(f"method.student_steps={steps}: must be strictly decreasing (noisiest first)")
+        errors = check_student_steps(cfg.student_steps)
         lo, hi = cfg.min_timestep_ratio, cfg.max_timestep_ratio
         if not 0.0 <= lo < hi <= 1.0:
             errors.append(
