@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # the tangent's [query block x keys x heads x batch] working set, float32
 ATTENTION_WORKSPACE_BYTES = 1 << 30
-_WORKING_COPIES = 4  # S (then P), dS, P * dS, and the block of dO being summed
+WORKING_COPIES = 4  # S (then P), dS, P * dS, and the block of dO being summed
 _announced = False
 
 
@@ -111,7 +111,7 @@ def attention_tangent(query, key, value, out, d_query: Optional[torch.Tensor], d
     dq, dk, dv = (None if t is None else t.float() for t in (d_query, d_key, d_value))
     n_keys = k.shape[-2]
     others = math.prod(q.shape[:-2])  # batch x heads
-    block = max(1, ATTENTION_WORKSPACE_BYTES // (_WORKING_COPIES * 4 * others * n_keys))
+    block = max(1, ATTENTION_WORKSPACE_BYTES // (WORKING_COPIES * 4 * others * n_keys))
     parts = []
     for start in range(0, q.shape[-2], block):
         rows = slice(start, start + block)

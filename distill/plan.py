@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from distill.config.schema import Checkpointing, Config, Precision
+from distill import jvp
 from distill.distributed import mesh_shape
 
 GiB = 2**30
@@ -45,6 +46,8 @@ USABLE_FRACTION = 0.9
 # (input, noise, target, the output gathered whole on every rank of a context group):
 # not split by context parallelism; fitted on the CPU tiny runs (benchmarks/context_parallel.py)
 LATENT_COPIES = 4
+# a forward-mode JVP (no gradient) holds each activation's tangent beside it
+TANGENT_COPIES = 2
 # with context parallelism, full-sequence [tokens, hidden] fp32 tensors a forward with
 # gradient keeps on every rank of the group (the patch-embedded input the split takes
 # a view of, and what the gather and its backward hold); fitted on the CPU runs of
@@ -186,9 +189,19 @@ def forward_bytes(config: Config, adapter, module: nn.Module, fwd, tokens: int, 
         if layout.context > 1:
             full = tokens * layout.context * adapter.hidden_size(module)
             kept += FULL_SEQUENCE_COPIES * 4.0 * full * fwd.samples * config.data.batch_size
+    if fwd.tangent:
+        peak = TANGENT_COPIES * peak + attention_tangent_bytes(module, tokens, fwd.samples * config.data.batch_size)
     if fwd.grad and layout.world == 1 and cfg.trainable and cfg.precision == Precision.bf16 and not checkpointing:
         kept += 2.0 * sum(p.numel() for p in module.parameters())
     return kept, peak
+
+
+def attention_tangent_bytes(module: nn.Module, tokens: int, samples: int) -> float:
+    """The float32 working set of attention's tangent (distill/jvp.py): a block of
+    queries against every key, per head and sample, at most its workspace."""
+    heads = getattr(getattr(module, "config", None), "num_attention_heads", 1)
+    whole = jvp.WORKING_COPIES * 4.0 * samples * heads * tokens * tokens
+    return min(whole, float(jvp.ATTENTION_WORKSPACE_BYTES))
 
 
 def backward_peak(graphs, roles: Dict[str, RoleMemory], stepping) -> float:

@@ -33,7 +33,7 @@ from distill.config.schema import RoleConfig
 from distill.models import build_adapter
 from distill.registry import family_class
 from distill.roles import Role
-from distill.sampling import EulerSampler, Sampler
+from distill.sampling import EulerSampler, FewStepSampler, Sampler
 
 FORMATS = (".gif", ".png", ".mp4", ".safetensors")
 
@@ -76,8 +76,13 @@ def exported_model(info: dict, model: Optional[str]):
 def with_steps(sampler: Sampler, adapter, steps: Optional[int]) -> Sampler:
     if steps is None or steps == sampler.num_steps:
         return sampler
+    if isinstance(sampler, FewStepSampler) and not sampler.deterministic and 0 < steps < sampler.num_steps:
+        # the first `steps` listed sigmas: each step ends in x0, so a prefix is a shorter
+        # sampler of the same student (rCM samples its 4-step student at 1 to 4 so)
+        return FewStepSampler(sampler.sigmas[:steps])
     if not isinstance(sampler, EulerSampler):
-        raise ValueError(f"--steps {steps}: this role samples in its {sampler.num_steps} distilled steps only")
+        raise ValueError(f"--steps {steps}: this role samples in its {sampler.num_steps} distilled steps "
+                         "or the first ones of them")
     return EulerSampler(adapter.euler_sigmas(steps), sampler.guidance_scale)
 
 
@@ -121,7 +126,7 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help=f"one of {', '.join(FORMATS)}")
     parser.add_argument("--latents", type=Path, help="also write the latents and text embeddings here")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int)
+    parser.add_argument("--steps", type=int, help="an Euler role: its step count; a few-step student: its first K steps")
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--model", help="pipeline folder with text_encoder/, tokenizer/, vae/")
     parser.add_argument("--negative-prompt", help="the unconditional prompt (default: the family's)")
