@@ -150,8 +150,9 @@ class AdaptiveWeight(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.features // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-        angles = 1000 * flow_sigma(t.float())[:, None] * freqs[None]
-        return self.linear(torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)).squeeze(1)
+        angles = 1000 * flow_sigma(t)[:, None] * freqs[None].to(t.dtype)
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+        return self.linear(features.to(self.linear.weight.dtype)).squeeze(1)
 
 
 class ConsistencyTerm:
@@ -178,7 +179,7 @@ class ConsistencyTerm:
         n = x0.shape[0]
         t = self.draw_trig_time(n)
         sigma = flow_sigma(t)
-        x_s = self.adapter.add_noise(x0.float(), self.randn(x0.shape), sigma)
+        x_s = self.adapter.add_noise(x0, self.randn(x0.shape), sigma)
         x_t = x_s * _per_sample(torch.sin(t) + torch.cos(t), x_s)
         with torch.no_grad():
             guided = self.adapter.predict_x0_cfg(self.roles["teacher"], x_s, sigma, text, uncond, cfg.guidance_scale,
