@@ -2,16 +2,13 @@
 (2 ranks against 1, resume, export at 1, 2 and 4 steps)."""
 
 import math
-import subprocess
-import sys
-
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 
 import distill.jvp as jvp_module
-from conftest import ROOT, assert_runs_match, exported_weights, read_metrics, run_launch, train_here
+from conftest import assert_runs_match, exported_weights, read_metrics, run_launch, train_here
 from distill.jvp import jvp
 from distill.methods.consistency import AdaptiveWeight, ConsistencyTerm, ConsistencyTerms, WarmupForm
 
@@ -217,25 +214,23 @@ def test_rcm_on_two_ranks_equals_one_and_a_resumed_run_is_bit_identical(tmp_path
         assert all(torch.equal(wa[k], wb[k]) for k in wa), role
 
 
-def test_rcm_export_samples_at_one_two_and_four_steps(tmp_path):
-    """A 4-step rCM export sampled by `python -m distill.sample --steps K` for K = 1, 2, 4: K student
-    steps on the listed sigmas' first K (as rCM samples one checkpoint at 1 to 4), each a different
-    clip; 4 is the export's own sampler."""
+def test_rcm_export_samples_at_one_two_and_four_steps(tmp_path, capsys):
+    """A 4-step rCM export sampled by `python -m distill.sample --steps K` (its main, here) for
+    K = 1, 2, 4: K student steps on the listed sigmas' first K (as rCM samples one checkpoint at
+    1 to 4), each a different clip; 4 is the export's own sampler; 5 is refused."""
     from safetensors.torch import load_file
 
+    from distill.sample import main
+
     run = train_here([*RCM, "training.max_steps=3", f"hydra.run.dir={tmp_path / 'run'}"])
+    export = str(run / "export" / "student")
     samples = {}
     for steps in (1, 2, 4):
         out = tmp_path / f"{steps}.safetensors"
-        done = subprocess.run([sys.executable, "-m", "distill.sample", str(run / "export" / "student"), "--prompt",
-                               "a red ball", "--steps", str(steps), "--out", str(out)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        assert f"1 samples in {steps} steps" in done.stdout
+        assert main([export, "--prompt", "a red ball", "--steps", str(steps), "--out", str(out)]) == 0
+        assert f"1 samples in {steps} steps" in capsys.readouterr().out
         samples[steps] = load_file(str(out))["samples"]
         assert samples[steps].shape == (1, 16, 3, 16, 16) and torch.isfinite(samples[steps]).all()
     assert not torch.equal(samples[1], samples[2]) and not torch.equal(samples[2], samples[4])
-    refused = subprocess.run([sys.executable, "-m", "distill.sample", str(run / "export" / "student"), "--prompt", "x",
-                              "--steps", "5", "--out", str(tmp_path / "5.safetensors")], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
-    assert refused.returncode != 0 and "4 distilled steps or the first ones of them" in refused.stderr
+    assert main([export, "--prompt", "x", "--steps", "5", "--out", str(tmp_path / "5.safetensors")]) != 0
+    assert "4 distilled steps or the first ones of them" in capsys.readouterr().err
