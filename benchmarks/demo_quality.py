@@ -4,7 +4,7 @@ iterations, validating every 250 steps) and score, on 256 fixed validation
 prompts, the teacher at 50 Euler steps, the teacher at 2 steps, the student at
 2 steps and real clips.
 
-    python benchmarks/demo_quality.py [--seeds 0 1 2] [--variant NAME='OVERRIDES' ...]
+    python benchmarks/demo_quality.py [--seeds 0 1 2] [--variant NAME='OVERRIDES' | --variant NAME ...]
                                       [--record FILE] [--keep-export DIR] [extra Hydra overrides]
 
 Validation swings by several points of Frechet distance from one step to the
@@ -13,7 +13,10 @@ validations (as the demo's table's "last 2" row), then averaged over the
 seeds, with the spread (the sample standard deviation over seeds). The
 variants default to the embedded default (`dmd2_gan`) and the plain DMD2 it
 replaced (`method.gan.enabled=false training.max_steps=2000`), run one after
-the other on the same seeds, so their wall times compare.
+the other on the same seeds, so their wall times compare. `--variant dmd2_gan
+--variant rcm_2step --variant rcm_1step` puts rCM (experiment=digits_rcm) beside
+the default, with each student's diversity (one prompt's clips over seeds)
+against the 50-step teacher's.
 `seed` moves the training noise, the data order and which training clips
 the digits set draws; the validation prompts (`validation.seed`) and the
 metric classifier stay fixed.
@@ -25,6 +28,7 @@ first-seed student export there.
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -43,8 +47,14 @@ from distill.config import register_configs, validate  # noqa: E402
 from distill.run import train  # noqa: E402
 
 DEFAULT_VARIANTS = {"dmd2_gan": [], "dmd2": ["method.gan.enabled=false", "training.max_steps=2000"]}
+# rCM in the demo's place (experiment=digits_rcm), at 2 and at 1 step
+RCM_VARIANTS = {"rcm_2step": ["experiment=digits_rcm"],
+                "rcm_1step": ["experiment=digits_rcm", "method.student_steps=[1000]"]}
 LAST_VALIDATIONS = 2
-STUDENT, REFERENCES = "student_2step", ("teacher_2step", "teacher_50step", "real")
+REFERENCES = ("teacher_50step", "real")  # and the teacher at the student's step count
+# diversity: mean pairwise distance of one prompt's clips over seeds (validation.health), the
+# student's against the 50-step teacher's; the 2-step teacher and real clips have none
+METRICS = ("accuracy", "frechet_distance", "diversity")
 
 
 def git_state() -> dict:
@@ -54,9 +64,11 @@ def git_state() -> dict:
     return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain", "distill", "conf"))}
 
 
-def validation_records(run_dir: Path) -> list:
+def validation_records(run_dir: Path) -> tuple:
+    """(the student's row name, e.g. student_2step; its validation records)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if f"val/{STUDENT}/accuracy" in r]
+    student = next(m.group(1) for r in records for k in r if (m := re.fullmatch(r"val/(student_\d+step)/accuracy", k)))
+    return student, [r for r in records if f"val/{student}/accuracy" in r]
 
 
 def one_run(overrides: list, keep_export=None) -> dict:
@@ -67,17 +79,19 @@ def one_run(overrides: list, keep_export=None) -> dict:
         start = time.perf_counter()
         history = train(validate(cfg), tmp).validator.history
         minutes = (time.perf_counter() - start) / 60
-        student = [{"step": r["step"], "accuracy": r[f"val/{STUDENT}/accuracy"],
-                    "frechet_distance": r[f"val/{STUDENT}/frechet_distance"]} for r in validation_records(Path(tmp))]
+        name, records = validation_records(Path(tmp))
+        student = [{"step": r["step"], **{k: r[f"val/{name}/{k}"] for k in METRICS if f"val/{name}/{k}" in r}}
+                   for r in records]
         if keep_export:
             shutil.rmtree(keep_export, ignore_errors=True)
             shutil.copytree(Path(tmp) / "export" / "student", keep_export)
     last = student[-LAST_VALIDATIONS:]
     return {
         "student_over_time": student,
-        "student_last_mean": {k: statistics.mean(r[k] for r in last) for k in ("accuracy", "frechet_distance")},
-        "references": {name: {k: history[f"val/{name}/{k}"] for k in ("accuracy", "frechet_distance")}
-                       for name in REFERENCES},
+        "student_last_mean": {k: statistics.mean(r[k] for r in last) for k in METRICS if k in last[0]},
+        "student": name,
+        "references": {ref: {k: history[f"val/{ref}/{k}"] for k in METRICS if f"val/{ref}/{k}" in history}
+                       for ref in (*REFERENCES, name.replace("student", "teacher"))},
         "wall_time_min": round(minutes, 2),
     }
 
@@ -87,27 +101,36 @@ def spread(values: list) -> dict:
 
 
 def summarise(runs: list) -> dict:
-    out = {name: {k: spread([r["references"][name][k] for r in runs]) for k in ("accuracy", "frechet_distance")}
-           for name in REFERENCES}
-    out[STUDENT] = {k: spread([r["student_last_mean"][k] for r in runs]) for k in ("accuracy", "frechet_distance")}
+    def metrics(row: dict) -> list:
+        return [k for k in METRICS if k in row]
+
+    out = {name: {k: spread([r["references"][name][k] for r in runs]) for k in metrics(row)}
+           for name, row in runs[0]["references"].items()}
+    out[runs[0]["student"]] = {k: spread([r["student_last_mean"][k] for r in runs])
+                               for k in metrics(runs[0]["student_last_mean"])}
     out["wall_time_min"] = spread([r["wall_time_min"] for r in runs])
     return out
 
 
 def print_table(name: str, summary: dict) -> None:
     print(f"\n{name}: mean over seeds (sd); the student over its last {LAST_VALIDATIONS} validations")
-    print(f"{'':<30}{'accuracy':>18}{'Frechet distance':>22}")
-    for row in ("real", "teacher_50step", "teacher_2step", STUDENT):
-        a, f = summary[row]["accuracy"], summary[row]["frechet_distance"]
-        print(f"{row:<30}{a['mean']:>10.3f} ({a['sd']:.3f}){f['mean']:>14.1f} ({f['sd']:.1f})")
-    s, t50 = summary[STUDENT]["frechet_distance"]["mean"], summary["teacher_50step"]["frechet_distance"]["mean"]
+    print(f"{'':<30}{'accuracy':>18}{'Frechet distance':>22}{'diversity':>20}")
+    student = next(row for row in summary if row.startswith("student_"))
+    for row in ("real", "teacher_50step", student.replace("student", "teacher"), student):
+        cells = [(summary[row][k], digits) for k, digits in zip(METRICS, (3, 1, 3)) if k in summary[row]]
+        text = "".join(f"{c['mean']:>{w}.{d}f} ({c['sd']:.{d}f})" for (c, d), w in zip(cells, (10, 14, 12)))
+        print(f"{row:<30}{text}")
+    s, t50 = summary[student]["frechet_distance"]["mean"], summary["teacher_50step"]["frechet_distance"]["mean"]
     print(f"student FD / teacher 50-step FD {s / t50:.2f}; wall time {summary['wall_time_min']['mean']:.1f} min a run")
 
 
 def parse_variants(items: list) -> dict:
+    """NAME='overrides ...', or the NAME of a known variant (DEFAULT_VARIANTS, RCM_VARIANTS)."""
     if not items:
         return DEFAULT_VARIANTS
-    return {item.split("=", 1)[0]: item.split("=", 1)[1].split() if "=" in item else [] for item in items}
+    known = {**DEFAULT_VARIANTS, **RCM_VARIANTS}
+    return {item.split("=", 1)[0]: item.split("=", 1)[1].split() if "=" in item else known.get(item, [])
+            for item in items}
 
 
 def main() -> None:
@@ -126,8 +149,8 @@ def main() -> None:
             keep = args.keep_export if i == 0 and j == 0 else None
             runs.append(one_run([*common, *overrides, f"seed={seed}"], keep))
             last = runs[-1]["student_last_mean"]
-            print(f"{name} seed {seed}: student accuracy {last['accuracy']:.3f}, FD {last['frechet_distance']:.1f} "
-                  f"({runs[-1]['wall_time_min']:.1f} min)", flush=True)
+            print(f"{name} seed {seed}: student accuracy {last['accuracy']:.3f}, FD {last['frechet_distance']:.1f}, "
+                  f"diversity {last.get('diversity', float('nan')):.3f} ({runs[-1]['wall_time_min']:.1f} min)", flush=True)
         results[name] = {"overrides": overrides, "runs": runs, "summary": summarise(runs)}
     for name, result in results.items():
         print_table(name, result["summary"])
