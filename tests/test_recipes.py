@@ -352,3 +352,52 @@ def test_ltx2_recipe_samples_at_the_distilled_sigmas_and_fits_two_nodes(tmp_path
     plan = make_plan(planned, build_adapter(planned.model), Layout(16, 1, 1), 80)
     assert plan.tokens == 16 * 16 * 24
     assert plan.peak / 2**30 < 72
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_rcm_recipes_hold_the_release_numbers(steps, tmp_path):
+    """rCM's Wan2.1-T2V-1.3B (NVlabs/rcm at 5b41aa9: rcm/configs/experiments/rcm/wan2pt1_t2v.py,
+    rcm/inference/wan2pt1_t2v_rcm_infer.py): TrigFlow times atan(80), 1.5, 1.4, 1.0, the first
+    `steps` of them, as the flow sigmas tan t / (1 + tan t)."""
+    import math
+
+    from distill.methods.dmd2 import student_sigmas
+    from distill.models import build_adapter
+
+    config = composed(f"wan21_t2v_1.3b_rcm_{steps}step", tmp_path)
+    method, student, critic = config.method, config.roles["student"], config.roles["critic"]
+    times = [math.atan(80), 1.5, 1.4, 1.0][:steps]
+    used = student_sigmas(method, build_adapter(config.model)).tolist()
+    assert used == pytest.approx([math.tan(t) / (1 + math.tan(t)) for t in times], abs=1e-6)
+    assert (method.name, config.model.shift, method.guidance_scale, method.rollout.value) == ("rcm", 5.0, 5.0, "simulate")
+    assert (method.generator_lr, method.critic_lr, method.generator_update_interval) == (2e-6, 4e-7, 5)
+    assert (method.consistency_weight, method.dmd_weight, method.adaptive_weighting) == (100.0, 2.0, False)
+    assert (method.time_mean, method.time_std, method.tangent_warmup, method.tangent_norm) == (0.7, 1.6, 1000, 0.1)
+    assert method.warmup_form.value == "rcm" and not method.critic_on_generator_iterations
+    assert (method.min_timestep_ratio, method.max_timestep_ratio) == (0.0, 1.0)
+    for role in (student, critic):
+        assert (list(role.optimizer.betas), role.optimizer.weight_decay, role.max_grad_norm) == ([0.0, 0.999], 0.01, None)
+    assert list(config.model.latent_shape) == [16, 20, 60, 104] and config.training.global_batch_size == 4
+
+
+def test_the_plan_counts_the_jvp_of_the_rcm_recipe(monkeypatch):
+    """The generator phase holds the student's JVP forward: twice a no-grad forward's transient
+    (a tangent beside each activation) plus attention's tangent workspace (1 GiB at 31,200 tokens)."""
+    import distill.jvp as jvp_module
+    import distill.plan as plan_module
+    from distill.models import build_adapter
+    from distill.plan import forward_bytes, layout_of, make_plan
+
+    planned = validate(compose_config(["experiment=wan21_t2v_1.3b_rcm_4step", "data.path=/unused", "plan=true"]))
+    adapter, layout = build_adapter(planned.model), layout_of(planned)
+    plan = make_plan(planned, adapter, layout, 80)
+    assert plan.fits
+    monkeypatch.setattr(plan_module, "TANGENT_COPIES", 1)
+    monkeypatch.setattr(jvp_module, "ATTENTION_WORKSPACE_BYTES", 0)
+    without = make_plan(planned, adapter, layout, 80)
+    from distill.methods.base import Forward
+
+    student = plan_module.networks(planned, adapter)["student"]
+    _, transient = forward_bytes(planned, adapter, student, Forward("student", 1, False), plan.tokens, layout)
+    extra = plan.roles["student"].activations["generator"] - without.roles["student"].activations["generator"]
+    assert extra == pytest.approx(transient + 2**30, rel=1e-9)

@@ -39,7 +39,7 @@ class RCMConfig(ConsistencyTerms, DMD2Config):
     name: str = "rcm"
     # rCM's 4-step TrigFlow times atan(80), 1.5, 1.4, 1.0 as flow sigmas x 1000
     # (rcm/inference/wan2pt1_t2v_rcm_infer.py: mid_t; 1 and 2 steps take the first 1 and 2)
-    student_steps: List[float] = field(default_factory=lambda: [987.654, 933.781, 852.895, 608.985])
+    student_steps: List[float] = field(default_factory=lambda: [987.6543, 933.7811, 852.8954, 608.979])
     guidance_scale: float = 5.0  # teacher_guidance, in uncond + w (cond - uncond) form there too
     generator_update_interval: int = 5  # student_update_freq
     critic_on_generator_iterations: bool = False  # a student iteration steps only the student there

@@ -26,7 +26,7 @@ class SCMConfig(ConsistencyTerms, MethodConfig):
     name: str = "scm"
     # the student's steps as sigma*1000, noisiest first (DMD2's key): rCM's 4-step TrigFlow
     # times atan(80), 1.5, 1.4, 1.0 (rcm/inference/wan2pt1_t2v_rcm_infer.py) as flow sigmas
-    student_steps: List[float] = field(default_factory=lambda: [987.654, 933.781, 852.895, 608.985])
+    student_steps: List[float] = field(default_factory=lambda: [987.6543, 933.7811, 852.8954, 608.979])
     warp_steps: bool = False
     # teacher CFG as uncond + w * (cond - uncond)
     guidance_scale: float = 5.0
