@@ -45,6 +45,30 @@ def test_jvp_of_a_tiny_wan_equals_a_central_difference(checkpointing):
     assert (tangent - central).norm() / central.norm() < 2e-3
 
 
+@pytest.mark.parametrize("model", ["wan_tiny", "qwen_image_tiny", "ltx2_tiny"])
+def test_jvp_through_each_familys_network_equals_a_central_difference(model):
+    """The family's forward as the adapter calls it (Qwen-Image's and LTX-2's attention through
+    SDPA too), tangents on the latent and on sigma: within 2e-3 of the difference's norm at
+    h = 1e-3 (measured 8.0e-4, 2.9e-4, 7.3e-4)."""
+    from conftest import compose_config
+    from distill.config import validate
+    from distill.models import build_adapter
+
+    config = validate(compose_config([f"model={model}"]))
+    adapter = build_adapter(config.model)
+    network = adapter.load(None, seed=0)
+    torch.manual_seed(0)
+    x, sigma = torch.randn(2, *adapter.latent_shape), torch.tensor([0.5, 0.3])
+    text = torch.randn(2, config.model.text_len, config.model.text_dim)
+    f = lambda a, s: adapter.forward(network, a, adapter.timestep(s), text).float()
+    dx, dsigma = torch.randn_like(x), torch.tensor([0.03, 0.01])
+    tangent = jvp(f, (x, sigma), (dx, dsigma))[1]
+    h = 1e-3
+    with torch.no_grad():
+        central = (f(x + h * dx, sigma + h * dsigma) - f(x - h * dx, sigma - h * dsigma)) / (2 * h)
+    assert (tangent - central).norm() / central.norm() < 2e-3
+
+
 def test_attention_tangent_in_blocks_equals_forward_ad_through_the_math_attention(monkeypatch):
     """The written-out tangent (in blocks of 3 queries, with a boolean mask) equals forward-mode AD
     through SDPA's math backend; the fused CPU kernel has no rule, which is why it exists."""
