@@ -15,8 +15,8 @@ variants default to the embedded default (`dmd2_gan`) and the plain DMD2 it
 replaced (`method.gan.enabled=false training.max_steps=2000`), run one after
 the other on the same seeds, so their wall times compare. `--variant dmd2_gan
 --variant rcm_2step --variant rcm_1step` puts rCM (experiment=digits_rcm) beside
-the default, with each student's diversity (one prompt's clips over seeds)
-against the 50-step teacher's.
+the default, with each row's prompt diversity (how far apart one prompt's clips
+are, in the classifier's features; real clips and teachers too).
 `seed` moves the training noise, the data order and which training clips
 the digits set draws; the validation prompts (`validation.seed`) and the
 metric classifier stay fixed.
@@ -52,9 +52,11 @@ RCM_VARIANTS = {"rcm_2step": ["experiment=digits_rcm"],
                 "rcm_1step": ["experiment=digits_rcm", "method.student_steps=[1000]"]}
 LAST_VALIDATIONS = 2
 REFERENCES = ("teacher_50step", "real")  # and the teacher at the student's step count
-# diversity: mean pairwise distance of one prompt's clips over seeds (validation.health), the
-# student's against the 50-step teacher's; the 2-step teacher and real clips have none
-METRICS = ("accuracy", "frechet_distance", "diversity")
+# prompt_diversity: for each validation prompt that several clips share, the mean distance
+# between their classifier features, averaged over prompts (distill/validation/digit_metrics.py);
+# every row has it. diversity: run health's, one prompt's clips over 4 seeds, in pixels
+# (the student and the 50-step teacher only)
+METRICS = ("accuracy", "frechet_distance", "prompt_diversity", "diversity")
 
 
 def git_state() -> dict:
@@ -114,11 +116,12 @@ def summarise(runs: list) -> dict:
 
 def print_table(name: str, summary: dict) -> None:
     print(f"\n{name}: mean over seeds (sd); the student over its last {LAST_VALIDATIONS} validations")
-    print(f"{'':<30}{'accuracy':>18}{'Frechet distance':>22}{'diversity':>20}")
+    print(f"{'':<30}{'accuracy':>18}{'Frechet distance':>22}{'prompt diversity':>20}{'diversity':>20}")
     student = next(row for row in summary if row.startswith("student_"))
     for row in ("real", "teacher_50step", student.replace("student", "teacher"), student):
-        cells = [(summary[row][k], digits) for k, digits in zip(METRICS, (3, 1, 3)) if k in summary[row]]
-        text = "".join(f"{c['mean']:>{w}.{d}f} ({c['sd']:.{d}f})" for (c, d), w in zip(cells, (10, 14, 12)))
+        text = "".join(f"{c['mean']:>{w}.{d}f} ({c['sd']:.{d}f})" if c else " " * (w + 4 + d)
+                       for c, d, w in ((summary[row].get(k), d, w) for k, d, w in
+                                       zip(METRICS, (3, 1, 2, 3), (10, 14, 12, 12))))
         print(f"{row:<30}{text}")
     s, t50 = summary[student]["frechet_distance"]["mean"], summary["teacher_50step"]["frechet_distance"]["mean"]
     print(f"student FD / teacher 50-step FD {s / t50:.2f}; wall time {summary['wall_time_min']['mean']:.1f} min a run")
@@ -150,6 +153,7 @@ def main() -> None:
             runs.append(one_run([*common, *overrides, f"seed={seed}"], keep))
             last = runs[-1]["student_last_mean"]
             print(f"{name} seed {seed}: student accuracy {last['accuracy']:.3f}, FD {last['frechet_distance']:.1f}, "
+                  f"prompt diversity {last.get('prompt_diversity', float('nan')):.2f}, "
                   f"diversity {last.get('diversity', float('nan')):.3f} ({runs[-1]['wall_time_min']:.1f} min)", flush=True)
         results[name] = {"overrides": overrides, "runs": runs, "summary": summarise(runs)}
     for name, result in results.items():

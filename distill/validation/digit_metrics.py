@@ -129,11 +129,13 @@ class DigitMetrics:
 
     @torch.no_grad()
     def __call__(self, clips: torch.Tensor, labels: torch.Tensor, directions: Optional[Sequence[str]] = None,
-                 first: int = 0, speeds: Optional[Sequence[int]] = None, per_frame: bool = False) -> Dict[str, float]:
+                 first: int = 0, speeds: Optional[Sequence[int]] = None, per_frame: bool = False,
+                 prompts: Optional[Sequence[str]] = None) -> Dict[str, float]:
         """accuracy and frechet_distance of clips [N, 1, T, 16, 16] in [-1, 1] from frame
         `first` (0-based) on; accuracy per clip (logits averaged over its frames) or
         per_frame; direction_accuracy when the prompts' directions are given, and
-        motion_error when the data's speeds are given too."""
+        motion_error when the data's speeds are given too; prompt_diversity when the
+        prompts are given (`prompt_diversity`)."""
         whole = clips.float().clamp(-1, 1).cpu()
         clips = whole[:, :, first:]
         frames = frames_of(clips)
@@ -143,13 +145,34 @@ class DigitMetrics:
             accuracy = (logits.argmax(dim=2) == labels[:, None]).float().mean().item()
         else:
             accuracy = (logits.mean(dim=1).argmax(dim=1) == labels).float().mean().item()
-        mu, sigma = _gaussian(self.features(frames))
+        features = self.features(frames)
+        mu, sigma = _gaussian(features)
         out = {"accuracy": accuracy, "frechet_distance": frechet_distance(mu, sigma, self.real_mu, self.real_sigma)}
+        if prompts is not None:
+            out["prompt_diversity"] = prompt_diversity(features.reshape(clips.shape[0], clips.shape[2], -1).mean(1),
+                                                       prompts)
         if directions is not None:
             out["direction_accuracy"] = (motion_direction(clips) == direction_index(directions)).float().mean().item()
         if directions is not None and speeds is not None:
             out["motion_error"] = motion_error(whole, direction_index(directions), speeds).mean().item()
         return out
+
+
+def prompt_diversity(features: np.ndarray, prompts: Sequence[str]) -> float:
+    """The spread of what one prompt gives: for each prompt among `prompts` that more than
+    one clip has (other seeds), the mean distance between its clips' classifier features
+    [N, F] (the Frechet distance's, averaged over frames), averaged over those prompts.
+    A mode-collapsed generator scores near 0; real clips of the prompts, their data's spread."""
+    groups: Dict[str, list] = {}
+    for row, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(row)
+    spreads = []
+    for rows in groups.values():
+        if len(rows) > 1:
+            f = features[rows]
+            distances = np.sqrt(((f[:, None] - f[None]) ** 2).sum(-1))
+            spreads.append(distances[np.triu_indices(len(rows), 1)].mean())
+    return float(np.mean(spreads)) if spreads else float("nan")
 
 
 def centre(frames: torch.Tensor, floor: float = -1.0) -> torch.Tensor:

@@ -167,6 +167,8 @@ def build_validator(config: Config, adapter, run_dir: Path, runtime) -> Validato
 
         labels = torch.tensor([int(c.split()[2]) for c in captions])
         metric = DigitMetrics(config.data.path) if runtime.is_main else None  # one classifier for every run
+        if metric is not None:  # the diversity over the clips each prompt has
+            metric = functools.partial(metric, prompts=captions)
         if metric is not None and image_condition(config.model) != "none":
             # the first frame is given: frames 2-4 are scored, each alone, and how they move
             metric = functools.partial(metric, directions=[c.split()[4] for c in captions], first=1,
