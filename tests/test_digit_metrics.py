@@ -59,3 +59,16 @@ def test_real_clips_have_no_motion_error_and_a_blend_of_two_speeds_half_a_pixel(
         blend = (slow + fast) / 2  # the average of both continuations, as a blurred sampler draws
         assert motion_error(blend, index, [1, 2]).item() > 0.3
         assert motion_direction(blend).item() == index.item()  # direction alone cannot tell it apart
+
+
+def test_prompt_diversity_is_the_mean_distance_within_each_prompt_averaged_over_prompts():
+    """Prompt a: clips at (0, 0), (3, 4), (6, 8): distances 5, 10, 5, mean 20/3; prompt b: (1, 1),
+    (1, 2): 1; prompt c alone: left out. (20/3 + 1) / 2 = 23/6. One clip per prompt: nan."""
+    import numpy as np
+
+    from distill.validation.digit_metrics import prompt_diversity
+
+    features = np.array([[0, 0], [1, 1], [3, 4], [9, 9], [6, 8], [1, 2]], dtype=float)
+    prompts = ["a", "b", "a", "c", "a", "b"]
+    assert prompt_diversity(features, prompts) == pytest.approx(23 / 6)
+    assert np.isnan(prompt_diversity(features[:2], ["a", "b"]))
