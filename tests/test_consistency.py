@@ -223,6 +223,8 @@ def test_rcm_on_two_ranks_equals_one_and_a_resumed_run_is_bit_identical(tmp_path
                          f"hydra.run.dir={two}"])
     assert result.returncode == 0, result.stderr
     assert_runs_match(two, one)
+    # attention's tangent path is announced once per process, not once per call
+    assert 1 <= (two / "launch.log").read_text().count("forward-mode JVP: attention runs SDPA") <= 2
     a, b, c = read_metrics(one), read_metrics(resumed), read_metrics(two)
     # the tangent's norm (through the JVP) on 2 ranks equals 1 rank's at every student step
     norms = [(x["consistency/g_norm"], z["consistency/g_norm"]) for x, z in zip(a, c) if "consistency/g_norm" in x]
