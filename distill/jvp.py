@@ -76,9 +76,9 @@ def attention_with_tangent(query, key, value, attn_mask=None, dropout_p=0.0, is_
     if enable_gqa and key.shape[-3] != query.shape[-3]:  # grouped heads: repeat them, as SDPA does
         repeat = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
-    if is_causal:
+    if is_causal:  # SDPA's: aligned top-left, query i sees keys 0..i
         n, m = query.shape[-2], key.shape[-2]
-        attn_mask = torch.ones(n, m, dtype=torch.bool, device=query.device).tril(m - n)
+        attn_mask = torch.ones(n, m, dtype=torch.bool, device=query.device).tril()
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     return AttentionWithTangent.apply(query, key, value, attn_mask, scale)
 

@@ -88,6 +88,13 @@ def test_attention_tangent_in_blocks_equals_forward_ad_through_the_math_attentio
                                              attn_mask=mask)
         reference = fwAD.unpack_dual(out).tangent
     assert torch.allclose(ours, reference.to(ours.dtype), atol=1e-5)
+    # is_causal with fewer queries than keys: SDPA's own (top-left) alignment, value and tangent
+    causal = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)
+    value, tangent = jvp(causal, (q[..., :6, :], k, v), (dq[..., :6, :], dk, dv))
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), fwAD.dual_level():
+        out = causal(*(fwAD.make_dual(a, d) for a, d in ((q[..., :6, :], dq[..., :6, :]), (k, dk), (v, dv))))
+        want_value, want_tangent = fwAD.unpack_dual(out)
+    assert torch.allclose(value, want_value) and torch.allclose(tangent, want_tangent.to(tangent.dtype), atol=1e-5)
     with pytest.raises(NotImplementedError), torch.no_grad(), fwAD.dual_level():  # why the mode exists
         F.scaled_dot_product_attention(fwAD.make_dual(q.float(), dq.float()), k.float(), v.float())
 
