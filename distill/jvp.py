@@ -104,14 +104,27 @@ class AttentionWithTangent(torch.autograd.Function):
         raise RuntimeError("AttentionWithTangent has no backward: it runs only inside distill.jvp.jvp (no gradient)")
 
 
+def _bytes_per_query(rows: int, keys: int) -> int:
+    """The tangent's float32 working set per query: `rows` (batch x heads) x keys x WORKING_COPIES."""
+    return WORKING_COPIES * 4 * rows * keys
+
+
+def query_block(rows: int, keys: int) -> int:
+    """Queries per block of the tangent, its working set within ATTENTION_WORKSPACE_BYTES."""
+    return max(1, ATTENTION_WORKSPACE_BYTES // _bytes_per_query(rows, keys))
+
+
+def workspace_bytes(rows: int, queries: int, keys: int) -> int:
+    """At most the tangent's working set over `queries` queries (what the memory plan counts)."""
+    return min(_bytes_per_query(rows, keys) * queries, ATTENTION_WORKSPACE_BYTES)
+
+
 def attention_tangent(query, key, value, out, d_query: Optional[torch.Tensor], d_key: Optional[torch.Tensor],
                       d_value: Optional[torch.Tensor], attn_mask, scale: float) -> torch.Tensor:
     """dO of O = softmax(scale Q K^T + mask) V, in float32, a block of queries at a time."""
     q, k, v, o = (t.float() for t in (query, key, value, out))
     dq, dk, dv = (None if t is None else t.float() for t in (d_query, d_key, d_value))
-    n_keys = k.shape[-2]
-    others = math.prod(q.shape[:-2])  # batch x heads
-    block = max(1, ATTENTION_WORKSPACE_BYTES // (WORKING_COPIES * 4 * others * n_keys))
+    block = query_block(math.prod(q.shape[:-2]), k.shape[-2])
     parts = []
     for start in range(0, q.shape[-2], block):
         rows = slice(start, start + block)

@@ -200,8 +200,7 @@ def attention_tangent_bytes(module: nn.Module, tokens: int, samples: int) -> flo
     """The float32 working set of attention's tangent (distill/jvp.py): a block of
     queries against every key, per head and sample, at most its workspace."""
     heads = getattr(getattr(module, "config", None), "num_attention_heads", 1)
-    whole = jvp.WORKING_COPIES * 4.0 * samples * heads * tokens * tokens
-    return min(whole, float(jvp.ATTENTION_WORKSPACE_BYTES))
+    return float(jvp.workspace_bytes(samples * heads, tokens, tokens))
 
 
 def backward_peak(graphs, roles: Dict[str, RoleMemory], stepping) -> float:
