@@ -30,7 +30,7 @@ step is ||g||^2 / D, the size of the update.
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import List
+from typing import Dict, List, Set
 
 import torch
 from torch import nn
@@ -158,7 +158,39 @@ class AdaptiveWeight(nn.Module):
 class ConsistencyTerm:
     """The sCM term of a method whose config has ConsistencyTerms' keys and a
     `guidance_scale`, and whose roles include the student and the teacher (mixed
-    into a Method: uses its adapter, roles and per-sample random draws)."""
+    into a Method, before it: uses its adapter, roles and per-sample random draws,
+    and adds to its entry what the term needs, through super())."""
+
+    @classmethod
+    def check_model(cls, cfg, model) -> List[str]:
+        return super().check_model(cfg, model) + jvp_model_errors(model)
+
+    @classmethod
+    def check_parallel(cls, cfg, parallel) -> List[str]:
+        return super().check_parallel(cfg, parallel) + jvp_parallel_errors(parallel)
+
+    @classmethod
+    def check_roles(cls, roles) -> List[str]:
+        errors = super().check_roles(roles)
+        if "student" in roles and roles["student"].causal:
+            errors.append(f"roles.student.causal=true: {cls.config_class.name} trains a full-attention student "
+                          "(allowed: false)")
+        return errors
+
+    @classmethod
+    def batch_keys(cls, cfg) -> Set[str]:
+        return super().batch_keys(cfg) | {"latents"}  # the data the consistency term noises
+
+    @classmethod
+    def role_modules(cls, cfg, adapter, role: str, network) -> Dict[str, nn.Module]:
+        modules = super().role_modules(cfg, adapter, role, network)
+        if role == "student" and cfg.adaptive_weighting:
+            modules["adaptive_weight"] = AdaptiveWeight()
+        return modules
+
+    @classmethod
+    def fingerprint(cls, cfg) -> Dict[str, object]:
+        return {**super().fingerprint(cfg), "method.adaptive_weighting": cfg.adaptive_weighting}
 
     def warmup_ratio(self, iteration: int) -> float:
         warmup = self.cfg.tangent_warmup

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from typing import List, Tuple
 
 from distill.methods.base import Losses, MemoryPhase, Metrics
-from distill.methods.consistency import (AdaptiveWeight, ConsistencyTerm, ConsistencyTerms, WarmupForm,
-                                        check_consistency, jvp_model_errors, jvp_parallel_errors)
+from distill.methods.consistency import ConsistencyTerm, ConsistencyTerms, WarmupForm, check_consistency
 from distill.methods.dmd2 import DMD2, DMD2Config
 from distill.methods.scm import consistency_forwards
 from distill.registry import register_method
@@ -66,36 +65,6 @@ class RCM(ConsistencyTerm, DMD2):
         if cfg.dmd_weight < 0:
             errors.append(f"method.dmd_weight={cfg.dmd_weight}: must be >= 0 (0: sCM with a critic that trains)")
         return errors
-
-    @classmethod
-    def check_model(cls, cfg, model) -> List[str]:
-        return super().check_model(cfg, model) + jvp_model_errors(model)
-
-    @classmethod
-    def check_parallel(cls, cfg, parallel) -> List[str]:
-        return jvp_parallel_errors(parallel)
-
-    @classmethod
-    def check_roles(cls, roles) -> List[str]:
-        errors = super().check_roles(roles)
-        if "student" in roles and roles["student"].causal:
-            errors.append("roles.student.causal=true: rcm trains a full-attention student (allowed: false)")
-        return errors
-
-    @classmethod
-    def batch_keys(cls, cfg):
-        return super().batch_keys(cfg) | {"latents"}  # the data the consistency term noises
-
-    @classmethod
-    def role_modules(cls, cfg, adapter, role: str, network):
-        modules = super().role_modules(cfg, adapter, role, network)
-        if role == "student" and cfg.adaptive_weighting:
-            modules["adaptive_weight"] = AdaptiveWeight()
-        return modules
-
-    @classmethod
-    def fingerprint(cls, cfg):
-        return {**super().fingerprint(cfg), "method.adaptive_weighting": cfg.adaptive_weighting}
 
     @classmethod
     def memory_phases(cls, cfg) -> List[MemoryPhase]:

@@ -10,12 +10,11 @@ re-noised with fresh noise to the next (rCM's sampler).
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Tuple
 
 from distill.config.schema import MethodConfig
-from distill.methods.base import TEXT_KEYS, Forward, Losses, MemoryPhase, Method, Metrics
-from distill.methods.consistency import (AdaptiveWeight, ConsistencyTerm, ConsistencyTerms, check_consistency,
-                                        jvp_model_errors, jvp_parallel_errors)
+from distill.methods.base import Forward, Losses, MemoryPhase, Method, Metrics
+from distill.methods.consistency import ConsistencyTerm, ConsistencyTerms, check_consistency
 from distill.methods.dmd2 import check_student_steps, student_sigmas
 from distill.registry import register_method
 from distill.sampling import FewStepSampler, Sampler
@@ -48,21 +47,11 @@ class SCM(ConsistencyTerm, Method):
         return errors
 
     @classmethod
-    def check_model(cls, cfg, model) -> List[str]:
-        return jvp_model_errors(model)
-
-    @classmethod
-    def check_parallel(cls, cfg, parallel) -> List[str]:
-        return jvp_parallel_errors(parallel)
-
-    @classmethod
     def check_roles(cls, roles) -> List[str]:
-        return [f"roles.{name}.causal=true: {cls.config_class.name} trains a full-attention student (allowed: false)"
-                for name in ("student", "teacher") if name in roles and roles[name].causal]
-
-    @classmethod
-    def batch_keys(cls, cfg) -> Set[str]:
-        return set(TEXT_KEYS) | {"latents"}  # the data the consistency term noises
+        errors = super().check_roles(roles)  # the student's
+        if "teacher" in roles and roles["teacher"].causal:
+            errors.append("roles.teacher.causal=true: scm trains a full-attention student (allowed: false)")
+        return errors
 
     @classmethod
     def lr_keys(cls, cfg) -> Dict[str, str]:
@@ -71,14 +60,6 @@ class SCM(ConsistencyTerm, Method):
     @classmethod
     def guidance_scale(cls, cfg) -> float:
         return cfg.guidance_scale
-
-    @classmethod
-    def role_modules(cls, cfg, adapter, role: str, network):
-        return {"adaptive_weight": AdaptiveWeight()} if role == "student" and cfg.adaptive_weighting else {}
-
-    @classmethod
-    def fingerprint(cls, cfg):
-        return {"method.adaptive_weighting": cfg.adaptive_weighting}
 
     @classmethod
     def memory_phases(cls, cfg) -> List[MemoryPhase]:
