@@ -11,7 +11,6 @@ them have composed and validated.
 import os
 import signal
 import socket
-import sys
 import uuid
 from pathlib import Path
 from typing import Callable, Optional, Tuple
@@ -21,7 +20,7 @@ from hydra.types import RunMode
 
 from distill.config.io import save_config
 from distill.config.schema import Config
-from distill.worker import CONFIG_FILE
+from distill.worker import CONFIG_FILE, run_rank
 
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_DATA, EXIT_CHECKPOINT, EXIT_NONFINITE, EXIT_COLLAPSE = 1, 2, 3, 4, 5, 6
@@ -125,17 +124,31 @@ def submit_slurm(cfg, run_dirs, folder: Path, evaluations) -> None:
         raise LaunchError("run failed: a SLURM job failed (see above)")
 
 
+# What every rank imports before it builds a network: about 7 s of one core a process
+# (diffusers' transformers package imports all of its models, peft and transformers).
+# The fork server imports them once and each rank is forked from it, so N ranks do not
+# import them N times over on shared cores (benchmarks/rank_startup.py). The launching
+# process itself still never imports diffusers.
+RANK_IMPORTS = ["torch", "torch.distributed.fsdp", "diffusers.models.transformers"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_local_processes(run_dir: Path, nproc: int) -> None:
+def run_local_processes(run_dir: Path, nproc: int, start_method: str = "forkserver") -> None:
+    """N ranks of the run in run_dir under torch's elastic launcher, forked from a fork
+    server that holds RANK_IMPORTS (`spawn`: each rank a fresh interpreter that imports
+    everything itself)."""
+    import multiprocessing
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores
+    multiprocessing.set_forkserver_preload(RANK_IMPORTS)
     launch_config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -145,9 +158,10 @@ def run_local_processes(run_dir: Path, nproc: int) -> None:
         rdzv_endpoint=f"127.0.0.1:{free_port()}",
         max_restarts=0,
         monitor_interval=0.5,
+        start_method=start_method,
     )
     try:
-        elastic_launch(launch_config, sys.executable)("-m", "distill.worker", str(run_dir))
+        elastic_launch(launch_config, run_rank)(str(run_dir))
     except ChildFailedError as err:
         raise rank_failures(err.failures, run_dir) from None
 

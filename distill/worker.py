@@ -1,4 +1,6 @@
-"""The entry point of one rank: `python -m distill.worker RUN_DIR`.
+"""The entry point of one rank: `main([RUN_DIR])` (a SLURM task through submitit, or
+`python -m distill.worker RUN_DIR`), or `run_rank(RUN_DIR)` in a process the local
+launcher forks.
 
 Reads the resolved config the launcher wrote to RUN_DIR/config.yaml, joins the
 process group the environment describes, and trains (resuming from the run
@@ -85,6 +87,14 @@ def main(argv=None) -> int:
     finally:
         runtime.shutdown()
     return 0
+
+
+def run_rank(run_dir: str) -> None:
+    """A rank started by the local launcher (distill/launcher.py): exits with main's code
+    (0 returns, which the elastic launcher reads as success)."""
+    code = main([run_dir])
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
