@@ -148,6 +148,10 @@ def run_local_processes(run_dir: Path, nproc: int, start_method: str = "forkserv
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores
+    # A CUDA query in the fork server would poison the fork (the ranks could not use their GPUs):
+    # the imports make none (tests/test_launch.py), and torch's NVML-based check keeps any
+    # is_available() from initialising the driver there.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     multiprocessing.set_forkserver_preload(RANK_IMPORTS)
     launch_config = LaunchConfig(
         min_nodes=1,

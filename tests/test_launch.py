@@ -99,3 +99,27 @@ def test_the_launching_process_validates_and_spawns_without_loading_diffusers():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_fork_servers_imports_ask_nothing_of_cuda():
+    """Local ranks are forked from a fork server that imported RANK_IMPORTS. On a CUDA build a
+    device query in that process (torch.cuda.is_available, device_count) initialises the
+    driver and poisons the fork: every rank would then fail to use its GPU. So the imports
+    must not query CUDA, which this checks on any build by counting the calls."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import importlib, torch.cuda as cuda\n"
+            "calls = []\n"
+            "for name in ('is_available', 'device_count', 'init', 'current_device', 'get_device_properties',\n"
+            "             'get_device_capability', 'is_bf16_supported', 'mem_get_info', 'set_device'):\n"
+            "    setattr(cuda, name, lambda *a, _n=name, _f=getattr(cuda, name), **k: calls.append(_n) or _f(*a, **k))\n"
+            "from distill.launcher import RANK_IMPORTS\n"
+            "for module in RANK_IMPORTS:\n"
+            "    importlib.import_module(module)\n"
+            "print(calls)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
