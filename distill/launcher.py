@@ -1,9 +1,10 @@
 """Where a validated config runs.
 
 local, nproc_per_node=1: in this process. local, nproc_per_node=N: N processes
-on this machine through torch's elastic launcher (torchrun's engine); when one
-rank fails the launcher stops the others and reports the rank, its exit code
-and its log. slurm: a job through submitit (distill/slurm.py); in a Hydra
+on this machine through torch's elastic launcher (torchrun's engine), forked from
+a fork server that imported what every rank needs (RANK_IMPORTS); when one rank
+fails the launcher stops the others and reports the rank, its exit code and its
+log. slurm: a job through submitit (distill/slurm.py); in a Hydra
 multirun the points are collected and submitted as one job array once all of
 them have composed and validated.
 """
