@@ -83,22 +83,27 @@ def test_local_sweep_writes_one_folder_per_point(tmp_path):
         assert (tmp_path / point / "export" / "student" / "transformer" / "config.json").is_file()
 
 
-def test_the_launching_process_validates_and_spawns_without_loading_diffusers():
-    """launch.py's own process composes, validates and hands the run to ranks or SLURM:
-    diffusers (and the peft and transformers it pulls in, ~4 s a process) load only
-    where a network is built."""
+def fresh_python_prints(code: str) -> str:
+    """What `code` prints in a new interpreter at the project root (it must exit 0)."""
     import subprocess
     import sys
 
     from conftest import ROOT
 
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_the_launching_process_validates_and_spawns_without_loading_diffusers():
+    """launch.py's own process composes, validates and hands the run to ranks or SLURM:
+    diffusers (and the peft and transformers it pulls in, ~4 s a process) load only
+    where a network is built."""
     code = ("import sys, launch, distill.run, distill.launcher, distill.export, distill.sample, distill.status\n"
             "from distill.registry import load_entries\n"
             "load_entries()\n"
             "print(sorted(m for m in ('diffusers', 'peft', 'transformers', 'accelerate') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]", out.stdout
+    assert fresh_python_prints(code) == "[]"
 
 
 def test_the_fork_servers_imports_ask_nothing_of_cuda():
@@ -106,11 +111,6 @@ def test_the_fork_servers_imports_ask_nothing_of_cuda():
     device query in that process (torch.cuda.is_available, device_count) initialises the
     driver and poisons the fork: every rank would then fail to use its GPU. So the imports
     must not query CUDA, which this checks on any build by counting the calls."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     code = ("import importlib, torch.cuda as cuda\n"
             "calls = []\n"
             "for name in ('is_available', 'device_count', 'init', 'current_device', 'get_device_properties',\n"
@@ -120,6 +120,4 @@ def test_the_fork_servers_imports_ask_nothing_of_cuda():
             "for module in RANK_IMPORTS:\n"
             "    importlib.import_module(module)\n"
             "print(calls)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]", out.stdout
+    assert fresh_python_prints(code) == "[]"
