@@ -42,11 +42,9 @@ def set_rank_environment() -> None:
 def job_entry(run_dir: str) -> None:
     """Runs on every SLURM task: set the ranks from submitit's environment, train."""
     set_rank_environment()
-    from distill.worker import main
+    from distill.worker import run_rank
 
-    code = main([run_dir])
-    if code != 0:
-        sys.exit(code)  # a requeued job leaves no result behind
+    run_rank(run_dir)
 
 
 def git_state() -> dict:

@@ -1,6 +1,5 @@
-"""The entry point of one rank: `main([RUN_DIR])` (a SLURM task through submitit, or
-`python -m distill.worker RUN_DIR`), or `run_rank(RUN_DIR)` in a process the local
-launcher forks.
+"""The entry point of one rank: `run_rank(RUN_DIR)`, in a process the local launcher
+forks (distill/launcher.py) or a SLURM task (distill/slurm.py).
 
 Reads the resolved config the launcher wrote to RUN_DIR/config.yaml, joins the
 process group the environment describes, and trains (resuming from the run
@@ -40,8 +39,8 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 _fault_log = None
 
 
-def main(argv=None) -> int:
-    run_dir = Path((argv or sys.argv[1:])[0])
+def main(run_dir: str) -> int:
+    run_dir = Path(run_dir)
     config = load_config(run_dir / CONFIG_FILE)
     runtime = init_runtime(config.training.device, config.parallel, config.training.collective_timeout_s)
     setup_logging(run_dir, runtime.rank)
@@ -90,12 +89,8 @@ def main(argv=None) -> int:
 
 
 def run_rank(run_dir: str) -> None:
-    """A rank started by the local launcher (distill/launcher.py): exits with main's code
-    (0 returns, which the elastic launcher reads as success)."""
-    code = main([run_dir])
+    """Trains this rank and exits with main's code; 0 returns, which the elastic launcher
+    and submitit read as success (a requeued SLURM job exits without a result)."""
+    code = main(run_dir)
     if code:
         sys.exit(code)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
